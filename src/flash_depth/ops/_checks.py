@@ -1,0 +1,127 @@
+"""Input validation shared by every attention op.
+
+Each check raises a ``ValueError`` / ``TypeError`` that names the argument, the
+value it got and what it needs, so a wrong call never turns into a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    batch: int
+    q_len: int
+    kv_len: int  # 0 when there is no sequence part
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    depth: int  # L, 0 when there is no depth part
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+def _check_tensor(name: str, x, rank: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    if any(s == 0 for s in x.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)} {layout}")
+
+
+def _check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; all inputs need one dtype")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; all inputs need one device")
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_depth_pair(q: torch.Tensor, k_depth, v_depth, kv_heads: int | None) -> int:
+    """Validate depth K/V ``[B, T, L, Hk, d]`` against q ``[B, T, Hq, d]``; returns L."""
+    if (k_depth is None) != (v_depth is None):
+        missing = "v_depth" if v_depth is None else "k_depth"
+        raise ValueError(f"k_depth and v_depth must be given together, {missing} is None")
+    if k_depth is None:
+        return 0
+    layout = "[B, T, L, Hk, d]"
+    _check_tensor("k_depth", k_depth, 5, layout)
+    _check_tensor("v_depth", v_depth, 5, layout)
+    _check_same("k_depth", k_depth, "q", q)
+    _check_same("v_depth", v_depth, "q", q)
+    B, T, _, d = q.shape
+    want_hk = kv_heads if kv_heads is not None else k_depth.shape[3]
+    for name, x in (("k_depth", k_depth), ("v_depth", v_depth)):
+        b, t, _, hk, dd = x.shape
+        if b != B or t != T or hk != want_hk or dd != d:
+            raise ValueError(
+                f"{name} must have shape [B={B}, T={T}, L, Hk={want_hk}, d={d}] "
+                f"(depth slots belong to the query tokens), got {tuple(x.shape)}"
+            )
+    if k_depth.shape[2] != v_depth.shape[2]:
+        raise ValueError(
+            f"k_depth and v_depth must have the same number of depth slots L, "
+            f"got {k_depth.shape[2]} and {v_depth.shape[2]}"
+        )
+    return k_depth.shape[2]
+
+
+def check_moda_inputs(q, k, v, k_depth, v_depth, causal: bool) -> AttentionDims:
+    """Validate MoDA inputs; returns the problem dimensions."""
+    _check_tensor("q", q, 4, "[B, Tq, Hq, d]")
+    _check_tensor("k", k, 4, "[B, Tk, Hk, d]")
+    _check_tensor("v", v, 4, "[B, Tk, Hk, d]")
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    B, Tq, Hq, d = q.shape
+    if k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"k must have shape [B={B}, Tk, Hk, d={d}], got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
+    Tk, Hk = k.shape[1], k.shape[2]
+    if Hq % Hk != 0:
+        raise ValueError(f"the query heads Hq={Hq} must be a multiple of the key/value heads Hk={Hk}")
+    if causal and Tk < Tq:
+        raise ValueError(
+            f"causal attention needs at least as many keys as queries (queries are the last Tq "
+            f"tokens of the sequence), got Tq={Tq} and Tk={Tk}"
+        )
+    L = check_depth_pair(q, k_depth, v_depth, Hk)
+    return AttentionDims(B, Tq, Tk, Hq, Hk, d, L)
+
+
+def check_depth_inputs(q, k_depth, v_depth) -> AttentionDims:
+    """Validate Flash Depth Attention inputs; returns the problem dimensions."""
+    _check_tensor("q", q, 4, "[B, T, Hq, d]")
+    if k_depth is None or v_depth is None:
+        raise ValueError("depth_attention needs both k_depth and v_depth [B, T, L, Hk, d], got None")
+    L = check_depth_pair(q, k_depth, v_depth, None)
+    B, T, Hq, d = q.shape
+    Hk = k_depth.shape[3]
+    if Hq % Hk != 0:
+        raise ValueError(f"the query heads Hq={Hq} must be a multiple of the depth key/value heads Hk={Hk}")
+    return AttentionDims(B, T, 0, Hq, Hk, d, L)

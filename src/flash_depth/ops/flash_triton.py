@@ -1,0 +1,239 @@
+"""Triton flash attention (sequence part of MoDA) with native GQA.
+
+Runs on any CUDA GPU Triton supports (and under ``TRITON_INTERPRET=1`` on CPU).
+The causal mask is aligned at the end (query i sits at position i + Tk - Tq), so
+the same kernels serve training (Tq == Tk) and cached decoding (Tq < Tk).
+The backward takes o and lse as inputs; MoDA passes the MERGED ones, which makes
+the sequence gradients those of the joint softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .depth_triton import _head_dim_tile, _last_dim_contiguous, _precision
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, O, LSE,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_h, sl_t,
+    TQ, TK, HQ, scale,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    m_ok = offs_m < TQ
+    offs_m64 = offs_m.to(tl.int64)
+    q = tl.load(Q + b * sq_b + offs_m64[:, None] * sq_t + h * sq_h + dims[None, :],
+                mask=m_ok[:, None] & dim_ok[None, :], other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    shift = TK - TQ
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + shift)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < TK
+        offs_n64 = offs_n.to(tl.int64)
+        k = tl.load(K + b * sk_b + offs_n64[:, None] * sk_t + hk * sk_h + dims[None, :],
+                    mask=n_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = n_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * sv_b + offs_n64[:, None] * sv_t + hk * sv_h + dims[None, :],
+                    mask=n_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * so_b + offs_m64[:, None] * so_t + h * so_h + dims[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & dim_ok[None, :])
+    tl.store(LSE + b * sl_b + h * sl_h + offs_m64 * sl_t, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=m_ok)
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sl_b, sl_h, sl_t, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+    TQ, TK, HK, scale,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (key block, KV head): it visits all G query heads of its group, so dK/dV
+    # need no atomics.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = pid_bh % HK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    n_ok = offs_n < TK
+    offs_n64 = offs_n.to(tl.int64)
+    kmask = n_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * sk_b + offs_n64[:, None] * sk_t + hk * sk_h + dims[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * sv_b + offs_n64[:, None] * sv_t + hk * sv_h + dims[None, :], mask=kmask, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    shift = TK - TQ
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+    for g in range(G):
+        h = hk * G + g
+        for m0 in range(lo, TQ, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < TQ
+            offs_m64 = offs_m.to(tl.int64)
+            qmask = m_ok[:, None] & dim_ok[None, :]
+            q = tl.load(Q + b * sq_b + offs_m64[:, None] * sq_t + h * sq_h + dims[None, :], mask=qmask, other=0.0)
+            do = tl.load(DO + b * sdo_b + offs_m64[:, None] * sdo_t + h * sdo_h + dims[None, :], mask=qmask, other=0.0)
+            lse2 = tl.load(LSE + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [N, M]
+            keep = n_ok[:, None] & m_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + shift)
+            p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + b * sdk_b + offs_n64[:, None] * sdk_t + hk * sdk_h + dims[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b * sdv_b + offs_n64[:, None] * sdv_t + hk * sdv_h + dims[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sl_b, sl_h, sl_t, sdq_b, sdq_t, sdq_h,
+    TQ, TK, HQ, scale,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    m_ok = offs_m < TQ
+    offs_m64 = offs_m.to(tl.int64)
+    qmask = m_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + b * sq_b + offs_m64[:, None] * sq_t + h * sq_h + dims[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * sdo_b + offs_m64[:, None] * sdo_t + h * sdo_h + dims[None, :], mask=qmask, other=0.0)
+    lse2 = tl.load(LSE + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    shift = TK - TQ
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + shift)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < TK
+        offs_n64 = offs_n.to(tl.int64)
+        kmask = n_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + b * sk_b + offs_n64[:, None] * sk_t + hk * sk_h + dims[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + b * sv_b + offs_n64[:, None] * sv_t + hk * sv_h + dims[None, :], mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * sdq_b + offs_m64[:, None] * sdq_t + h * sdq_h + dims[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+def _fwd_tiles(block_d: int) -> tuple[int, int, int]:
+    if block_d <= 64:
+        return 128, 64, 4
+    if block_d <= 128:
+        return 128, 64, 8
+    return 64, 32, 8
+
+
+def _bwd_tiles(block_d: int) -> tuple[int, int, int]:
+    if block_d <= 64:
+        return 64, 64, 4
+    if block_d <= 128:
+        return 64, 64, 8
+    return 32, 32, 8
+
+
+def flash_forward(q, k, v, *, causal: bool, scale: float):
+    """q ``[B, Tq, Hq, d]``, k/v ``[B, Tk, Hk, d]`` -> o ``[B, Tq, Hq, d]``, lse ``[B, Hq, Tq]`` float32."""
+    B, Tq, Hq, d = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    block_d = _head_dim_tile(d)
+    block_m, block_n, num_warps = _fwd_tiles(block_d)
+    grid = (triton.cdiv(Tq, block_m), B * Hq)
+    _flash_fwd_kernel[grid](
+        q, k, v, o, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(),
+        Tq, Tk, Hq, scale,
+        G=Hq // Hk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=3,
+    )
+    return o, lse
+
+
+def flash_backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
+    """Gradients of sequence attention given the (possibly merged) o and lse ``[B, Hq, Tq]``."""
+    B, Tq, Hq, d = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
+    # rowsum(dO * O), in the [B, H, T] layout of lse
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
+    dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
+    block_d = _head_dim_tile(d)
+    block_m, block_n, num_warps = _bwd_tiles(block_d)
+    common = dict(G=Hq // Hk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+                  CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride())
+    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * Hk)](
+        q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        Tq, Tk, Hk, scale, **common,
+    )
+    _flash_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
+        q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3],
+        Tq, Tk, Hq, scale, **common,
+    )
+    return dq, dk, dv

@@ -1,0 +1,170 @@
+"""Public MoDA and Flash Depth Attention ops: one function each, one API for all backends.
+
+Backends:
+- ``"reference"``: plain PyTorch (ops/reference.py). The CPU path.
+- ``"triton"``: Triton sequence attention + Triton depth kernel with the lse merge fused.
+- ``"cudnn"``: cuDNN SDPA sequence attention + the same Triton depth kernel.
+- ``"auto"`` (default): reference on CPU; on CUDA cuDNN where it applies, else Triton.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import cudnn_sdpa
+from ._checks import check_depth_inputs, check_moda_inputs, resolve_scale
+from .reference import attention_reference
+
+BACKENDS = ("auto", "reference", "triton", "cudnn")
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if not q.is_cuda or q.dtype == torch.float64:
+            return "reference"
+        if k is not None and cudnn_sdpa.supports(q, k, causal):
+            return "cudnn"
+        return "triton"
+    if backend in ("triton", "cudnn"):
+        if q.dtype == torch.float64:
+            raise TypeError(f"backend={backend!r} takes float16, bfloat16 or float32 inputs, got float64")
+        if not _triton_usable(q):
+            raise ValueError(
+                f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {q.device}"
+            )
+    if backend == "cudnn" and (k is None or not cudnn_sdpa.supports(q, k, causal)):
+        raise ValueError(
+            "backend='cudnn' needs CUDA float16/bfloat16 inputs, a head dim that is a multiple of 8 and <= 128, "
+            f"and Tq == Tk when causal; got dtype {q.dtype}, head dim {q.shape[-1]}, device {q.device}"
+        )
+    return backend
+
+
+class _MoDAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend):
+        from . import depth_triton, flash_triton
+
+        seq_state = None
+        if k is None:
+            o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale)
+        else:
+            if seq_backend == "cudnn":
+                o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
+            else:
+                o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale)
+            if k_depth is not None:
+                o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
+        o = o.contiguous()
+        ctx.save_for_backward(q, k, v, k_depth, v_depth, o, lse)
+        ctx.causal, ctx.scale, ctx.seq_backend, ctx.seq_state = causal, scale, seq_backend, seq_state
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        from . import depth_triton, flash_triton
+
+        q, k, v, k_depth, v_depth, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        dq = dk = dv = dkd = dvd = None
+        if k is not None:
+            if ctx.seq_backend == "cudnn":
+                dq, dk, dv = cudnn_sdpa.backward(
+                    do, q, k, v, o, lse, ctx.seq_state, causal=ctx.causal, scale=ctx.scale
+                )
+            else:
+                dq, dk, dv = flash_triton.flash_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale)
+        if k_depth is not None:
+            dq, dkd, dvd = depth_triton.depth_backward(q, k_depth, v_depth, o, lse, do, ctx.scale, dq_in=dq)
+        return dq, dk, dv, dkd, dvd, None, None, None
+
+
+def moda_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_depth: torch.Tensor | None = None,
+    v_depth: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Mixture-of-Depths Attention: sequence and depth attention under one softmax.
+
+    Args:
+        q: ``[B, Tq, Hq, d]``.
+        k, v: ``[B, Tk, Hk, d]`` with ``Hq % Hk == 0`` (query head h reads KV head ``h // (Hq // Hk)``).
+            When causal and Tq < Tk, the queries are the last Tq tokens (kv-cache convention).
+        k_depth, v_depth: ``[B, Tq, L, Hk, d]``, the L earlier-layer slots of each query token;
+            None for plain attention. Any strides with a contiguous last dim (a slice of a larger
+            depth buffer is read in place).
+        causal: mask keys after the query's position.
+        scale: logit scale, default ``d ** -0.5``.
+        return_lse: also return the log-sum-exp ``[B, Hq, Tq]`` (float32; no gradient flows through it).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cudnn"`` (see module doc).
+
+    Returns:
+        o ``[B, Tq, Hq, d]`` in q's dtype, and lse if ``return_lse``.
+    """
+    dims = check_moda_inputs(q, k, v, k_depth, v_depth, causal)
+    scale = resolve_scale(scale, dims.head_dim)
+    chosen = _select_backend(backend, q, k, causal)
+    if chosen == "reference":
+        o, lse = attention_reference(q, k, v, k_depth, v_depth, causal=causal, scale=scale)
+    else:
+        o, lse = _run_fused(q, k, v, k_depth, v_depth, causal, scale, chosen, fallback=backend == "auto")
+    return (o, lse) if return_lse else o
+
+
+def depth_attention(
+    q: torch.Tensor,
+    k_depth: torch.Tensor,
+    v_depth: torch.Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Flash Depth Attention: each token's query attends only to its own L depth slots.
+
+    Args:
+        q: ``[B, T, Hq, d]``.
+        k_depth, v_depth: ``[B, T, L, Hk, d]`` with ``Hq % Hk == 0``.
+        scale: logit scale, default ``d ** -0.5``.
+        return_lse: also return the log-sum-exp ``[B, Hq, T]`` (float32, no gradient).
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        o ``[B, T, Hq, d]`` in q's dtype, and lse if ``return_lse``.
+    """
+    dims = check_depth_inputs(q, k_depth, v_depth)
+    scale = resolve_scale(scale, dims.head_dim)
+    if backend == "cudnn":
+        raise ValueError("backend='cudnn' has no depth-only kernel; use 'auto', 'triton' or 'reference'")
+    chosen = _select_backend(backend, q, None, False)
+    if chosen == "reference":
+        o, lse = attention_reference(q, None, None, k_depth, v_depth, causal=False, scale=scale)
+    else:
+        o, lse = _run_fused(q, None, None, k_depth, v_depth, False, scale, "triton", fallback=False)
+    return (o, lse) if return_lse else o
+
+
+def _run_fused(q, k, v, k_depth, v_depth, causal, scale, seq_backend, fallback):
+    if seq_backend == "cudnn" and fallback:
+        try:
+            return _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, "cudnn")
+        except RuntimeError as err:  # e.g. a cuDNN build without this configuration
+            warnings.warn(f"cuDNN attention failed ({err}); using the Triton kernels instead", stacklevel=3)
+    return _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, "triton")

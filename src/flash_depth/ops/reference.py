@@ -1,0 +1,93 @@
+"""Plain PyTorch MoDA / depth attention: the CPU path and the readable definition.
+
+Memory stays bounded: queries are processed in chunks, so the largest score
+tensor is ``[B, Hq, chunk, Tk + L]``; a ``[T, T*L]`` matrix is never built. Under
+autograd each chunk is recomputed in backward (activation checkpointing), so
+backward memory is bounded the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Chunks are sized so a score block holds about this many elements.
+_SCORE_BUDGET = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_attention(q, k, v, k_depth, v_depth, q_start: int, causal: bool, scale: float):
+    """One query chunk. q ``[B, C, Hk, G, d]``; k/v ``[B, Tk, Hk, d]`` or None;
+    k_depth/v_depth ``[B, C, L, Hk, d]`` or None. Returns o ``[B, C, Hk, G, d]``, lse ``[B, Hk, G, C]``."""
+    logits = []
+    if k is not None:
+        s_seq = torch.einsum("bchgd,bjhd->bhgcj", q, k) * scale
+        if causal:
+            C, Tk = q.shape[1], k.shape[1]
+            # query row i sits at absolute position q_start + i of a Tk-long sequence
+            rows = torch.arange(q_start, q_start + C, device=q.device)[:, None]
+            cols = torch.arange(Tk, device=q.device)[None, :]
+            s_seq = s_seq.masked_fill(cols > rows, float("-inf"))
+        logits.append(s_seq)
+    if k_depth is not None:
+        logits.append(torch.einsum("bchgd,bclhd->bhgcl", q, k_depth) * scale)
+    s = torch.cat(logits, dim=-1)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    o = 0
+    n_seq = 0
+    if k is not None:
+        n_seq = k.shape[1]
+        o = torch.einsum("bhgcj,bjhd->bchgd", p[..., :n_seq], v)
+    if k_depth is not None:
+        o = o + torch.einsum("bhgcl,bclhd->bchgd", p[..., n_seq:], v_depth)
+    return o, lse
+
+
+def attention_reference(q, k, v, k_depth, v_depth, *, causal: bool, scale: float, chunk_size: int | None = None):
+    """MoDA (or depth-only when k is None) in plain PyTorch.
+
+    q ``[B, Tq, Hq, d]``, k/v ``[B, Tk, Hk, d]`` or None, k_depth/v_depth ``[B, Tq, L, Hk, d]`` or None.
+    Returns o ``[B, Tq, Hq, d]`` (q's dtype) and lse ``[B, Hq, Tq]`` (float32, or float64 for float64 inputs).
+    Inputs are assumed validated.
+    """
+    B, Tq, Hq, d = q.shape
+    Hk = (k if k is not None else k_depth).shape[-2]
+    G = Hq // Hk
+    cdt = _compute_dtype(q.dtype)
+    qg = q.to(cdt).reshape(B, Tq, Hk, G, d)
+    k_, v_ = (None, None) if k is None else (k.to(cdt), v.to(cdt))
+    kd_, vd_ = (None, None) if k_depth is None else (k_depth.to(cdt), v_depth.to(cdt))
+    Tk = 0 if k is None else k.shape[1]
+    L = 0 if k_depth is None else k_depth.shape[2]
+    if chunk_size is None:
+        chunk_size = max(1, _SCORE_BUDGET // max(1, B * Hq * (Tk + L)))
+    offset = Tk - Tq  # causal mask aligned at the end (kv-cache convention)
+    use_ckpt = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, k_depth, v_depth)
+    )
+    outs, lses = [], []
+    for c0 in range(0, Tq, chunk_size):
+        c1 = min(Tq, c0 + chunk_size)
+        args = (
+            qg[:, c0:c1],
+            k_,
+            v_,
+            None if kd_ is None else kd_[:, c0:c1],
+            None if vd_ is None else vd_[:, c0:c1],
+            c0 + offset,
+            causal,
+            scale,
+        )
+        if use_ckpt and c1 - c0 < Tq:
+            o, lse = checkpoint(_chunk_attention, *args, use_reentrant=False)
+        else:
+            o, lse = _chunk_attention(*args)
+        outs.append(o)
+        lses.append(lse)
+    o = torch.cat(outs, dim=1).reshape(B, Tq, Hq, d).to(q.dtype)
+    lse = torch.cat(lses, dim=-1).reshape(B, Hq, Tq)
+    return o, lse
