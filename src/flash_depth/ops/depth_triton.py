@@ -189,26 +189,27 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _tiles(group: int, head_dim: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). BLOCK_M holds whole tokens (G rows each)."""
+def _tiles(group: int, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M holds whole tokens (G rows each)."""
     block_m = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = 64 if block_d <= 128 else 32
     if backward and block_d > 128:
         block_n = 16
     num_warps = 4 if block_m * block_d <= 64 * 128 else 8
-    return block_m, block_n, num_warps
+    return block_m, block_n, num_warps, 2
 
 
 def _head_dim_tile(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None):
+def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, tiles=None):
     """q ``[B, T, Hq, d]``, k_depth/v_depth ``[B, T, L, Hk, d]`` (any strides, last dim contiguous).
 
     With o_seq ``[B, T, Hq, d]`` and lse_seq ``[B, Hq, T]`` the result is the merged MoDA output.
     Returns o ``[B, T, Hq, d]`` and lse ``[B, Hq, T]`` float32 (same strides as lse_seq when given).
+    ``tiles`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the defaults (for tuning).
     """
     B, T, Hq, d = q.shape
     L, Hk = k_depth.shape[2], k_depth.shape[3]
@@ -222,7 +223,7 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None):
     else:
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
         o_seq, lse_seq = o, lse  # unused placeholders
-    block_m, block_n, num_warps = _tiles(G, d, backward=False)
+    block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=False)
     grid = (triton.cdiv(T, block_m // G), B * Hk)
     _depth_fwd_kernel[grid](
         q, k_depth, v_depth, o_seq, lse_seq, o, lse,
@@ -234,12 +235,12 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None):
         lse.stride(0), lse.stride(1), lse.stride(2),
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=_head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SEQ=has_seq, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2,
+        HAS_SEQ=has_seq, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
 
 
-def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None):
+def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, tiles=None):
     """Gradients of the depth entries given the (merged) o and lse.
 
     Returns dq ``[B, T, Hq, d]`` (dq_in added when given), dk_depth and dv_depth ``[B, T, L, Hk, d]``.
@@ -256,7 +257,7 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None):
         dq_in = _last_dim_contiguous(dq_in)
     else:
         dq_in = dq
-    block_m, block_n, num_warps = _tiles(G, d, backward=True)
+    block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=True)
     grid = (triton.cdiv(T, block_m // G), B * Hk)
     _depth_bwd_kernel[grid](
         q, k_depth, v_depth, o, do, lse, dq_in, dq, dkd, dvd,
@@ -270,10 +271,11 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None):
         *dkd.stride()[:4], *dvd.stride()[:4],
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=_head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_DQ_IN=has_dq_in, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2,
+        HAS_DQ_IN=has_dq_in, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dkd, dvd
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+

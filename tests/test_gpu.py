@@ -1,0 +1,109 @@
+"""GPU checks at the benchmark shapes (bf16, every backend), run on the GPU machine.
+
+    python -m pytest -m gpu tests/test_gpu.py
+"""
+
+import pytest
+import torch
+
+from flash_depth import depth_attention, moda_attention
+from flash_depth.ops import attention_reference
+from oracle import rel_err
+
+pytestmark = pytest.mark.gpu
+
+# (T, Hq, Hk, d, L)
+BENCH_SHAPES = [
+    (4096, 64, 8, 64, 64),
+    (16384, 64, 8, 64, 64),
+    (16384, 16, 8, 64, 64),  # G=2
+    (4096, 64, 8, 64, 256),
+    (4096, 64, 8, 128, 64),
+    (2048, 16, 8, 32, 64),
+    (1000, 16, 2, 256, 7),  # d=256 (Triton only), odd T and L
+]
+
+
+def _inputs(T, Hq, Hk, d, L, dtype=torch.bfloat16, Tk=None, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    Tk = T if Tk is None else Tk
+    shapes = [(1, T, Hq, d), (1, Tk, Hk, d), (1, Tk, Hk, d), (1, T, L, Hk, d), (1, T, L, Hk, d)]
+    return [torch.randn(s, device="cuda", dtype=dtype, generator=g).requires_grad_() for s in shapes]
+
+
+def _reference_grads(inputs, do, causal, chunk=256):
+    ref = [x.detach().double().requires_grad_() for x in inputs]
+    o, lse = attention_reference(*ref, causal=causal, scale=ref[0].shape[-1] ** -0.5, chunk_size=chunk)
+    grads = torch.autograd.grad(o, ref, do.double())
+    return o, lse, grads
+
+
+@pytest.mark.parametrize("shape", BENCH_SHAPES, ids=lambda s: "T{}-Hq{}-Hk{}-d{}-L{}".format(*s))
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bf16_matches_float64(shape, backend):
+    T, Hq, Hk, d, L = shape
+    inputs = _inputs(*shape)
+    o, lse = moda_attention(*inputs, return_lse=True, backend=backend)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, inputs, do)
+    o_ref, lse_ref, grads_ref = _reference_grads(inputs, do, causal=True)
+    errs = {"o": rel_err(o, o_ref), "lse": rel_err(lse, lse_ref)}
+    for name, g, gr in zip(["dq", "dk", "dv", "dk_depth", "dv_depth"], grads, grads_ref):
+        errs[name] = rel_err(g, gr)
+    print(shape, backend, {k: f"{v:.2e}" for k, v in errs.items()})
+    assert all(v < 1e-2 for v in errs.values()), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_dtypes(dtype):
+    inputs = _inputs(3001, 8, 2, 64, 5, dtype=dtype)
+    tol = 1e-2 if dtype == torch.float16 else 1e-5
+    for backend in ("auto", "triton"):
+        o = moda_attention(*inputs, backend=backend)
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, inputs, do)
+        o_ref, _, grads_ref = _reference_grads(inputs, do, causal=True)
+        assert rel_err(o, o_ref) < tol
+        assert all(rel_err(g, gr) < tol for g, gr in zip(grads, grads_ref))
+
+
+def test_decoding_and_noncausal():
+    q, k, v, kd, vd = _inputs(300, 16, 4, 64, 9, Tk=1300)
+    for causal in (True, False):
+        inputs = [q[:, -37:].detach().requires_grad_(), k, v, kd[:, :37].detach(), vd[:, :37].detach()]
+        o = moda_attention(*inputs, causal=causal)
+        do = torch.randn_like(o)
+        o_ref, _, grads_ref = _reference_grads(inputs, do, causal=causal)
+        assert rel_err(o, o_ref) < 1e-2
+        grads = torch.autograd.grad(o, [inputs[0], k, v], do)
+        assert all(rel_err(g, gr) < 1e-2 for g, gr in zip(grads, grads_ref[:3]))
+
+
+def test_depth_attention_bf16():
+    q, _, _, kd, vd = _inputs(4096, 64, 8, 64, 64)
+    o = depth_attention(q, kd, vd)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, [q, kd, vd], do)
+    ref = [x.detach().double().requires_grad_() for x in (q, kd, vd)]
+    o_ref, _ = attention_reference(ref[0], None, None, ref[1], ref[2], causal=False, scale=64**-0.5)
+    grads_ref = torch.autograd.grad(o_ref, ref, do.double())
+    assert rel_err(o, o_ref) < 1e-2
+    assert all(rel_err(g, gr) < 1e-2 for g, gr in zip(grads, grads_ref))
+
+
+def test_more_than_2_31_depth_elements():
+    """Depth K/V with 2^31+ elements (T=16384, L=256, Hk=8, d=64): the last tokens' rows, whose
+    offsets only 64-bit arithmetic reaches, match the reference."""
+    T, Hq, Hk, d, L = 16384, 64, 8, 64, 256
+    q, k, v, kd, vd = _inputs(T, Hq, Hk, d, L)
+    assert kd.numel() >= 2**31
+    o = moda_attention(q, k, v, kd, vd)
+    do = torch.randn_like(o)
+    dkd, dvd = torch.autograd.grad(o, [kd, vd], do)
+    tail = 64
+    ref = [q[:, -tail:], k, v, kd[:, -tail:], vd[:, -tail:]]
+    o_ref, _, g_ref = _reference_grads(ref, do[:, -tail:], causal=True, chunk=64)
+    assert rel_err(o[:, -tail:], o_ref) < 1e-2
+    assert rel_err(dkd[:, -tail:], g_ref[3]) < 1e-2
+    assert rel_err(dvd[:, -tail:], g_ref[4]) < 1e-2
+    assert torch.isfinite(o).all() and torch.isfinite(dkd).all()
