@@ -10,7 +10,8 @@ Rows: B=1, Hk=8, bf16, causal. Columns (ms, median of triton.testing.do_bench):
 - ours: flash_depth.moda_attention (backend auto: cuDNN sequence + Triton depth, lse merge);
 - ours_triton: the all-Triton path;
 - reference: the plain PyTorch path (small T only).
-Ratios are to cudnn in the same run.
+Ratios are to cudnn in the same run. Clocks drift by a few percent over a run, so every
+candidate is timed in ROUNDS interleaved rounds and each column is the median over rounds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flash_depth import moda_attention
 from flash_depth.ops import depth_triton
-from flash_depth.ops import moda as moda_module
 
 FULL = [  # (T, G, L, d)
     (4096, 8, 64, 64), (8192, 8, 64, 64), (16384, 8, 64, 64), (32768, 8, 64, 64),
@@ -40,12 +40,23 @@ FULL = [  # (T, G, L, d)
 ]
 QUICK = [(4096, 8, 64, 64), (16384, 8, 64, 64)]
 HK = 8
+ROUNDS = 5
 
 
-def bench(fn) -> float:
-    fn()
+def bench(fn, rep_ms: int = 60) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+
+
+def bench_interleaved(fns: dict) -> dict:
+    """Median over ROUNDS rounds, each round timing every candidate once, in turn."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():  # compile and warm up everything first
+        fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            times[name].append(bench(fn))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def fwd_bwd(forward, inputs):
@@ -62,6 +73,9 @@ def fwd_bwd(forward, inputs):
 def make_flex(T, L):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # A fresh compile per shape: past dynamo's recompile limit create_block_mask falls back to
+    # eager and materialises the whole [T, T*(L+1)] mask.
+    torch._dynamo.reset()
     def mask_mod(b, h, q_idx, kv_idx):
         seq = (kv_idx < T) & (kv_idx <= q_idx)
         depth = (kv_idx >= T) & ((kv_idx - T) // L == q_idx)
@@ -79,7 +93,7 @@ def make_flex(T, L):
     return run
 
 
-def run_config(T, G, L, d, with_reference: bool, schedules=()) -> dict:
+def run_config(T, G, L, d, with_reference: bool) -> dict:
     Hq = HK * G
     dev, dt = "cuda", torch.bfloat16
     q = torch.randn(1, T, Hq, d, device=dev, dtype=dt, requires_grad=True)
@@ -110,26 +124,32 @@ def run_config(T, G, L, d, with_reference: bool, schedules=()) -> dict:
     if with_reference:
         candidates["reference"] = (lambda: moda_attention(q, k, v, kd, vd, backend="reference"), [q, k, v, kd, vd])
 
-    def scheduled(mode):
-        def forward():
-            default, moda_module.CONCURRENT_BACKWARD = moda_module.CONCURRENT_BACKWARD, mode == "concurrent"
-            try:
-                return moda_attention(q, k, v, kd, vd)
-            finally:
-                moda_module.CONCURRENT_BACKWARD = default
-        return forward
-
-    for mode in schedules:
-        candidates[f"ours_{mode}"] = (scheduled(mode), [q, k, v, kd, vd])
-
+    runnable = {}
     for name, (forward, inputs) in candidates.items():
-        try:
+        try:  # a candidate that fails (out of memory, no kernel) is reported, not fatal
             with torch.no_grad():
-                row[f"{name}_fwd"] = bench(forward)
-            row[f"{name}_fwdbwd"] = bench(fwd_bwd(forward, inputs))
+                forward()
+            runnable[name] = (forward, inputs)
         except Exception as err:  # noqa: BLE001
             row[f"{name}_error"] = repr(err)[:300]
         torch.cuda.empty_cache()
+    slow = {"reference"}  # seconds per call: timed once, not in rounds
+    for name in slow & runnable.keys():
+        forward, inputs = runnable.pop(name)
+        with torch.no_grad():
+            row[f"{name}_fwd"] = bench(forward, rep_ms=500)
+        row[f"{name}_fwdbwd"] = bench(fwd_bwd(forward, inputs), rep_ms=500)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    fwd_times = bench_interleaved({name: no_grad(f) for name, (f, _) in runnable.items()})
+    both_times = bench_interleaved({name: fwd_bwd(f, inputs) for name, (f, inputs) in runnable.items()})
+    for name in runnable:
+        row[f"{name}_fwd"], row[f"{name}_fwdbwd"] = fwd_times[name], both_times[name]
 
     # Parts of ours, to see where the time goes.
     with torch.no_grad():
@@ -137,7 +157,7 @@ def run_config(T, G, L, d, with_reference: bool, schedules=()) -> dict:
         row["depth_fwd"] = bench(lambda: depth_triton.depth_forward(q, kd, vd, d**-0.5, o_seq=o, lse_seq=lse))
         do = torch.randn_like(o)
         row["depth_bwd"] = bench(lambda: depth_triton.depth_backward(q, kd, vd, o, lse, do, d**-0.5))
-    for name in ("fa2", "flex", "ours", "ours_triton", "reference", *(f"ours_{m}" for m in schedules)):
+    for name in ("fa2", "flex", "ours", "ours_triton", "reference"):
         for phase in ("fwd", "fwdbwd"):
             key = f"{name}_{phase}"
             if key in row and f"cudnn_{phase}" in row:
@@ -176,9 +196,6 @@ def to_markdown(rows, device: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only T=4096 and T=16384 at G=8, L=64, d=64")
-    parser.add_argument("--schedules", nargs="*", default=[], choices=["serial", "concurrent"],
-                        help="also time ours with its backward kernels serial or on two streams "
-                        "(see flash_depth.ops.moda.CONCURRENT_BACKWARD)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -189,7 +206,7 @@ def main(argv=None) -> int:
     rows = []
     for T, G, L, d in QUICK if args.quick else FULL:
         t0 = time.time()
-        row = run_config(T, G, L, d, with_reference=T <= 4096, schedules=args.schedules)
+        row = run_config(T, G, L, d, with_reference=T <= 4096)
         rows.append(row)
         print(f"T={T} G={G} L={L} d={d} ({time.time() - t0:.0f}s): "
               + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
@@ -197,8 +214,7 @@ def main(argv=None) -> int:
         if errors:
             print("  errors:", errors, flush=True)
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
-            "concurrent_backward": moda_module.CONCURRENT_BACKWARD}
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"moda_{slug}" + ("_quick" if args.quick else "")

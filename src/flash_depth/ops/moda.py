@@ -20,36 +20,6 @@ from .reference import attention_reference
 
 BACKENDS = ("auto", "reference", "triton", "cudnn")
 
-# On CUDA the depth backward runs on a second stream, concurrently with the sequence backward
-# (compute-bound vs memory-bound). The forward stays serial: the depth kernel resumes the online
-# softmax from the sequence result, which fuses the lse merge (measured faster than overlapping,
-# since cuDNN's forward fills the GPU). Set FLASH_DEPTH_CONCURRENT_BACKWARD=0 to serialise.
-CONCURRENT_BACKWARD = os.environ.get("FLASH_DEPTH_CONCURRENT_BACKWARD", "1") != "0"
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
-
-
-def _concurrently(side_work, main_work, device):
-    """Run side_work() on a second CUDA stream while main_work() runs on the current one.
-    Returns both results, ready on the current stream."""
-    main = torch.cuda.current_stream(device)
-    side = _side_stream(device)
-    side.wait_stream(main)
-    b = main_work()
-    with torch.cuda.stream(side):
-        a = side_work()
-    main.wait_stream(side)
-    for t in a:
-        if isinstance(t, torch.Tensor):
-            t.record_stream(main)
-    return a, b
-
 
 def _triton_usable(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -88,13 +58,10 @@ class _MoDAFunction(torch.autograd.Function):
         if k is None:
             o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale)
         else:
-
-            def sequence():
-                if seq_backend == "cudnn":
-                    return cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
-                return (*flash_triton.flash_forward(q, k, v, causal=causal, scale=scale), None)
-
-            o, lse, seq_state = sequence()
+            if seq_backend == "cudnn":
+                o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
+            else:
+                o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale)
             if k_depth is not None:
                 o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
         o = o.contiguous()
@@ -109,26 +76,18 @@ class _MoDAFunction(torch.autograd.Function):
 
         q, k, v, k_depth, v_depth, o, lse = ctx.saved_tensors
         do = do.contiguous()
-
-        def sequence():
-            if ctx.seq_backend == "cudnn":
-                return cudnn_sdpa.backward(do, q, k, v, o, lse, ctx.seq_state, causal=ctx.causal, scale=ctx.scale)
-            return flash_triton.flash_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale)
-
-        def depth(dq_in=None):
-            return depth_triton.depth_backward(q, k_depth, v_depth, o, lse, do, ctx.scale, dq_in=dq_in)
-
+        causal, scale = ctx.causal, ctx.scale
+        # Both parts get the MERGED o and lse, so each computes its share of the one softmax's
+        # gradient. Serial on purpose: the depth backward on a second stream beside cuDNN's
+        # measured no faster (cuDNN's kernels hold every SM's registers).
         dq = dk = dv = dkd = dvd = None
-        if k_depth is None:
-            dq, dk, dv = sequence()
-        elif k is None:
-            dq, dkd, dvd = depth()
-        elif q.is_cuda and CONCURRENT_BACKWARD:
-            (dq_d, dkd, dvd), (dq, dk, dv) = _concurrently(depth, sequence, q.device)
-            dq = dq.add_(dq_d) if dq.is_contiguous() else dq + dq_d
-        else:
-            dq, dk, dv = sequence()
-            dq, dkd, dvd = depth(dq_in=dq)
+        if k is not None:
+            if ctx.seq_backend == "cudnn":
+                dq, dk, dv = cudnn_sdpa.backward(do, q, k, v, o, lse, ctx.seq_state, causal=causal, scale=scale)
+            else:
+                dq, dk, dv = flash_triton.flash_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
+        if k_depth is not None:
+            dq, dkd, dvd = depth_triton.depth_backward(q, k_depth, v_depth, o, lse, do, scale, dq_in=dq)
         return dq, dk, dv, dkd, dvd, None, None, None
 
 
