@@ -81,7 +81,7 @@ def make_flex(T, L):
         depth = (kv_idx >= T) & ((kv_idx - T) // L == q_idx)
         return seq | depth
 
-    block_mask = create_block_mask(mask_mod, 1, None, T, T * (L + 1), device="cuda", _compile=True)
+    block_mask = torch.compile(create_block_mask)(mask_mod, 1, None, T, T * (L + 1), device="cuda")
     flex = torch.compile(flex_attention, dynamic=False)
 
     def run(q, k, v, kd, vd):
@@ -196,6 +196,8 @@ def to_markdown(rows, device: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only T=4096 and T=16384 at G=8, L=64, d=64")
+    parser.add_argument("--rows", type=int, nargs="*", help="indices into the full sweep to run (default: all); "
+                        "rows already in the results file for other configurations are kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -203,10 +205,15 @@ def main(argv=None) -> int:
         return 2
     device = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    out = Path(args.out)
+    name = f"moda_{slug}" + ("_quick" if args.quick else "")
+    configs = QUICK if args.quick else [FULL[i] for i in (args.rows if args.rows else range(len(FULL)))]
+    previous = json.loads((out / f"{name}.json").read_text())["rows"] if (out / f"{name}.json").exists() else []
     rows = []
-    for T, G, L, d in QUICK if args.quick else FULL:
+    for T, G, L, d in configs:
         t0 = time.time()
         row = run_config(T, G, L, d, with_reference=T <= 4096)
+        row["date"] = time.strftime("%Y-%m-%d %H:%M")
         rows.append(row)
         print(f"T={T} G={G} L={L} d={d} ({time.time() - t0:.0f}s): "
               + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
@@ -215,9 +222,11 @@ def main(argv=None) -> int:
             print("  errors:", errors, flush=True)
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
-    out = Path(args.out)
+    done = {(r["T"], r["G"], r["L"], r["d"]) for r in rows}
+    rows += [r for r in previous if (r["T"], r["G"], r["L"], r["d"]) not in done]
+    order = {c: i for i, c in enumerate(FULL)}
+    rows.sort(key=lambda r: order.get((r["T"], r["G"], r["L"], r["d"]), len(order)))
     out.mkdir(parents=True, exist_ok=True)
-    name = f"moda_{slug}" + ("_quick" if args.quick else "")
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = to_markdown(rows, device)
     (out / f"{name}.md").write_text(md)
