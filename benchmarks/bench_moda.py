@@ -165,7 +165,7 @@ def run_config(T, G, L, d, with_reference: bool) -> dict:
     return row
 
 
-def to_markdown(rows, device: str) -> str:
+def to_markdown(rows, device: str, meta: dict) -> str:
     def cell(row, key):
         if key not in row:
             return "-"
@@ -175,8 +175,11 @@ def to_markdown(rows, device: str) -> str:
     lines = [
         f"# MoDA benchmark on {device}",
         "",
+        f"torch {meta['torch']}, triton {meta['triton']}.",
         "B=1, Hk=8, bf16, causal; ms (median, triton.testing.do_bench); (ratio to cuDNN sequence-only SDPA, same run).",
         "cudnn/fa2 compute sequence attention only; flex, ours, ours_triton and reference compute full MoDA.",
+        "Each row's candidates were timed in the same run, in interleaved rounds (median over rounds).",
+        "Reproduce: `python benchmarks/bench_moda.py` (a subset: `--rows 6 7 8`; the file keeps other rows).",
         "",
     ]
     for phase, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
@@ -186,10 +189,11 @@ def to_markdown(rows, device: str) -> str:
             cells = [cell(r, f"{n}_{phase}") for n in ("cudnn", "fa2", "flex", "ours", "ours_triton", "reference")]
             lines.append(f"| {r['T']} | {r['G']} | {r['L']} | {r['d']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Depth kernel alone (ours)", "", "| T | G | L | d | depth fwd (merge fused) | depth bwd |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Depth kernel alone (ours)", "", "| T | G | L | d | depth fwd (merge fused) | depth bwd | run |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['T']} | {r['G']} | {r['L']} | {r['d']} | {r['depth_fwd']:.3f} | {r['depth_bwd']:.3f} |")
+        lines.append(f"| {r['T']} | {r['G']} | {r['L']} | {r['d']} | {r['depth_fwd']:.3f} | {r['depth_bwd']:.3f} "
+                     f"| {r.get('date', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: order.get((r["T"], r["G"], r["L"], r["d"]), len(order)))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = to_markdown(rows, device)
+    md = to_markdown(rows, device, meta)
     (out / f"{name}.md").write_text(md)
     print(md)
     return 0

@@ -11,6 +11,16 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+        import triton
+
+        old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+        if old_triton and tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
+            raise pytest.UsageError(
+                f"triton {triton.__version__}'s interpreter fails on numpy {numpy.__version__} (loops with "
+                "run-time bounds): install numpy<2.4 or triton>=3.7"
+            )
 
 
 def pytest_collection_modifyitems(config, items):
