@@ -1,0 +1,130 @@
+"""FlashDepthConfig: an OLMo2-style decoder whose depth mechanism is one field."""
+
+from __future__ import annotations
+
+try:  # transformers >= 5
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4.x
+    from transformers import PretrainedConfig as PreTrainedConfig
+
+DEPTH_MECHANISMS = ("residual", "moda", "depth_attention", "attnres_full", "attnres_block", "denseformer")
+NORM_POSITIONS = ("pre", "post")
+
+PRESETS = {
+    # a CPU-sized model for tests and demos
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=192, vocab_size=512, max_position_embeddings=512),
+    # the MoDA paper's small setting (their Table 6): width 384, 6 query heads, 2 KV heads
+    "small-24": dict(hidden_size=384, num_hidden_layers=24, num_attention_heads=6, num_key_value_heads=2,
+                     intermediate_size=1024, vocab_size=32768, max_position_embeddings=4096),
+    "small-48": dict(hidden_size=384, num_hidden_layers=48, num_attention_heads=6, num_key_value_heads=2,
+                     intermediate_size=1024, vocab_size=32768, max_position_embeddings=4096),
+    # ~700M OLMo2-like: width 1024, GQA group 2, 36 layers
+    "700m": dict(hidden_size=1024, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=8,
+                 intermediate_size=4096, vocab_size=50304, max_position_embeddings=4096),
+}
+
+
+class FlashDepthConfig(PreTrainedConfig):
+    """Configuration of :class:`FlashDepthForCausalLM`.
+
+    Depth fields:
+        depth_mechanism: one of ``residual``, ``moda``, ``depth_attention``, ``attnres_full``,
+            ``attnres_block``, ``denseformer``.
+        norm_position: ``pre`` or ``post`` (residual-stream mechanisms).
+        ffn_kv: (moda, depth_attention) each FFN also writes a depth K/V slot, projected from its input.
+        attn_kv_proj: (moda, depth_attention) attention layers write depth K/V from their own
+            projections instead of reusing their sequence K/V.
+        attnres_blocks: number of blocks for ``attnres_block``; must divide 2 * num_hidden_layers.
+    """
+
+    model_type = "flash_depth"
+
+    def __init__(
+        self,
+        vocab_size: int = 32768,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 6,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        intermediate_size: int = 1024,
+        max_position_embeddings: int = 4096,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        qk_norm: bool = True,
+        initializer_range: float = 0.02,
+        depth_mechanism: str = "residual",
+        norm_position: str = "pre",
+        ffn_kv: bool = True,
+        attn_kv_proj: bool = False,
+        attnres_blocks: int = 8,
+        attention_backend: str = "auto",
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // max(1, num_attention_heads)
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.qk_norm = qk_norm
+        self.initializer_range = initializer_range
+        self.depth_mechanism = depth_mechanism
+        self.norm_position = norm_position
+        self.ffn_kv = ffn_kv
+        self.attn_kv_proj = attn_kv_proj
+        self.attnres_blocks = attnres_blocks
+        self.attention_backend = attention_backend
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_depth()
+
+    def validate_depth(self) -> None:
+        """Raise ValueError on a configuration that cannot be built."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.depth_mechanism not in DEPTH_MECHANISMS:
+            raise ValueError(f"depth_mechanism must be one of {DEPTH_MECHANISMS}, got {self.depth_mechanism!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
+        if self.depth_mechanism.startswith("attnres") and self.norm_position != "pre":
+            raise ValueError("attnres mechanisms normalise each sublayer's input themselves: norm_position must be 'pre'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        sublayers = 2 * self.num_hidden_layers
+        if self.depth_mechanism == "attnres_block":
+            if not isinstance(self.attnres_blocks, int) or self.attnres_blocks < 1 or sublayers % self.attnres_blocks:
+                raise ValueError(
+                    f"attnres_blocks={self.attnres_blocks!r} must divide the {sublayers} sublayers "
+                    f"(2 x num_hidden_layers={self.num_hidden_layers})"
+                )
+        if self.attention_backend not in ("auto", "reference", "triton", "cudnn"):
+            raise ValueError(f"attention_backend must be auto/reference/triton/cudnn, got {self.attention_backend!r}")
+
+    @property
+    def depth_slots(self) -> int:
+        """Depth K/V slots the stream holds (moda, depth_attention): one per writing sublayer of
+        every block but the last (block l reads the 2l slots of blocks 0..l-1 with ffn_kv)."""
+        if self.depth_mechanism not in ("moda", "depth_attention"):
+            return 0
+        return (self.num_hidden_layers - 1) * (2 if self.ffn_kv else 1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "FlashDepthConfig":
+        """A named preset (``tiny``, ``small-24``, ``small-48``, ``700m``) with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})

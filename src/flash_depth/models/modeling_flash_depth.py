@@ -1,0 +1,308 @@
+"""FlashDepthForCausalLM: an OLMo2-style decoder (RMSNorm, SwiGLU, RoPE, QK-norm, GQA) whose
+depth mechanism is ``config.depth_mechanism``:
+
+- ``residual``: x + F(x), pre- or post-norm;
+- ``moda``: attention is Mixture-of-Depths Attention over the depth K/V stream that earlier
+  attention layers (and, with ``ffn_kv``, FFN layers) write;
+- ``depth_attention``: each block first reads the depth stream with its own depth query;
+- ``attnres_full`` / ``attnres_block``: Attention Residuals, a softmax read over earlier
+  sublayer outputs (or block sums) replaces the residual sum;
+- ``denseformer``: after each block, a learned weighted average of all earlier block outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from flash_depth.nn.depth_stream import DepthStream, read_depth, read_moda
+from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
+from flash_depth.ops import moda_attention
+from flash_depth.ops.attnres import attention_residual
+
+from .configuration_flash_depth import FlashDepthConfig
+
+try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:
+    from torch.nn import init
+
+
+def _writes_depth(config: FlashDepthConfig, layer_idx: int) -> bool:
+    """Blocks write depth K/V only where a later block reads it (the last block's would go unread)."""
+    return config.depth_mechanism in ("moda", "depth_attention") and layer_idx < config.num_hidden_layers - 1
+
+
+class DepthKV(nn.Module):
+    """Projects a sublayer's input to one depth K/V slot (normalised, rotated key)."""
+
+    def __init__(self, config: FlashDepthConfig):
+        super().__init__()
+        self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.proj = nn.Linear(config.hidden_size, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        k, v = self.proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
+        # rotated like the query of the same token, so the depth logit q.k does not depend on position
+        return apply_rotary(self.k_norm(k), cos, sin), v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: FlashDepthConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.backend = config.attention_backend
+        self.reads_depth = config.depth_mechanism == "moda"
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, self.heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(D, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, D, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        writes = _writes_depth(config, layer_idx)
+        self.depth_kv = DepthKV(config) if writes and config.attn_kv_proj else None
+        self.writes_depth = writes
+
+    def forward(self, x, cos, sin, stream: DepthStream | None, cache: Cache | None):
+        B, T, _ = x.shape
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
+        k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
+        k = apply_rotary(self.k_norm(k), cos, sin)
+        k_all, v_all = k, v
+        if cache is not None:
+            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        if self.reads_depth:
+            o = read_moda(stream, q, k_all, v_all, backend=self.backend)
+        else:
+            o = moda_attention(q, k_all, v_all, backend=self.backend)
+        if self.writes_depth:
+            # the attention's own K/V joins the stream for later layers (it is already in its sequence set)
+            stream.write(*(self.depth_kv(x, cos, sin) if self.depth_kv is not None else (k, v)))
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+class DepthRead(nn.Module):
+    """``depth_attention``: a separate depth query reads the stream (Flash Depth Attention)."""
+
+    def __init__(self, config: FlashDepthConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.backend = config.attention_backend
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, stream: DepthStream):
+        B, T, _ = x.shape
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
+        return self.o_proj(read_depth(stream, q, backend=self.backend).reshape(B, T, -1))
+
+
+class AttnResReads(nn.Module):
+    """The pseudo-queries (zero-initialised) and key-norm weights of every AttnRes read."""
+
+    def __init__(self, reads: int, dim: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.zeros(reads, dim))
+        self.key_norms = nn.Parameter(torch.ones(reads, dim))
+
+
+class DenseWeights(nn.Module):
+    """DenseFormer's depth-weighted average after each block: row i mixes the i + 2 states
+    (embedding, block 0..i outputs); entries past i + 1 are unused."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.weights = nn.Parameter(self.identity(layers))
+
+    @staticmethod
+    def identity(layers: int) -> torch.Tensor:
+        return torch.eye(layers + 1)[1:]  # row i picks block i's output
+
+
+class FlashDepthBlock(nn.Module):
+    """Attention + SwiGLU FFN. For residual-stream mechanisms ``forward`` applies the residual;
+    AttnRes calls ``attn_sublayer`` / ``ffn_sublayer`` on its own reads."""
+
+    def __init__(self, config: FlashDepthConfig, layer_idx: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.post_norm = config.norm_position == "post"
+        self.attn_norm = RMSNorm(config.hidden_size, eps)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps)
+        self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.ffn_kv = DepthKV(config) if _writes_depth(config, layer_idx) and config.ffn_kv else None
+        has_read = config.depth_mechanism == "depth_attention" and layer_idx > 0
+        self.depth_read = DepthRead(config) if has_read else None
+        self.depth_norm = RMSNorm(config.hidden_size, eps) if has_read else None
+
+    def attn_sublayer(self, h, cos, sin, stream, cache):
+        return self.attn(self.attn_norm(h), cos, sin, stream, cache)
+
+    def ffn_sublayer(self, h, cos, sin, stream):
+        h = self.ffn_norm(h)
+        if self.ffn_kv is not None:
+            stream.write(*self.ffn_kv(h, cos, sin))
+        return self.ffn(h)
+
+    def forward(self, x, cos, sin, stream, cache):
+        if self.post_norm:
+            if self.depth_read is not None:
+                x = self.depth_norm(x + self.depth_read(x, cos, sin, stream))
+            x = self.attn_norm(x + self.attn(x, cos, sin, stream, cache))
+            if self.ffn_kv is not None:
+                stream.write(*self.ffn_kv(x, cos, sin))
+            return self.ffn_norm(x + self.ffn(x))
+        if self.depth_read is not None:
+            x = x + self.depth_read(self.depth_norm(x), cos, sin, stream)
+        x = x + self.attn_sublayer(x, cos, sin, stream, cache)
+        return x + self.ffn_sublayer(x, cos, sin, stream)
+
+
+class FlashDepthPreTrainedModel(PreTrainedModel):
+    config_class = FlashDepthConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["FlashDepthBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, AttnResReads):
+            init.zeros_(module.queries)  # zero queries: a uniform read at start (SPEC 5)
+            init.ones_(module.key_norms)
+        elif isinstance(module, DenseWeights):
+            # identity at start: each block passes on its own output
+            init.copy_(module.weights, DenseWeights.identity(module.weights.shape[0]).to(module.weights.device))
+
+
+class FlashDepthModel(FlashDepthPreTrainedModel):
+    def __init__(self, config: FlashDepthConfig):
+        super().__init__(config)
+        config.validate_depth()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(FlashDepthBlock(config, i) for i in range(config.num_hidden_layers))
+        # post-norm blocks end in a norm already
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_position == "pre" else nn.Identity()
+        self.rotary = Rotary(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        mech = config.depth_mechanism
+        n_reads = 2 * config.num_hidden_layers + 1  # one per sublayer + the final read
+        self.attnres = AttnResReads(n_reads, config.hidden_size) if mech.startswith("attnres") else None
+        self.dense = DenseWeights(config.num_hidden_layers) if mech == "denseformer" else None
+        self.post_init()
+
+    def _check_ids(self, input_ids):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be an int64/int32 tensor [B, T], got {got}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, return_sublayer_io=False, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
+        if input_ids is not None:
+            self._check_ids(input_ids)
+            x = self.embed_tokens(input_ids)
+        else:
+            x = inputs_embeds
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches (attention_mask with zeros) are not supported; pass unpadded sequences")
+        B, T, _ = x.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        start = cache.get_seq_length() if cache is not None else 0
+        cos, sin = self.rotary(start, T, x.device)
+        cfg = self.config
+        stream = None
+        if cfg.depth_slots:
+            stream = DepthStream(B, T, cfg.depth_slots, cfg.num_key_value_heads, cfg.head_dim, x.dtype, x.device)
+        if cfg.depth_mechanism.startswith("attnres"):
+            x = self._attnres(x, cos, sin, cache)
+        elif cfg.depth_mechanism == "denseformer":
+            outputs = [x]
+            for i, layer in enumerate(self.layers):
+                outputs.append(layer(x, cos, sin, stream, cache))
+                x = sum(a * o for a, o in zip(self.dense.weights[i, : i + 2], outputs))
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, stream, cache)
+        x = self.norm(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None)
+
+    def attnres_block_size(self) -> int:
+        sublayers = 2 * self.config.num_hidden_layers
+        return 1 if self.config.depth_mechanism == "attnres_full" else sublayers // self.config.attnres_blocks
+
+    def _attnres(self, emb, cos, sin, cache):
+        """Attention Residuals: each sublayer's input is a softmax read over finished block sums
+        (block 0 = the embedding) plus the current block's partial sum; full = blocks of one."""
+        size = self.attnres_block_size()
+        eps = self.config.rms_norm_eps
+        blocks, partial, index = [emb], None, 0
+
+        def read(i):
+            sources = blocks if partial is None else blocks + [partial]
+            return attention_residual(sources, self.attnres.queries[i], self.attnres.key_norms[i], eps=eps)
+
+        for layer in self.layers:
+            for sub in ("attn", "ffn"):
+                h = read(index)
+                if sub == "attn":
+                    out = layer.attn_sublayer(h, cos, sin, None, cache)
+                else:
+                    out = layer.ffn_sublayer(h, cos, sin, None)
+                partial = out if partial is None else partial + out
+                index += 1
+                if index % size == 0:
+                    blocks.append(partial)
+                    partial = None
+        return read(index)
+
+
+class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FlashDepthConfig):
+        super().__init__(config)
+        self.model = FlashDepthModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        """input_ids ``[B, T]`` -> logits ``[B, T, vocab]``; with labels ``[B, T]`` also the next-token loss."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -1,0 +1,58 @@
+"""Building blocks of the decoder (OLMo2 style): RMSNorm, rotary embeddings, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position tables for positions ``[0, max_positions)``, computed per call (no buffers,
+    so nothing is left uninitialised when a checkpoint is loaded onto the meta device)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+
+    def forward(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``start .. start+length-1`` -> cos, sin ``[length, 1, head_dim/2]`` float32."""
+        if start + length > self.max_positions:
+            raise ValueError(
+                f"positions up to {start + length - 1} are past the rotary limit max_position_embeddings="
+                f"{self.max_positions}; use shorter sequences or a config with a larger limit"
+            )
+        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+        positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+        angles = positions[:, None] / (self.theta**exponent)[None, :]
+        return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[B, T, H, d]`` (or ``[B, T, ..., H, d]`` with matching cos/sin), rotating half-pairs."""
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

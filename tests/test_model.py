@@ -1,0 +1,213 @@
+"""The decoder LM: every depth mechanism and norm placement, caching, save/load, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from flash_depth.models import DEPTH_MECHANISMS, FlashDepthConfig, FlashDepthForCausalLM
+from flash_depth.models.accounting import flops_per_token, parameter_count
+from flash_depth.nn.depth_stream import DepthStream, read_moda
+from flash_depth.ops import moda_attention
+from oracle import rel_err
+
+VARIANTS = [(m, n) for m in DEPTH_MECHANISMS for n in ("pre", "post") if not (m.startswith("attnres") and n == "post")]
+VARIANTS += [("moda", "pre", {"ffn_kv": False}), ("moda", "post", {"attn_kv_proj": True})]
+
+
+def _model(mech, norm="pre", **kw):
+    cfg = FlashDepthConfig.from_preset("tiny", depth_mechanism=mech, norm_position=norm, attnres_blocks=4, **kw)
+    model = FlashDepthForCausalLM(cfg)
+    if model.model.attnres is not None:  # zero queries give the key norms no gradient: move off init
+        with torch.no_grad():
+            model.model.attnres.queries.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v[:2]) + ("+" + ",".join(v[2]) if len(v) > 2 else ""))
+def test_forward_backward_reaches_every_parameter(variant):
+    mech, norm, *kw = variant
+    model = _model(mech, norm, **(kw[0] if kw else {}))
+    ids = torch.randint(0, model.config.vocab_size, (2, 19))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 19, model.config.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+            or p.grad.abs().sum() == 0]
+    assert not dead, dead
+
+
+@pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
+def test_cached_decoding_equals_full_forward(mech):
+    model = _model(mech).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for t in range(6, 13):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+            cache = out.past_key_values
+    assert rel_err(torch.cat(pieces, 1), full) < 1e-5
+    generated = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (2, 9)
+    # greedy tokens agree with the argmax of a full forward over the generated text
+    with torch.no_grad():
+        logits = model(generated[:, :-1]).logits
+    assert torch.equal(logits[:, 3:].argmax(-1), generated[:, 4:])
+
+
+@pytest.mark.parametrize("mech", ["residual", "moda", "attnres_block"])
+def test_save_load_round_trip(tmp_path, mech):
+    model = _model(mech).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 11))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).depth_mechanism == mech
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, FlashDepthForCausalLM)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def _reference_block(block, x, cos, sin):
+    """A pre-norm OLMo2-style block written out by hand from the block's weights."""
+    a = block.attn
+    B, T, D = x.shape
+    h = F.rms_norm(x, (D,), block.attn_norm.weight, 1e-6)
+    q = (h @ a.q_proj.weight.T).view(B, T, a.heads, a.head_dim)
+    k, v = (h @ a.kv_proj.weight.T).view(B, T, 2, a.kv_heads, a.head_dim).unbind(2)
+    q = F.rms_norm(q, (a.head_dim,), a.q_norm.weight, 1e-6)
+    k = F.rms_norm(k, (a.head_dim,), a.k_norm.weight, 1e-6)
+
+    def rope(t):
+        t1, t2 = t.chunk(2, -1)
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+
+    q, k = rope(q).transpose(1, 2), rope(k).transpose(1, 2)
+    G = a.heads // a.kv_heads
+    k, v = k.repeat_interleave(G, 1), v.transpose(1, 2).repeat_interleave(G, 1)
+    att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+    x = x + att @ a.o_proj.weight.T
+    h = F.rms_norm(x, (D,), block.ffn_norm.weight, 1e-6)
+    gate, up = (h @ block.ffn.gate_up.weight.T).chunk(2, -1)
+    return x + (F.silu(gate) * up) @ block.ffn.down.weight.T
+
+
+def test_residual_block_matches_hand_written_reference():
+    model = _model("residual").double()
+    block = model.model.layers[1]
+    x = torch.randn(2, 9, model.config.hidden_size, dtype=torch.float64)
+    cos, sin = model.model.rotary(0, 9, x.device)
+    ours = block(x, cos.double(), sin.double(), None, None)
+    assert rel_err(ours, _reference_block(block, x, cos.double(), sin.double())) < 1e-12
+
+
+def test_depth_stream_gradients_match_concat():
+    """The in-place stream gives the same values and gradients as re-stacking every slot."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, d, layers = 1, 7, 4, 2, 16, 4
+    qs = [torch.randn(B, T, Hq, d, dtype=torch.float64, requires_grad=True) for _ in range(layers)]
+    kvs = [torch.randn(B, T, Hk, d, dtype=torch.float64, requires_grad=True) for _ in range(2 * layers)]
+
+    def run(use_stream):
+        stream = DepthStream(B, T, layers, Hk, d, torch.float64, "cpu")
+        slots_k, slots_v, total = [], [], 0
+        for i in range(layers):
+            k, v = kvs[2 * i], kvs[2 * i + 1]
+            if use_stream:
+                o = read_moda(stream, qs[i], k, v)
+                stream.write(k * 2, v * 3)
+            else:
+                kd = torch.stack(slots_k, 2) if slots_k else None
+                vd = torch.stack(slots_v, 2) if slots_v else None
+                o = moda_attention(qs[i], k, v, kd, vd)
+                slots_k.append(k * 2)
+                slots_v.append(v * 3)
+            total = total + (o * torch.arange(o.numel(), dtype=o.dtype).view_as(o).sin()).sum()
+        return total, torch.autograd.grad(total, qs + kvs)
+
+    t1, g1 = run(True)
+    t2, g2 = run(False)
+    assert abs(t1.item() - t2.item()) < 1e-10
+    assert all(rel_err(a, b) < 1e-10 for a, b in zip(g1, g2))
+
+
+def test_depth_stream_saves_less_than_concat():
+    """Tensors saved for backward by the fused path: the stream keeps one buffer, concat keeps
+    O(L^2) stacked copies. (The CPU reference's einsums copy their operands either way.)"""
+    B, T, Hk, d, layers = 1, 8, 2, 16, 16
+
+    def saved_bytes(use_stream):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        k = torch.randn(B, T, Hk, d, requires_grad=True)
+        q = torch.randn(B, T, 2 * Hk, d, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            stream = DepthStream(B, T, layers, Hk, d, torch.float32, "cpu")
+            slots = []
+            for i in range(layers):
+                if use_stream:
+                    read_moda(stream, q, k, k, backend="triton")
+                    stream.write(k * (i + 1), k * (i + 2))
+                else:
+                    kd = torch.stack(slots, 2) if slots else None
+                    moda_attention(q, k, k, kd, kd, backend="triton")
+                    slots.append(k * (i + 1))
+        depth_bytes_stream = 2 * B * T * layers * Hk * d * 4
+        return sum(storages.values()), depth_bytes_stream
+
+    stream_bytes, buffer = saved_bytes(True)
+    concat_bytes, _ = saved_bytes(False)
+    # concat: sum over layers of i slots = L(L-1)/2 slot copies; stream: the 2L-slot buffers once
+    assert concat_bytes > stream_bytes + 2 * buffer, (stream_bytes, concat_bytes)
+
+
+def test_presets_and_accounting():
+    sizes = {}
+    for name in ("tiny", "small-24", "small-48", "700m"):
+        cfg = FlashDepthConfig.from_preset(name)
+        sizes[name] = parameter_count(cfg)["total"]
+    assert sizes["tiny"] < sizes["small-24"] < sizes["small-48"] < sizes["700m"]
+    assert 5.5e8 < sizes["700m"] < 8e8
+    base = FlashDepthConfig.from_preset("small-48")
+    moda = FlashDepthConfig.from_preset("small-48", depth_mechanism="moda", ffn_kv=False)
+    assert parameter_count(moda)["total"] == parameter_count(base)["total"]  # reuses attention K/V
+    assert flops_per_token(base, 4096) < flops_per_token(moda, 4096) < 1.01 * flops_per_token(base, 4096)
+    assert FlashDepthConfig.from_preset("small-24", num_hidden_layers=3).num_hidden_layers == 3
+
+
+BAD_CONFIGS = [
+    ({"depth_mechanism": "moda2"}, "depth_mechanism must be one of"),
+    ({"norm_position": "middle"}, "norm_position must be one of"),
+    ({"num_attention_heads": 4, "num_key_value_heads": 3}, "must be a multiple of"),
+    ({"depth_mechanism": "attnres_block", "attnres_blocks": 3}, "must divide the 8 sublayers"),
+    ({"depth_mechanism": "attnres_full", "norm_position": "post"}, "norm_position must be 'pre'"),
+    ({"hidden_size": 0}, "hidden_size must be a positive int"),
+]
+
+
+@pytest.mark.parametrize("overrides,msg", BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])
+def test_bad_config(overrides, msg):
+    with pytest.raises(ValueError, match=msg):
+        FlashDepthConfig.from_preset("tiny", **overrides)
+
+
+def test_bad_calls():
+    with pytest.raises(ValueError, match="unknown preset"):
+        FlashDepthConfig.from_preset("huge")
+    model = _model("moda")
+    with pytest.raises(TypeError, match="input_ids must be an int64/int32 tensor"):
+        model(torch.rand(1, 5))
+    with pytest.raises(ValueError, match="rotary limit"):
+        model(torch.zeros(1, model.config.max_position_embeddings + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="padded batches"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 3, dtype=torch.long))
