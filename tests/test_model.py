@@ -113,7 +113,7 @@ def test_depth_stream_gradients_match_concat():
     kvs = [torch.randn(B, T, Hk, d, dtype=torch.float64, requires_grad=True) for _ in range(2 * layers)]
 
     def run(use_stream):
-        stream = DepthStream(B, T, layers, Hk, d, torch.float64, "cpu")
+        stream = DepthStream(layers)
         slots_k, slots_v, total = [], [], 0
         for i in range(layers):
             k, v = kvs[2 * i], kvs[2 * i + 1]
@@ -147,10 +147,11 @@ def test_depth_stream_saves_less_than_concat():
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        k = torch.randn(B, T, Hk, d, requires_grad=True)
-        q = torch.randn(B, T, 2 * Hk, d, requires_grad=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        k = torch.randn(B, T, Hk, d, requires_grad=True, device=device)
+        q = torch.randn(B, T, 2 * Hk, d, requires_grad=True, device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            stream = DepthStream(B, T, layers, Hk, d, torch.float32, "cpu")
+            stream = DepthStream(layers)
             slots = []
             for i in range(layers):
                 if use_stream:

@@ -230,9 +230,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         start = cache.get_seq_length() if cache is not None else 0
         cos, sin = self.rotary(start, T, x.device)
         cfg = self.config
-        stream = None
-        if cfg.depth_slots:
-            stream = DepthStream(B, T, cfg.depth_slots, cfg.num_key_value_heads, cfg.head_dim, x.dtype, x.device)
+        stream = DepthStream(cfg.depth_slots) if cfg.depth_slots else None
         if cfg.depth_mechanism.startswith("attnres"):
             x = self._attnres(x, cos, sin, cache)
         elif cfg.depth_mechanism == "denseformer":
@@ -268,6 +266,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                     out = layer.attn_sublayer(h, cos, sin, None, cache)
                 else:
                     out = layer.ffn_sublayer(h, cos, sin, None)
+                out = out.to(emb.dtype)  # under autocast: keep every source in the stream's dtype
                 partial = out if partial is None else partial + out
                 index += 1
                 if index % size == 0:

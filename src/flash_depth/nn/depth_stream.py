@@ -22,25 +22,26 @@ from flash_depth.ops import moda_attention
 class DepthStream:
     """Depth K/V slots of the tokens of one forward pass."""
 
-    def __init__(self, batch: int, seq_len: int, slots: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (batch, seq_len, slots, kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+    def __init__(self, slots: int):
+        self.slots_max = slots
+        self.k: torch.Tensor | None = None  # [B, T, slots, Hk, d], allocated at the first write
+        self.v: torch.Tensor | None = None
         self.grad_k: torch.Tensor | None = None
         self.grad_v: torch.Tensor | None = None
         self.count = 0
         self.handle: torch.Tensor | None = None
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one slot: k, v ``[B, T, Hk, d]``."""
-        if self.count >= self.capacity:
-            raise RuntimeError(f"depth stream is full ({self.capacity} slots)")
-        if k.shape != self.k.shape[:2] + self.k.shape[3:]:
-            raise ValueError(f"depth slot must be {tuple(self.k.shape[:2] + self.k.shape[3:])}, got {tuple(k.shape)}")
+        """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
+        if self.k is None:
+            B, T, Hk, d = k.shape
+            self.k = torch.empty((B, T, self.slots_max, Hk, d), dtype=k.dtype, device=k.device)
+            self.v = torch.empty_like(self.k)
+        if self.count >= self.slots_max:
+            raise RuntimeError(f"depth stream is full ({self.slots_max} slots)")
+        want = self.k.shape[:2] + self.k.shape[3:]
+        if k.shape != want or v.shape != want:
+            raise ValueError(f"depth slot must be {tuple(want)}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             self.handle = _Write.apply(self, self.count, k, v, self.handle)
         else:

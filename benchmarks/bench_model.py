@@ -1,0 +1,126 @@
+"""Training speed and peak memory of each depth mechanism, same shape, one GPU, one run.
+
+    python benchmarks/bench_model.py                  # small-48 and 700m presets, T=4096
+    python benchmarks/bench_model.py --presets small-48 --steps 5
+
+A step is forward + backward + AdamW under bf16 autocast (fp32 master weights), eager mode.
+Writes benchmarks/results/model_<gpu>.{json,md}; ratios are to `residual` of the same preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+from flash_depth.models.accounting import flops_per_token, parameter_count
+
+VARIANTS = [
+    ("residual", {}),
+    ("moda (attn KV)", {"depth_mechanism": "moda", "ffn_kv": False}),
+    ("moda + FFN KV", {"depth_mechanism": "moda"}),
+    ("moda + FFN KV, post-norm", {"depth_mechanism": "moda", "norm_position": "post"}),
+    ("depth_attention", {"depth_mechanism": "depth_attention"}),
+    ("attnres_full", {"depth_mechanism": "attnres_full"}),
+    ("attnres_block (8)", {"depth_mechanism": "attnres_block", "attnres_blocks": 8}),
+    ("denseformer", {"depth_mechanism": "denseformer"}),
+]
+BATCH = {"small-48": 4, "700m": 2}
+
+
+def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int) -> dict:
+    cfg = FlashDepthConfig.from_preset(preset, max_position_embeddings=seq_len, **overrides)
+    row = {"preset": preset, "variant": name, "params": parameter_count(cfg)["total"],
+           "gflops_per_token": flops_per_token(cfg, seq_len) / 1e9, "batch": BATCH[preset], "seq_len": seq_len}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        model = FlashDepthForCausalLM(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+        ids = torch.randint(0, cfg.vocab_size, (BATCH[preset], seq_len), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            loss = step()
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / steps
+        row.update(ms_per_step=ms, tokens_per_s=BATCH[preset] * seq_len / ms * 1e3,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss))
+        del model, opt
+    except Exception as err:  # noqa: BLE001 - an out-of-memory variant is a result too
+        row["error"] = repr(err)[:300]
+    torch.cuda.empty_cache()
+    return row
+
+
+def to_markdown(rows, meta) -> str:
+    lines = [f"# Training speed by depth mechanism on {meta['device']}", "",
+             f"torch {meta['torch']}; {meta['date']}. Step = forward + backward + fused AdamW, bf16 autocast, eager.",
+             f"Sequence length {rows[0]['seq_len']}; reproduce: `python benchmarks/bench_model.py`.", "",
+             "| preset | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s | vs residual | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {r["preset"]: r.get("tokens_per_s") for r in rows if r["variant"] == "residual"}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
+                         f"| {r['batch']} | failed: {r['error'][:60]} | | | |")
+            continue
+        ratio = r["tokens_per_s"] / base[r["preset"]] if base.get(r["preset"]) else float("nan")
+        lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
+                     f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x "
+                     f"| {r['peak_gib']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="*", default=["small-48", "700m"], choices=sorted(BATCH))
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variants", nargs="*", help="substrings of variant names to run (default: all)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_model.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    rows = []
+    for preset in args.presets:
+        for name, overrides in VARIANTS:
+            if args.variants and not any(v in name for v in args.variants):
+                continue
+            row = run(preset, name, overrides, args.seq_len, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"model_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = to_markdown(rows, meta)
+    (out / f"model_{slug}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
