@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,17 +99,29 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", nargs="*", help="substrings of variant names to run (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--one", nargs=2, metavar=("PRESET", "INDEX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:  # child process: one variant, so memory from one never leaks into the next
+        name, overrides = VARIANTS[int(args.one[1])]
+        print("ROW " + json.dumps(run(args.one[0], name, overrides, args.seq_len, args.steps)))
+        return 0
     if not torch.cuda.is_available():
         print("bench_model.py needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.cuda.get_device_name()
     rows = []
     for preset in args.presets:
-        for name, overrides in VARIANTS:
+        for index, (name, _) in enumerate(VARIANTS):
             if args.variants and not any(v in name for v in args.variants):
                 continue
-            row = run(preset, name, overrides, args.seq_len, args.steps)
+            child = subprocess.run(
+                [sys.executable, __file__, "--one", preset, str(index), "--seq-len", str(args.seq_len),
+                 "--steps", str(args.steps)], capture_output=True, text=True,
+            )
+            lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
+            row = json.loads(lines[-1][4:]) if lines else {
+                "preset": preset, "variant": name, "params": 0, "gflops_per_token": 0, "batch": BATCH[preset],
+                "seq_len": args.seq_len, "error": child.stderr.strip().splitlines()[-1][:300] if child.stderr else "no output"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

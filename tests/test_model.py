@@ -38,6 +38,29 @@ def test_forward_backward_reaches_every_parameter(variant):
     assert not dead, dead
 
 
+def test_depth_stream_is_freed_without_garbage_collection():
+    import gc
+    import weakref
+
+    model = _model("moda")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    streams = []
+    original = DepthStream.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        streams.append(weakref.ref(self))
+
+    gc.disable()
+    try:
+        DepthStream.__init__ = spy
+        model(ids, labels=ids).loss.backward()
+        assert streams and streams[0]() is None  # freed by reference counting alone
+    finally:
+        DepthStream.__init__ = original
+        gc.enable()
+
+
 @pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
 def test_cached_decoding_equals_full_forward(mech):
     model = _model(mech).eval()
@@ -105,12 +128,17 @@ def test_residual_block_matches_hand_written_reference():
     assert rel_err(ours, _reference_block(block, x, cos.double(), sin.double())) < 1e-12
 
 
-def test_depth_stream_gradients_match_concat():
-    """The in-place stream gives the same values and gradients as re-stacking every slot."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_depth_stream_gradients_match_concat(backend):
+    """The in-place stream gives the same values and gradients as re-stacking every slot
+    (reference: autograd through PyTorch; triton: fused kernels accumulating into the stream)."""
     torch.manual_seed(0)
     B, T, Hq, Hk, d, layers = 1, 7, 4, 2, 16, 4
-    qs = [torch.randn(B, T, Hq, d, dtype=torch.float64, requires_grad=True) for _ in range(layers)]
-    kvs = [torch.randn(B, T, Hk, d, dtype=torch.float64, requires_grad=True) for _ in range(2 * layers)]
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    qs = [torch.randn(B, T, Hq, d, dtype=dtype, device=device, requires_grad=True) for _ in range(layers)]
+    kvs = [torch.randn(B, T, Hk, d, dtype=dtype, device=device, requires_grad=True) for _ in range(2 * layers)]
 
     def run(use_stream):
         stream = DepthStream(layers)
@@ -118,12 +146,12 @@ def test_depth_stream_gradients_match_concat():
         for i in range(layers):
             k, v = kvs[2 * i], kvs[2 * i + 1]
             if use_stream:
-                o = read_moda(stream, qs[i], k, v)
+                o = read_moda(stream, qs[i], k, v, backend=backend)
                 stream.write(k * 2, v * 3)
             else:
                 kd = torch.stack(slots_k, 2) if slots_k else None
                 vd = torch.stack(slots_v, 2) if slots_v else None
-                o = moda_attention(qs[i], k, v, kd, vd)
+                o = moda_attention(qs[i], k, v, kd, vd, backend=backend)
                 slots_k.append(k * 2)
                 slots_v.append(v * 3)
             total = total + (o * torch.arange(o.numel(), dtype=o.dtype).view_as(o).sin()).sum()
@@ -131,8 +159,8 @@ def test_depth_stream_gradients_match_concat():
 
     t1, g1 = run(True)
     t2, g2 = run(False)
-    assert abs(t1.item() - t2.item()) < 1e-10
-    assert all(rel_err(a, b) < 1e-10 for a, b in zip(g1, g2))
+    assert abs(t1.item() - t2.item()) < tol * abs(t2.item())
+    assert all(rel_err(a, b) < tol for a, b in zip(g1, g2))
 
 
 def test_depth_stream_saves_less_than_concat():

@@ -241,6 +241,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         else:
             for layer in self.layers:
                 x = layer(x, cos, sin, stream, cache)
+        if stream is not None:
+            stream.close()
         x = self.norm(x)
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None)
 

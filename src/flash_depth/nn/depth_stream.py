@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from flash_depth.ops import moda_attention
+from flash_depth.ops import depth_attention, moda_attention
+from flash_depth.ops.moda import fused_backward, fused_forward, select_backend
+from flash_depth.ops.reference import attention_reference
 
 
 class DepthStream:
@@ -49,19 +51,23 @@ class DepthStream:
             self.v[:, :, self.count].copy_(v)
         self.count += 1
 
+    def close(self) -> None:
+        """Call once the last read is done: drops the handle, which would otherwise keep the
+        stream alive in a reference cycle (stream -> handle -> its autograd node -> stream)
+        until Python's garbage collector runs, holding the buffers' memory."""
+        self.handle = None
+
     def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The written slots ``[B, T, n, Hk, d]`` (views, no gradient)."""
         # .data: views with their own version counter, so later in-place writes to other slots do
         # not invalidate tensors that an earlier read saved for backward (those slots never change).
         return self.k.data[:, :, : self.count], self.v.data[:, :, : self.count]
 
-    def _accumulate(self, n: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    def ensure_grad_buffers(self) -> None:
         if self.grad_k is None:  # at least float32: the sum over every later reader stays accurate
             dtype = torch.promote_types(self.k.dtype, torch.float32)
             self.grad_k = torch.zeros(self.k.shape, dtype=dtype, device=self.k.device)
             self.grad_v = torch.zeros(self.v.shape, dtype=dtype, device=self.v.device)
-        self.grad_k[:, :, :n] += dk
-        self.grad_v[:, :, :n] += dv
 
 
 class _Write(torch.autograd.Function):
@@ -84,33 +90,48 @@ class _Write(torch.autograd.Function):
 
 
 class _Read(torch.autograd.Function):
-    """moda_attention over the stream's first n slots; depth gradients go into the stream."""
+    """MoDA (or depth-only attention when k is None) over the stream's first n slots; the depth
+    gradients are added into the stream's gradient buffers."""
 
     @staticmethod
     def forward(ctx, stream, handle, q, k, v, causal, backend):
         k_depth, v_depth = stream.slots()
-        ctx.stream, ctx.n = stream, stream.count
-        ctx.has_seq = k is not None
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() if x is not None else None for x in (q, k, v)]
-            kd, vd = k_depth.detach().requires_grad_(), v_depth.detach().requires_grad_()
-            if ctx.has_seq:
-                o = moda_attention(leaves[0], leaves[1], leaves[2], kd, vd, causal=causal, backend=backend)
-            else:
-                from flash_depth.ops import depth_attention
-
-                o = depth_attention(leaves[0], kd, vd, backend=backend)
-        ctx.graph = (o, [x for x in leaves if x is not None] + [kd, vd])
-        return o.detach()
+        ctx.stream, ctx.n, ctx.has_seq = stream, stream.count, k is not None
+        chosen = select_backend(backend, q, k, causal)
+        if chosen == "reference":  # plain PyTorch: let autograd differentiate it
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in (q, k, v) if x is not None]
+                kd, vd = k_depth.detach().requires_grad_(), v_depth.detach().requires_grad_()
+                o, _ = attention_reference(leaves[0], *(leaves[1:] or (None, None)), kd, vd,
+                                           causal=causal, scale=q.shape[-1] ** -0.5)
+            ctx.graph = (o, leaves + [kd, vd])
+            return o.detach()
+        ctx.graph = None
+        seq_backend = "cudnn" if chosen == "cudnn" else "triton"
+        o, lse, state = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, seq_backend)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.fused = (state, causal, seq_backend)
+        return o
 
     @staticmethod
     def backward(ctx, do):
-        o, inputs = ctx.graph
-        grads = torch.autograd.grad(o, inputs, do)
-        ctx.graph = None
-        ctx.stream._accumulate(ctx.n, grads[-2], grads[-1])
-        dq = grads[0]
-        dk, dv = (grads[1], grads[2]) if ctx.has_seq else (None, None)
+        stream, n = ctx.stream, ctx.n
+        stream.ensure_grad_buffers()
+        if ctx.graph is not None:
+            o, inputs = ctx.graph
+            *grads, dkd, dvd = torch.autograd.grad(o, inputs, do)
+            ctx.graph = None
+            stream.grad_k[:, :, :n] += dkd
+            stream.grad_v[:, :, :n] += dvd
+            dq, dk, dv = grads if ctx.has_seq else (grads[0], None, None)
+        else:
+            q, k, v, o, lse = ctx.saved_tensors
+            state, causal, seq_backend = ctx.fused
+            k_depth, v_depth = stream.slots()
+            dq, dk, dv, _, _ = fused_backward(
+                do, q, k, v, k_depth, v_depth, o, lse, state, causal, q.shape[-1] ** -0.5, seq_backend,
+                depth_grads_into=(stream.grad_k[:, :, :n], stream.grad_v[:, :, :n]),
+            )
         return None, torch.zeros((), device=do.device), dq, dk, dv, None, None
 
 
@@ -129,8 +150,6 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto") -> torch.Tensor
     if stream.count == 0:
         raise ValueError("read_depth needs at least one written depth slot")
     if not torch.is_grad_enabled() or stream.handle is None:
-        from flash_depth.ops import depth_attention
-
         kd, vd = stream.slots()
         return depth_attention(q, kd, vd, backend=backend)
     return _Read.apply(stream, stream.handle, q, None, None, False, backend)

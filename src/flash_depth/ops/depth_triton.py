@@ -126,7 +126,7 @@ def _depth_bwd_kernel(
     T, L, HK, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DQ_IN: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DQ_IN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // G
     pid_t = tl.program_id(0)
@@ -171,10 +171,13 @@ def _depth_bwd_kernel(
         dq += tl.dot(ds.to(kd.dtype), kd, input_precision=PRECISION)
         dkd = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
         dvd = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        tl.store(DKD + b * sdk_b + col_tok64[:, None] * sdk_t + col_slot[:, None] * sdk_l + hk * sdk_h + dims[None, :],
-                 dkd.to(DKD.dtype.element_ty), mask=cmask)
-        tl.store(DVD + b * sdv_b + col_tok64[:, None] * sdv_t + col_slot[:, None] * sdv_l + hk * sdv_h + dims[None, :],
-                 dvd.to(DVD.dtype.element_ty), mask=cmask)
+        dkd_ptr = DKD + b * sdk_b + col_tok64[:, None] * sdk_t + col_slot[:, None] * sdk_l + hk * sdk_h + dims[None, :]
+        dvd_ptr = DVD + b * sdv_b + col_tok64[:, None] * sdv_t + col_slot[:, None] * sdv_l + hk * sdv_h + dims[None, :]
+        if ACCUMULATE:  # add into gradients that other readers of the same slots also feed
+            dkd += tl.load(dkd_ptr, mask=cmask, other=0.0).to(tl.float32)
+            dvd += tl.load(dvd_ptr, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(dkd_ptr, dkd.to(DKD.dtype.element_ty), mask=cmask)
+        tl.store(dvd_ptr, dvd.to(DVD.dtype.element_ty), mask=cmask)
 
     dq = dq * scale
     if HAS_DQ_IN:
@@ -241,18 +244,26 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
     return o, lse
 
 
-def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, tiles=None):
+def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, tiles=None,
+                   accumulate_into=None):
     """Gradients of the depth entries given the (merged) o and lse.
 
     Returns dq ``[B, T, Hq, d]`` (dq_in added when given), dk_depth and dv_depth ``[B, T, L, Hk, d]``.
+    With ``accumulate_into=(gk, gv)`` (tensors shaped like the depth K/V, any strides) the depth
+    gradients are added into them in place and returned.
     """
     B, T, Hq, d = q.shape
     L, Hk = k_depth.shape[2], k_depth.shape[3]
     G = Hq // Hk
     q, k_depth, v_depth, o, do = (_last_dim_contiguous(x) for x in (q, k_depth, v_depth, o, do))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dkd = torch.empty(k_depth.shape, device=q.device, dtype=q.dtype)
-    dvd = torch.empty(v_depth.shape, device=q.device, dtype=q.dtype)
+    if accumulate_into is not None:
+        dkd, dvd = accumulate_into
+        if dkd.shape != k_depth.shape or dvd.shape != v_depth.shape or dkd.stride(-1) != 1 or dvd.stride(-1) != 1:
+            raise ValueError("accumulate_into must match the depth K/V shapes with a contiguous last dim")
+    else:
+        dkd = torch.empty(k_depth.shape, device=q.device, dtype=q.dtype)
+        dvd = torch.empty(v_depth.shape, device=q.device, dtype=q.dtype)
     has_dq_in = dq_in is not None
     if has_dq_in:
         dq_in = _last_dim_contiguous(dq_in)
@@ -272,7 +283,8 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
         *dkd.stride()[:4], *dvd.stride()[:4],
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=_head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_DQ_IN=has_dq_in, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        HAS_DQ_IN=has_dq_in, ACCUMULATE=accumulate_into is not None, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dkd, dvd
 

@@ -25,7 +25,8 @@ def _triton_usable(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
+def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
+    """The backend ``backend`` resolves to for these inputs ("reference", "triton" or "cudnn")."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -49,22 +50,52 @@ def _select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
     return backend
 
 
+def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str):
+    """Forward of the fused path. Returns o, lse and the sequence backend's state for backward."""
+    from . import depth_triton, flash_triton
+
+    seq_state = None
+    if k is None:
+        o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale)
+    else:
+        if seq_backend == "cudnn":
+            o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
+        else:
+            o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale)
+        if k_depth is not None:
+            o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
+    return o.contiguous(), lse, seq_state
+
+
+def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: bool, scale: float,
+                   seq_backend: str, depth_grads_into=None):
+    """Backward of the fused path: dq, dk, dv, dk_depth, dv_depth (None where an input is None).
+
+    Both halves get the MERGED o and lse, so each computes its share of the one softmax's
+    gradient. Serial on purpose: the depth backward on a second stream beside cuDNN's measured
+    no faster (cuDNN's kernels hold every SM's registers). ``depth_grads_into=(gk, gv)`` adds the
+    depth gradients into those tensors instead of allocating new ones.
+    """
+    from . import depth_triton, flash_triton
+
+    do = do.contiguous()
+    dq = dk = dv = dkd = dvd = None
+    if k is not None:
+        if seq_backend == "cudnn":
+            dq, dk, dv = cudnn_sdpa.backward(do, q, k, v, o, lse, seq_state, causal=causal, scale=scale)
+        else:
+            dq, dk, dv = flash_triton.flash_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
+    if k_depth is not None:
+        dq, dkd, dvd = depth_triton.depth_backward(
+            q, k_depth, v_depth, o, lse, do, scale, dq_in=dq, accumulate_into=depth_grads_into
+        )
+    return dq, dk, dv, dkd, dvd
+
+
 class _MoDAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend):
-        from . import depth_triton, flash_triton
-
-        seq_state = None
-        if k is None:
-            o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale)
-        else:
-            if seq_backend == "cudnn":
-                o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
-            else:
-                o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale)
-            if k_depth is not None:
-                o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
-        o = o.contiguous()
+        o, lse, seq_state = fused_forward(q, k, v, k_depth, v_depth, causal, scale, seq_backend)
         ctx.save_for_backward(q, k, v, k_depth, v_depth, o, lse)
         ctx.causal, ctx.scale, ctx.seq_backend, ctx.seq_state = causal, scale, seq_backend, seq_state
         ctx.mark_non_differentiable(lse)
@@ -72,23 +103,10 @@ class _MoDAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        from . import depth_triton, flash_triton
-
         q, k, v, k_depth, v_depth, o, lse = ctx.saved_tensors
-        do = do.contiguous()
-        causal, scale = ctx.causal, ctx.scale
-        # Both parts get the MERGED o and lse, so each computes its share of the one softmax's
-        # gradient. Serial on purpose: the depth backward on a second stream beside cuDNN's
-        # measured no faster (cuDNN's kernels hold every SM's registers).
-        dq = dk = dv = dkd = dvd = None
-        if k is not None:
-            if ctx.seq_backend == "cudnn":
-                dq, dk, dv = cudnn_sdpa.backward(do, q, k, v, o, lse, ctx.seq_state, causal=causal, scale=scale)
-            else:
-                dq, dk, dv = flash_triton.flash_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
-        if k_depth is not None:
-            dq, dkd, dvd = depth_triton.depth_backward(q, k_depth, v_depth, o, lse, do, scale, dq_in=dq)
-        return dq, dk, dv, dkd, dvd, None, None, None
+        grads = fused_backward(do, q, k, v, k_depth, v_depth, o, lse, ctx.seq_state, ctx.causal, ctx.scale,
+                               ctx.seq_backend)
+        return (*grads, None, None, None)
 
 
 def moda_attention(
@@ -122,7 +140,7 @@ def moda_attention(
     """
     dims = check_moda_inputs(q, k, v, k_depth, v_depth, causal)
     scale = resolve_scale(scale, dims.head_dim)
-    chosen = _select_backend(backend, q, k, causal)
+    chosen = select_backend(backend, q, k, causal)
     if chosen == "reference":
         o, lse = attention_reference(q, k, v, k_depth, v_depth, causal=causal, scale=scale)
     else:
@@ -155,7 +173,7 @@ def depth_attention(
     scale = resolve_scale(scale, dims.head_dim)
     if backend == "cudnn":
         raise ValueError("backend='cudnn' has no depth-only kernel; use 'auto', 'triton' or 'reference'")
-    chosen = _select_backend(backend, q, None, False)
+    chosen = select_backend(backend, q, None, False)
     if chosen == "reference":
         o, lse = attention_reference(q, None, None, k_depth, v_depth, causal=False, scale=scale)
     else:

@@ -1,0 +1,67 @@
+"""Where a training step's time and memory go, for one preset and depth mechanism.
+
+    python benchmarks/profile_model.py --preset small-48 --mechanism moda --layers 12
+
+Prints the CUDA kernels that take the most time (torch.profiler) and the memory held after the
+forward (saved for backward) and at the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small-48")
+    parser.add_argument("--mechanism", default="moda")
+    parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value (ints/bools)")
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args(argv)
+    overrides = {"depth_mechanism": args.mechanism, "max_position_embeddings": args.seq_len}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
+    for item in args.set:
+        key, value = item.split("=", 1)
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    cfg = FlashDepthConfig.from_preset(args.preset, **overrides)
+    model = FlashDepthForCausalLM(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device="cuda")
+
+    def step(report_memory=False):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        if report_memory:
+            torch.cuda.synchronize()
+            print(f"after forward: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    print(f"{args.preset} {cfg.depth_mechanism} layers={cfg.num_hidden_layers} B={args.batch} T={args.seq_len}")
+    print(f"weights + optimizer: {base / 2**30:.2f} GiB")
+    step(report_memory=True)
+    print(f"peak: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
