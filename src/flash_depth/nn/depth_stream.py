@@ -57,11 +57,12 @@ class DepthStream:
         until Python's garbage collector runs, holding the buffers' memory."""
         self.handle = None
 
-    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The written slots ``[B, T, n, Hk, d]`` (views, no gradient)."""
+    def slots(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n (default: all written) slots ``[B, T, n, Hk, d]`` (views, no gradient)."""
+        n = self.count if n is None else n
         # .data: views with their own version counter, so later in-place writes to other slots do
         # not invalidate tensors that an earlier read saved for backward (those slots never change).
-        return self.k.data[:, :, : self.count], self.v.data[:, :, : self.count]
+        return self.k.data[:, :, :n], self.v.data[:, :, :n]
 
     def ensure_grad_buffers(self) -> None:
         if self.grad_k is None:  # at least float32: the sum over every later reader stays accurate
@@ -127,7 +128,7 @@ class _Read(torch.autograd.Function):
         else:
             q, k, v, o, lse = ctx.saved_tensors
             state, causal, seq_backend = ctx.fused
-            k_depth, v_depth = stream.slots()
+            k_depth, v_depth = stream.slots(n)
             dq, dk, dv, _, _ = fused_backward(
                 do, q, k, v, k_depth, v_depth, o, lse, state, causal, q.shape[-1] ** -0.5, seq_backend,
                 depth_grads_into=(stream.grad_k[:, :, :n], stream.grad_v[:, :, :n]),
