@@ -66,6 +66,12 @@ def attention_residual(
     _check(sources, query, norm_weight, eps)
     if isinstance(sources, torch.Tensor):
         sources = list(sources.unbind(0))
+    # Outside autocast: it would save a bf16 copy of every source at every read (O(L^2) memory).
+    with torch.autocast(sources[0].device.type, enabled=False):
+        return _attention_residual(sources, query, norm_weight, eps, return_weights)
+
+
+def _attention_residual(sources, query, norm_weight, eps, return_weights):
     w = query.float() if norm_weight is None else query.float() * norm_weight.float()
     logits = []
     for v in sources:
