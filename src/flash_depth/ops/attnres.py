@@ -58,7 +58,7 @@ def attention_residual(
         query: the pseudo-query ``w`` ``[D]``.
         norm_weight: optional RMSNorm weight ``[D]`` applied to the keys.
         eps: RMSNorm epsilon.
-        return_weights: also return the softmax weights ``[N, ...]`` (float32).
+        return_weights: also return the softmax weights ``[N, ...]`` (at least float32).
 
     Returns:
         ``[..., D]`` in the sources' dtype (and the weights if asked).
@@ -72,12 +72,13 @@ def attention_residual(
 
 
 def _attention_residual(sources, query, norm_weight, eps, return_weights):
-    w = query.float() if norm_weight is None else query.float() * norm_weight.float()
+    cdt = torch.promote_types(sources[0].dtype, torch.float32)
+    w = query.to(cdt) if norm_weight is None else query.to(cdt) * norm_weight.to(cdt)
     logits = []
     for v in sources:
-        vf = v.float()
+        vf = v.to(cdt)
         inv_rms = torch.rsqrt(vf.pow(2).mean(-1) + eps)
         logits.append((vf @ w) * inv_rms)  # w . (v / rms(v) * g) without a normalised copy of v
     alpha = torch.softmax(torch.stack(logits, 0), dim=0)
-    out = sum(a[..., None] * v.float() for a, v in zip(alpha, sources)).to(sources[0].dtype)
+    out = sum(a[..., None] * v.to(cdt) for a, v in zip(alpha, sources)).to(sources[0].dtype)
     return (out, alpha) if return_weights else out
