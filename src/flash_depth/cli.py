@@ -1,0 +1,134 @@
+"""``flash-depth`` command line: train, eval, compare, demo.
+
+    flash-depth train [--config FILE] [--out DIR] [--max-steps N] [--resume] [--device DEV] [key=value ...]
+    flash-depth eval CHECKPOINT [--data SOURCE] [--seq-len N]
+    flash-depth compare RUN_DIR [RUN_DIR ...] [--out FILE.png]
+    flash-depth tokenize --data SOURCE --out DIR
+    flash-depth demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _train(args) -> int:
+    from flash_depth.train.config import load_config
+    from flash_depth.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    summary = train(cfg, out, resume=args.resume, device=args.device, max_steps=args.max_steps)
+    if summary.get("world_size", 1) == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"run folder: {out}\n" + json.dumps(summary, indent=1))
+    return 0
+
+
+def _eval(args) -> int:
+    from flash_depth.train.config import DataConfig
+    from flash_depth.train.evaluate import evaluate_checkpoint
+
+    data = DataConfig(source=args.data, text_field=args.text_field)
+    if args.data is None:  # the run's own data
+        import yaml
+
+        run_cfg = Path(args.checkpoint) / "run_config.yaml"
+        data = DataConfig(**yaml.safe_load(run_cfg.read_text())["data"]) if run_cfg.exists() else DataConfig()
+    result = evaluate_checkpoint(args.checkpoint, data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                 device=args.device)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _compare(args) -> int:
+    from flash_depth.train.plots import compare_table, plot_runs
+
+    runs = [Path(r) for r in args.runs]
+    png = Path(args.out)
+    plot_runs(runs, png)
+    table = compare_table(runs)
+    png.with_suffix(".md").write_text(table + f"\n![validation loss]({png.name})\n")
+    print(table + f"plot: {png}\ntable: {png.with_suffix('.md')}")
+    return 0
+
+
+def _tokenize(args) -> int:
+    import numpy as np
+
+    from flash_depth.data.pipeline import build_token_splits
+    from flash_depth.data.shards import write_token_shards
+    from flash_depth.train.config import DataConfig
+
+    data = DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                      text_field=args.text_field, val_fraction=1e-9)
+    splits = build_token_splits(data)
+    tokens = np.concatenate([splits.train, splits.val])
+    paths = write_token_shards(tokens, args.out, splits.tokenizer, shard_tokens=args.shard_tokens)
+    print(f"{len(tokens):,} tokens in {len(paths)} shard(s) under {args.out} (vocabulary {splits.tokenizer.vocab_size})")
+    return 0
+
+
+def _demo(args) -> int:
+    from flash_depth.demo import main as demo_main
+
+    return demo_main([])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flash-depth", description="Depth-retrieval transformers: train, evaluate, compare.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model (default: tiny MoDA model on the embedded Shakespeare corpus)")
+    t.add_argument("--config", help="YAML file with model/data/train sections (see configs/)")
+    t.add_argument("--out", help="run folder (default runs/DATE-TIME); must be new unless --resume")
+    t.add_argument("--max-steps", type=int, help="override train.max_steps")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.depth_mechanism=attnres_block")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="held-out perplexity and bits per byte of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", help="data source (default: the run's own)")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=200_000)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_eval)
+    c = sub.add_parser("compare", help="validation curves of several runs on one plot + a markdown table")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default="compare.png")
+    c.set_defaults(func=_compare)
+    k = sub.add_parser("tokenize", help="pre-tokenize a text source into .bin shards for large runs")
+    k.add_argument("--data", required=True, help="text source (file, folder, .jsonl, hf:NAME, shakespeare)")
+    k.add_argument("--out", required=True, help="folder for shard_*.bin, meta.json, tokenizer.json")
+    k.add_argument("--tokenizer", default="bpe", help="bpe, bytes, or a tokenizer.json")
+    k.add_argument("--vocab-size", type=int, default=32768)
+    k.add_argument("--text-field", default="text")
+    k.add_argument("--shard-tokens", type=int, default=50_000_000)
+    k.set_defaults(func=_tokenize)
+    d = sub.add_parser("demo", help="MoDA on random tensors: error and speed")
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from flash_depth.data.sources import DataError
+    from flash_depth.train.config import ConfigError
+    from flash_depth.train.loop import TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError) as err:
+        print(f"flash-depth {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

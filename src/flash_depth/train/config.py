@@ -1,0 +1,122 @@
+"""Run configuration: YAML file + ``section.key=value`` overrides, checked against known keys."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a one-line reason."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "shakespeare"  # see flash_depth.data.sources
+    tokenizer: str = "bpe"  # "bpe" (trained locally and cached), "bytes", or a tokenizer.json path
+    vocab_size: int = 1024  # for "bpe"
+    text_field: str = "text"
+    split: str = "train"
+    val_fraction: float = 0.05  # the last documents (or tokens, for shards) held out
+    max_documents: int | None = None
+    cache_dir: str | None = None  # tokenizer + tokenized cache; default ~/.cache/flash-depth
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 128
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 400
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False
+    activation_checkpointing: bool = False
+    distributed: str = "ddp"  # "ddp" or "fsdp" under torchrun
+
+
+@dataclass
+class RunConfig:
+    model: dict = field(default_factory=lambda: {"preset": "tiny", "depth_mechanism": "moda"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": dict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
+
+
+def _model_keys() -> set[str]:
+    from flash_depth.models import FlashDepthConfig
+
+    params = inspect.signature(FlashDepthConfig.__init__).parameters
+    return {"preset"} | {k for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def _set(cfg: RunConfig, dotted: str, value) -> None:
+    section, _, key = dotted.partition(".")
+    if section == "model":
+        if key not in _model_keys():
+            raise ConfigError(f"unknown config key {dotted!r}; model keys: {', '.join(sorted(_model_keys()))}")
+        cfg.model[key] = value
+        return
+    if section not in ("data", "train") or not key:
+        raise ConfigError(f"unknown config key {dotted!r}; use model.KEY, data.KEY or train.KEY")
+    target = getattr(cfg, section)
+    known = {f.name: f for f in fields(target)}
+    if key not in known:
+        raise ConfigError(f"unknown config key {dotted!r}; {section} keys: {', '.join(sorted(known))}")
+    default = getattr(type(target)(), key)
+    if default is not None and value is not None and not isinstance(value, type(default)):
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        else:
+            raise ConfigError(f"{dotted} must be {type(default).__name__}, got {value!r}")
+    setattr(target, key, value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file's sections, then ``section.key=value`` overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping with sections model/data/train")
+        for section, values in raw.items():
+            if section not in ("model", "data", "train") or not isinstance(values, dict):
+                raise ConfigError(f"{path}: unknown section {section!r} (use model, data, train)")
+            if section == "model":
+                cfg.model = {}
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, _, text = item.partition("=")
+        _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    t = cfg.train
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                 "checkpoint_every", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.distributed not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    return cfg

@@ -1,0 +1,44 @@
+"""Held-out perplexity and bits per byte of a checkpoint."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from flash_depth.data.pipeline import build_token_splits
+from flash_depth.models import FlashDepthForCausalLM
+
+from .config import DataConfig
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, *, seq_len: int = 512, max_tokens: int = 200_000,
+                        batch_size: int = 8, device: str = "auto") -> dict:
+    """Mean next-token loss over non-overlapping windows of the held-out split of ``data``."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json)")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(dev).eval()
+    splits = build_token_splits(data, tokenizer_path=checkpoint / "tokenizer.json")
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    tokens = torch.from_numpy(splits.val[:max_tokens].astype("int64"))
+    n_windows = len(tokens) // seq_len
+    if n_windows == 0:
+        raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than one window of {seq_len}")
+    windows = tokens[: n_windows * seq_len].view(n_windows, seq_len)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    nll, count, n_bytes = 0.0, 0, 0
+    with torch.no_grad(), autocast:
+        for i in range(0, n_windows, batch_size):
+            x = windows[i : i + batch_size].to(dev)
+            logits = model(x).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            nll += loss.item()
+            count += x[:, 1:].numel()
+            n_bytes += sum(len(splits.tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in x.cpu())
+    loss = nll / count
+    return {"checkpoint": str(checkpoint), "source": splits.source, "tokens": count, "loss": loss,
+            "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(1, n_bytes)}
