@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,36 @@ def test_default_config_is_the_shipped_tiny_config():
     assert load_config(None).to_dict() == load_config(shipped).to_dict()
     for path in shipped.parent.glob("*.yaml"):
         load_config(path)  # every shipped config is valid
+
+
+def test_lm_eval_adapter_on_a_local_task(tmp_path, corpus, capsys):
+    """lm-evaluation-harness through our HFLM adapter agrees with log-likelihoods computed by hand."""
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from flash_depth.eval.lm_harness import hf_tokenizer, run_multiple_choice
+    from flash_depth.models import FlashDepthForCausalLM
+
+    out = tmp_path / "run"
+    assert _train(out, corpus, steps=3) == 0
+    ckpt = out / "checkpoint"
+    task = Path(__file__).parent / "data" / "tiny_mc.jsonl"
+    result = run_multiple_choice(ckpt, task, work_dir=tmp_path / "tasks", device="cpu")
+    model, tok = FlashDepthForCausalLM.from_pretrained(ckpt).eval(), hf_tokenizer(ckpt)
+    correct = 0
+    records = [json.loads(line) for line in task.read_text().splitlines()]
+    for rec in records:
+        scores = []
+        for choice in rec["choices"]:
+            whole = tok(rec["question"] + choice)["input_ids"]
+            n_ctx = len(tok(rec["question"])["input_ids"])
+            with torch.no_grad():
+                logp = model(torch.tensor([whole])).logits.log_softmax(-1)[0]
+            scores.append(sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole))))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == rec["answer"])
+    assert result["n"] == len(records)
+    assert abs(result["acc"] - correct / len(records)) < 1e-9
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"], "answer": 3}\n')
+    with pytest.raises(ValueError, match="answer"):
+        run_multiple_choice(ckpt, bad, work_dir=tmp_path / "t2", device="cpu")

@@ -1,7 +1,7 @@
 """``flash-depth`` command line: train, eval, compare, demo.
 
     flash-depth train [--config FILE] [--out DIR] [--max-steps N] [--resume] [--device DEV] [key=value ...]
-    flash-depth eval CHECKPOINT [--data SOURCE] [--seq-len N]
+    flash-depth eval CHECKPOINT [--data SOURCE] [--seq-len N] [--mc-task TASK.jsonl]
     flash-depth compare RUN_DIR [RUN_DIR ...] [--out FILE.png]
     flash-depth tokenize --data SOURCE --out DIR
     flash-depth demo
@@ -32,6 +32,15 @@ def _eval(args) -> int:
     from flash_depth.train.config import DataConfig
     from flash_depth.train.evaluate import evaluate_checkpoint
 
+    if args.mc_task:
+        import tempfile
+
+        from flash_depth.eval.lm_harness import run_multiple_choice
+
+        with tempfile.TemporaryDirectory() as work:
+            result = run_multiple_choice(args.checkpoint, args.mc_task, work_dir=work, device=args.device)
+        print(json.dumps(result, indent=1))
+        return 0
     data = DataConfig(source=args.data, text_field=args.text_field)
     if args.data is None:  # the run's own data
         import yaml
@@ -96,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-tokens", type=int, default=200_000)
     e.add_argument("--device", default="auto")
+    e.add_argument("--mc-task", help="instead: accuracy on a local multiple-choice JSONL through lm-evaluation-harness")
     e.set_defaults(func=_eval)
     c = sub.add_parser("compare", help="validation curves of several runs on one plot + a markdown table")
     c.add_argument("runs", nargs="+")

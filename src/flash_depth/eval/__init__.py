@@ -1,0 +1,1 @@
+"""Evaluation beyond perplexity: lm-evaluation-harness over flash-depth checkpoints."""

@@ -1,0 +1,86 @@
+"""lm-evaluation-harness adapter: ``HFLM`` over a flash-depth checkpoint, and local
+multiple-choice tasks from a JSONL file (offline; no dataset download).
+
+Task file: one JSON object per line, ``{"question": str, "choices": [str, ...], "answer": int}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def hf_tokenizer(checkpoint: str | Path):
+    """The checkpoint's BPE tokenizer as a ``transformers`` fast tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(checkpoint) / "tokenizer.json"
+    text = path.read_text()
+    if '"flash_depth_tokenizer": "bytes"' in text:
+        raise ValueError(f"{path} is the bytes tokenizer; the lm-eval adapter needs a BPE checkpoint")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text))
+    # lm-eval needs an end-of-text id; the last vocabulary id stands in (the models are trained without one)
+    tok.eos_token = tok.convert_ids_to_tokens(tok.vocab_size - 1)
+    return tok
+
+
+def harness_model(checkpoint: str | Path, *, device: str = "auto", batch_size: int = 8):
+    """An ``lm_eval`` ``HFLM`` wrapping the checkpoint's model and tokenizer."""
+    from lm_eval.models.huggingface import HFLM
+
+    from flash_depth.models import FlashDepthForCausalLM
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(dev).eval()
+    return HFLM(pretrained=model, tokenizer=hf_tokenizer(checkpoint), batch_size=batch_size, device=dev,
+                max_length=model.config.max_position_embeddings)
+
+
+def write_multiple_choice_task(jsonl: str | Path, folder: str | Path, name: str | None = None) -> str:
+    """Write an lm-eval task config for a local JSONL multiple-choice file; returns the task name."""
+    jsonl = Path(jsonl).resolve()
+    if not jsonl.exists():
+        raise FileNotFoundError(f"task file {jsonl} does not exist")
+    for lineno, line in enumerate(jsonl.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        ok = (isinstance(record.get("question"), str) and isinstance(record.get("choices"), list)
+              and isinstance(record.get("answer"), int) and 0 <= record["answer"] < len(record["choices"]))
+        if not ok:
+            raise ValueError(f"{jsonl}:{lineno} needs question (str), choices (list) and answer (index into choices)")
+    name = name or f"flash_depth_{jsonl.stem}".replace("-", "_")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(jsonl)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+    }
+    (folder / f"{name}.yaml").write_text(json.dumps(config, indent=1))  # JSON is valid YAML
+    return name
+
+
+def run_multiple_choice(checkpoint: str | Path, jsonl: str | Path, *, work_dir: str | Path, device: str = "auto",
+                        limit: int | None = None) -> dict:
+    """Accuracy of the checkpoint on a local multiple-choice JSONL task: {"acc", "acc_norm", "n"}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    name = write_multiple_choice_task(jsonl, work_dir)
+    results = lm_eval.simple_evaluate(model=harness_model(checkpoint, device=device), tasks=[name],
+                                      task_manager=TaskManager(include_path=str(work_dir)), limit=limit,
+                                      bootstrap_iters=0, log_samples=False)
+    metrics = results["results"][name]
+    n = results.get("n-samples", {}).get(name, {}).get("effective")
+    return {"task": name, "acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"], "n": n}
