@@ -238,3 +238,33 @@ def test_lm_eval_adapter_on_a_local_task(tmp_path, corpus, capsys):
     bad.write_text('{"question": "q", "choices": ["a"], "answer": 3}\n')
     with pytest.raises(ValueError, match="answer"):
         run_multiple_choice(ckpt, bad, work_dir=tmp_path / "t2", device="cpu")
+
+
+def test_build_corpus_script_on_a_fake_package_tree(tmp_path):
+    """The mixed-corpus script on a hand-made unpacked tree (CI does not download packages)."""
+    import gzip
+
+    tree = tmp_path / "packages"
+    (tree / "usr/share/dictd").mkdir(parents=True)
+    (tree / "usr/share/dictd/gcide.dict.dz").write_bytes(gzip.compress(b"Depth \\Depth\\, n.\n  Deepness.\n" * 50))
+    html_dir = tree / "usr/share/doc/python3.11/html/library"
+    html_dir.mkdir(parents=True)
+    (html_dir / "os.html").write_text('<div role="navigation">index | next</div><h1>os</h1><p>Operating system '
+                                      "interfaces &amp; more.</p><script>var x;</script>")
+    kdoc = tree / "usr/share/doc/linux-doc-6.1/Documentation/process"
+    kdoc.mkdir(parents=True)
+    (kdoc / "howto.rst").write_text("How to do Linux kernel development\n===\n")
+    (tree / "usr/share/doc/linux-doc-6.1/Documentation/translations").mkdir()
+    (tree / "usr/share/doc/linux-doc-6.1/Documentation/translations/x.rst").write_text("not English")
+    script = Path(__file__).parent.parent / "scripts" / "build_corpus.py"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--packages-dir", str(tree),
+                           "--vocab-size", "300", "--max-mb", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
+    sources = {r["source"] for r in records}
+    assert sources == {"gcide", "python-doc", "linux-doc", "shakespeare"}
+    py = next(r["text"] for r in records if r["source"] == "python-doc")
+    assert "Operating system interfaces & more." in py and "index | next" not in py and "var x" not in py
+    assert not any("not English" in r["text"] for r in records)
+    assert json.loads((out / "shards" / "meta.json").read_text())["tokens"] > 0
