@@ -4,6 +4,7 @@
     flash-depth eval CHECKPOINT [--data SOURCE] [--seq-len N] [--mc-task TASK.jsonl]
     flash-depth compare RUN_DIR [RUN_DIR ...] [--out FILE.png]
     flash-depth tokenize --data SOURCE --out DIR
+    flash-depth analyze CHECKPOINT [CHECKPOINT ...] [--data SOURCE] [--out DIR]
     flash-depth demo
 """
 
@@ -41,12 +42,7 @@ def _eval(args) -> int:
             result = run_multiple_choice(args.checkpoint, args.mc_task, work_dir=work, device=args.device)
         print(json.dumps(result, indent=1))
         return 0
-    data = DataConfig(source=args.data, text_field=args.text_field)
-    if args.data is None:  # the run's own data
-        import yaml
-
-        run_cfg = Path(args.checkpoint) / "run_config.yaml"
-        data = DataConfig(**yaml.safe_load(run_cfg.read_text())["data"]) if run_cfg.exists() else DataConfig()
+    data = DataConfig(source=args.data, text_field=args.text_field) if args.data else _run_data(Path(args.checkpoint))
     result = evaluate_checkpoint(args.checkpoint, data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                  device=args.device)
     print(json.dumps(result, indent=1))
@@ -81,6 +77,39 @@ def _tokenize(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    import torch
+
+    from flash_depth.analysis import analyze_model, write_outputs
+    from flash_depth.data.pipeline import build_token_splits, sample_batch
+    from flash_depth.models import FlashDepthForCausalLM
+    from flash_depth.train.config import DataConfig
+
+    results = {}
+    for ckpt in map(Path, args.checkpoints):
+        if not (ckpt / "config.json").exists():
+            raise FileNotFoundError(f"{ckpt} is not a checkpoint folder (no config.json)")
+        model = FlashDepthForCausalLM.from_pretrained(ckpt, attention_backend="reference").float()
+        data = DataConfig(source=args.data) if args.data else _run_data(ckpt)
+        splits = build_token_splits(data, tokenizer_path=ckpt / "tokenizer.json")
+        batches = [torch.from_numpy(sample_batch(splits.val, args.batch_size, args.seq_len, (0, 7, i)))
+                   for i in range(args.batches)]
+        name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name
+        results[name] = analyze_model(model, batches, threshold=args.threshold, progress=True)
+    written = write_outputs(results, Path(args.out))
+    print(json.dumps(written, indent=1))
+    return 0
+
+
+def _run_data(checkpoint: Path):
+    import yaml
+
+    from flash_depth.train.config import DataConfig
+
+    run_cfg = checkpoint / "run_config.yaml"
+    return DataConfig(**yaml.safe_load(run_cfg.read_text())["data"]) if run_cfg.exists() else DataConfig()
+
+
 def _demo(args) -> int:
     from flash_depth.demo import main as demo_main
 
@@ -111,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+")
     c.add_argument("--out", default="compare.png")
     c.set_defaults(func=_compare)
+    a = sub.add_parser("analyze", help="diagnostics and figures of one or several checkpoints (overlaid)")
+    a.add_argument("checkpoints", nargs="+")
+    a.add_argument("--data", help="data source (default: each run's own held-out split)")
+    a.add_argument("--out", default="analysis", help="folder for the PNGs, analysis.json and report.md")
+    a.add_argument("--batches", type=int, default=4)
+    a.add_argument("--batch-size", type=int, default=2)
+    a.add_argument("--seq-len", type=int, default=128)
+    a.add_argument("--threshold", type=float, default=0.01, help="1 - cos under which a sublayer counts as identity")
+    a.set_defaults(func=_analyze)
     k = sub.add_parser("tokenize", help="pre-tokenize a text source into .bin shards for large runs")
     k.add_argument("--data", required=True, help="text source (file, folder, .jsonl, hf:NAME, shakespeare)")
     k.add_argument("--out", required=True, help="folder for shard_*.bin, meta.json, tokenizer.json")

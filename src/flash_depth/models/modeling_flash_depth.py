@@ -32,6 +32,13 @@ except ImportError:
     from torch.nn import init
 
 
+def _record(module: nn.Module, event: str, *args) -> None:
+    """Hand tensors to an attached flash_depth.analysis Recorder (none attached: no cost)."""
+    recorder = module.__dict__.get("_recorder")
+    if recorder is not None:
+        getattr(recorder, event)(*args)
+
+
 def _writes_depth(config: FlashDepthConfig, layer_idx: int) -> bool:
     """Blocks write depth K/V only where a later block reads it (the last block's would go unread)."""
     return config.depth_mechanism in ("moda", "depth_attention") and layer_idx < config.num_hidden_layers - 1
@@ -79,6 +86,9 @@ class Attention(nn.Module):
         if cache is not None:
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        if "_recorder" in self.__dict__:
+            depth = stream.slots() if self.reads_depth and stream.count else (None, None)
+            _record(self, "attention", self.layer_idx, q, k_all, depth[0])
         if self.reads_depth:
             o = read_moda(stream, q, k_all, v_all, backend=self.backend)
         else:
@@ -92,8 +102,9 @@ class Attention(nn.Module):
 class DepthRead(nn.Module):
     """``depth_attention``: a separate depth query reads the stream (Flash Depth Attention)."""
 
-    def __init__(self, config: FlashDepthConfig):
+    def __init__(self, config: FlashDepthConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.backend = config.attention_backend
         self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
@@ -103,6 +114,7 @@ class DepthRead(nn.Module):
     def forward(self, x, cos, sin, stream: DepthStream):
         B, T, _ = x.shape
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
+        _record(self, "depth_read", self.layer_idx, q, stream.slots()[0])
         return self.o_proj(read_depth(stream, q, backend=self.backend).reshape(B, T, -1))
 
 
@@ -142,7 +154,7 @@ class FlashDepthBlock(nn.Module):
         self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
         self.ffn_kv = DepthKV(config) if _writes_depth(config, layer_idx) and config.ffn_kv else None
         has_read = config.depth_mechanism == "depth_attention" and layer_idx > 0
-        self.depth_read = DepthRead(config) if has_read else None
+        self.depth_read = DepthRead(config, layer_idx) if has_read else None
         self.depth_norm = RMSNorm(config.hidden_size, eps) if has_read else None
 
     def attn_sublayer(self, h, cos, sin, stream, cache):
@@ -155,17 +167,26 @@ class FlashDepthBlock(nn.Module):
         return self.ffn(h)
 
     def forward(self, x, cos, sin, stream, cache):
+        i = self.attn.layer_idx
         if self.post_norm:
             if self.depth_read is not None:
-                x = self.depth_norm(x + self.depth_read(x, cos, sin, stream))
-            x = self.attn_norm(x + self.attn(x, cos, sin, stream, cache))
+                x, x_in = self.depth_norm(x + self.depth_read(x, cos, sin, stream)), x
+                _record(self, "sublayer", i, "depth_read", x_in, x)
+            x, x_in = self.attn_norm(x + self.attn(x, cos, sin, stream, cache)), x
+            _record(self, "sublayer", i, "attn", x_in, x)
             if self.ffn_kv is not None:
                 stream.write(*self.ffn_kv(x, cos, sin))
-            return self.ffn_norm(x + self.ffn(x))
+            x, x_in = self.ffn_norm(x + self.ffn(x)), x
+            _record(self, "sublayer", i, "ffn", x_in, x)
+            return x
         if self.depth_read is not None:
-            x = x + self.depth_read(self.depth_norm(x), cos, sin, stream)
-        x = x + self.attn_sublayer(x, cos, sin, stream, cache)
-        return x + self.ffn_sublayer(x, cos, sin, stream)
+            x, x_in = x + self.depth_read(self.depth_norm(x), cos, sin, stream), x
+            _record(self, "sublayer", i, "depth_read", x_in, x)
+        x, x_in = x + self.attn_sublayer(x, cos, sin, stream, cache), x
+        _record(self, "sublayer", i, "attn", x_in, x)
+        x, x_in = x + self.ffn_sublayer(x, cos, sin, stream), x
+        _record(self, "sublayer", i, "ffn", x_in, x)
+        return x
 
 
 class FlashDepthPreTrainedModel(PreTrainedModel):
@@ -238,9 +259,11 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             for i, layer in enumerate(self.layers):
                 outputs.append(layer(x, cos, sin, stream, cache))
                 x = sum(a * o for a, o in zip(self.dense.weights[i, : i + 2], outputs))
+                _record(self, "hidden", i, x)
         else:
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, stream, cache)
+                _record(self, "hidden", i, x)
         if stream is not None:
             stream.close()
         x = self.norm(x)
@@ -259,16 +282,21 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
 
         def read(i):
             sources = blocks if partial is None else blocks + [partial]
-            return attention_residual(sources, self.attnres.queries[i], self.attnres.key_norms[i], eps=eps)
+            h, alpha = attention_residual(sources, self.attnres.queries[i], self.attnres.key_norms[i], eps=eps,
+                                          return_weights=True)
+            _record(self, "attnres", i, alpha)
+            return h
 
-        for layer in self.layers:
+        for layer_idx, layer in enumerate(self.layers):
             for sub in ("attn", "ffn"):
                 h = read(index)
                 if sub == "attn":
+                    _record(self, "hidden", layer_idx, h)
                     out = layer.attn_sublayer(h, cos, sin, None, cache)
                 else:
                     out = layer.ffn_sublayer(h, cos, sin, None)
                 out = out.to(emb.dtype)  # under autocast: keep every source in the stream's dtype
+                _record(self, "sublayer", layer_idx, sub, h, h + out)
                 partial = out if partial is None else partial + out
                 index += 1
                 if index % size == 0:

@@ -19,9 +19,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_attention(q, k, v, k_depth, v_depth, q_start: int, causal: bool, scale: float):
-    """One query chunk. q ``[B, C, Hk, G, d]``; k/v ``[B, Tk, Hk, d]`` or None;
-    k_depth/v_depth ``[B, C, L, Hk, d]`` or None. Returns o ``[B, C, Hk, G, d]``, lse ``[B, Hk, G, C]``."""
+def _chunk_probabilities(q, k, k_depth, q_start: int, causal: bool, scale: float):
+    """Softmax over [sequence keys | depth slots] for one query chunk.
+
+    q ``[B, C, Hk, G, d]``; k ``[B, Tk, Hk, d]`` or None; k_depth ``[B, C, L, Hk, d]`` or None.
+    Returns p ``[B, Hk, G, C, Tk + L]`` and lse ``[B, Hk, G, C]``.
+    """
     logits = []
     if k is not None:
         s_seq = torch.einsum("bchgd,bjhd->bhgcj", q, k) * scale
@@ -36,7 +39,13 @@ def _chunk_attention(q, k, v, k_depth, v_depth, q_start: int, causal: bool, scal
         logits.append(torch.einsum("bchgd,bclhd->bhgcl", q, k_depth) * scale)
     s = torch.cat(logits, dim=-1)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None])
+    return torch.exp(s - lse[..., None]), lse
+
+
+def _chunk_attention(q, k, v, k_depth, v_depth, q_start: int, causal: bool, scale: float):
+    """One query chunk. q ``[B, C, Hk, G, d]``; k/v ``[B, Tk, Hk, d]`` or None;
+    k_depth/v_depth ``[B, C, L, Hk, d]`` or None. Returns o ``[B, C, Hk, G, d]``, lse ``[B, Hk, G, C]``."""
+    p, lse = _chunk_probabilities(q, k, k_depth, q_start, causal, scale)
     o = 0
     n_seq = 0
     if k is not None:
@@ -45,6 +54,19 @@ def _chunk_attention(q, k, v, k_depth, v_depth, q_start: int, causal: bool, scal
     if k_depth is not None:
         o = o + torch.einsum("bhgcl,bclhd->bchgd", p[..., n_seq:], v_depth)
     return o, lse
+
+
+def attention_probabilities(q, k, k_depth, *, causal: bool, scale: float) -> torch.Tensor:
+    """The MoDA softmax itself, for analysis: p ``[B, Hq, Tq, Tk + L]`` over [sequence keys | depth
+    slots] (float32 or float64). Same math as the reference and the kernels; O(Tq * (Tk + L)) memory."""
+    B, Tq, Hq, d = q.shape
+    Hk = (k if k is not None else k_depth).shape[-2]
+    cdt = _compute_dtype(q.dtype)
+    qg = q.to(cdt).reshape(B, Tq, Hk, Hq // Hk, d)
+    Tk = 0 if k is None else k.shape[1]
+    p, _ = _chunk_probabilities(qg, None if k is None else k.to(cdt),
+                                None if k_depth is None else k_depth.to(cdt), Tk - Tq, causal, scale)
+    return p.reshape(B, Hq, Tq, -1)
 
 
 def attention_reference(q, k, v, k_depth, v_depth, *, causal: bool, scale: float, chunk_size: int | None = None):

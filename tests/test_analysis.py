@@ -1,0 +1,144 @@
+"""Diagnostics: every figure and number, depth mass = sum of probabilities, forced cases."""
+
+import json
+
+import pytest
+import torch
+
+from flash_depth.analysis import Recorder, analyze_model, write_outputs
+from flash_depth.analysis import diagnostics
+from flash_depth.models import DEPTH_MECHANISMS, FlashDepthConfig, FlashDepthForCausalLM
+from oracle import naive_moda
+
+
+def _model(mech, **kw):
+    torch.manual_seed(0)
+    return FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", depth_mechanism=mech, attnres_blocks=4, **kw))
+
+
+def _batches(n=2, T=24, vocab=512):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (2, T), generator=g) for _ in range(n)]
+
+
+def test_every_figure_and_number_for_each_mechanism(tmp_path):
+    results = {mech: analyze_model(_model(mech), _batches()) for mech in DEPTH_MECHANISMS}
+    written = write_outputs(results, tmp_path)
+    names = {p.split("/")[-1] for p in written["figures"]}
+    assert names == {"depth_mass.png", "attention_maps.png", "depth_slots.png", "attention_sink.png",
+                     "layer_usefulness.png", "norms.png", "attnres_weights.png"}
+    assert all((tmp_path / n).stat().st_size > 5000 for n in names)
+    numbers = json.loads((tmp_path / "analysis.json").read_text())
+    layers = 4
+    for mech, r in numbers.items():
+        sublayers_per_block = 3 if mech == "depth_attention" else 2
+        expected = layers * 2 + (layers - 1 if mech == "depth_attention" else 0)
+        assert len(r["sublayers"]) == expected, mech
+        assert len(r["grad_norm"]) == layers and all(g > 0 for g in r["grad_norm"])
+        assert len(r["hidden_norm"]) == layers
+        assert sublayers_per_block and 0 <= r["near_identity"] <= len(r["sublayers"])
+        if mech.startswith("attnres"):
+            assert len(r["attnres_weights"]) == 2 * layers + 1
+            assert all(abs(sum(w) - 1) < 1e-5 for w in r["attnres_weights"])
+        else:
+            assert len(r["sink_first"]) == layers and all(0 < s < 1 for s in r["sink_first"])
+        if mech in ("moda", "depth_attention"):
+            assert r["slot_names"][:2] == ["attn0", "ffn0"]
+            assert all(abs(sum(m) - 1) < 1e-5 for m in r["slot_mass"].values()) or mech == "moda"
+    report = (tmp_path / "report.md").read_text()
+    assert "![depth_mass](depth_mass.png)" in report and "| moda | moda | pre |" in report
+
+
+class _KeepInputs(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.inputs = {}
+
+    def attention(self, layer, q, k, k_depth):
+        super().attention(layer, q, k, k_depth)
+        self.inputs.setdefault(layer, (q.detach(), k.detach(), None if k_depth is None else k_depth.detach()))
+
+
+def test_depth_mass_is_the_sum_of_the_softmax_probabilities():
+    model = _model("moda").eval()
+    rec = _KeepInputs()
+    diagnostics._attach(model, rec)
+    ids = _batches(1)[0]
+    with torch.no_grad():
+        model(ids)
+    diagnostics._detach(model)
+    for layer in range(1, 4):
+        q, k, kd = rec.inputs[layer]
+        B, T, Hq, d = q.shape
+        Hk = k.shape[2]
+        _, lse = naive_moda(q, k, k, kd, kd, causal=True)  # [B, Hq, T], float64, independent formula
+        kd_h = kd.double().repeat_interleave(Hq // Hk, dim=3)  # [B, T, L, Hq, d]
+        logits = torch.einsum("bthd,btlhd->bhtl", q.double(), kd_h) * d**-0.5
+        expected = torch.exp(logits - lse[..., None]).sum(-1).mean(dim=(0, 2))  # [Hq]
+        reported = rec.depth_mass[layer][0].double()
+        assert torch.allclose(reported, expected, atol=1e-5), (layer, reported, expected)
+
+
+def test_forced_large_depth_logits_give_depth_mass_near_one():
+    """Hand-built: the stream keeps a constant feature (dim 0 = 1 in every embedding, no sublayer
+    writes dim 0); queries and depth keys read only that feature with weight 100 (positive), the
+    sequence keys are zero. Every depth logit is then large and positive, every sequence logit 0."""
+    model = _model("moda", qk_norm=False, attn_kv_proj=True, ffn_kv=False).eval()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.zero_()
+        emb[:, 0] = 1.0
+        for layer in model.model.layers:
+            attn = layer.attn
+            attn.o_proj.weight[0] = 0
+            layer.ffn.down.weight[0] = 0
+            attn.q_proj.weight.zero_()
+            attn.q_proj.weight[:, 0] = 100.0
+            half = attn.kv_proj.weight.shape[0] // 2
+            attn.kv_proj.weight[:half] = 0
+            if attn.depth_kv is not None:
+                w = attn.depth_kv.proj.weight
+                w[:half] = 0
+                w[:half, 0] = 100.0
+    result = analyze_model(model, _batches(1))
+    assert result["depth_mass"][0] == [0.0] * 4  # block 0 has no depth slots to read
+    for layer in range(1, 4):
+        assert min(result["depth_mass"][layer]) > 0.999, result["depth_mass"][layer]
+
+
+def test_sink_free_model_spreads_attention_uniformly():
+    """All attention logits 0 (zero query projection): token 0 gets 1/(i+1) from query i."""
+    model = _model("residual").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.attn.q_proj.weight.zero_()
+    T = 24
+    result = analyze_model(model, _batches(1, T=T))
+    uniform = sum(1 / (i + 1) for i in range(T)) / T
+    assert all(abs(s - uniform) < 1e-5 for s in result["sink_first"]), (result["sink_first"], uniform)
+
+
+def test_analyze_cli(tmp_path):
+    from test_train import TINY, _train  # noqa: F401 - reuse the tiny training setup
+
+    import numpy as np
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(["a", "bc", "def", "gh"], 600)) + "\n")
+    run = tmp_path / "run"
+    assert _train(run, docs, steps=2) == 0
+    from flash_depth.cli import main as cli
+
+    out = tmp_path / "analysis"
+    assert cli(["analyze", str(run / "checkpoint"), "--out", str(out), "--batches", "1", "--seq-len", "32"]) == 0
+    assert (out / "depth_mass.png").exists() and (out / "report.md").exists()
+    assert cli(["analyze", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("threshold,expect_all", [(10.0, True), (0.0, False)])
+def test_near_identity_threshold(threshold, expect_all):
+    result = analyze_model(_model("residual"), _batches(1), threshold=threshold)
+    assert (result["near_identity"] == len(result["sublayers"])) == expect_all
