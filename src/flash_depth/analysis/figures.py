@@ -15,8 +15,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 def _save(fig, path: Path) -> Path:
     for ax in fig.axes:
-        if ax.get_label() != "<colorbar>":
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_label() == "<colorbar>":
+            continue
+        integer_axis = ax.yaxis if ax.images else ax.xaxis  # heatmaps: layers on y; curves: layers on x
+        integer_axis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -24,9 +26,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def _lines(results: dict, key: str, ax, ylabel: str, title: str, style="-o"):
-    for name, r in results.items():
+    for i, (name, r) in enumerate(results.items()):
         if r.get(key):
-            ax.plot(range(len(r[key])), r[key], style, ms=3, label=name)
+            ax.plot(range(len(r[key])), r[key], style, ms=3, label=name, color=f"C{i}")
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -90,8 +92,9 @@ def make_figures(results: dict, out: Path) -> list[Path]:
     if with_attention:  # 4. attention sink
         fig, ax = plt.subplots(figsize=(7, 4))
         _lines(with_attention, "sink_first", ax, "mass on token 0", "attention sink: mass on the first token")
-        for name, r in with_attention.items():
-            ax.plot(range(len(r["sink_first4"])), r["sink_first4"], "--", alpha=0.6, label=f"{name} (first 4)")
+        for i, (name, r) in enumerate(with_attention.items()):
+            ax.plot(range(len(r["sink_first4"])), r["sink_first4"], "--", alpha=0.6, color=f"C{i}",
+                    label=f"{name} (first 4)")
         ax.legend(fontsize=8)
         paths.append(_save(fig, out / "attention_sink.png"))
 
