@@ -66,7 +66,6 @@ def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int) -> di
         ms = start.elapsed_time(end) / steps
         row.update(ms_per_step=ms, tokens_per_s=BATCH[preset] * seq_len / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss))
-        del model, opt
     except Exception as err:  # noqa: BLE001 - an out-of-memory variant is a result too
         row["error"] = repr(err)[:300]
     torch.cuda.empty_cache()

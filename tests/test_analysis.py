@@ -119,9 +119,8 @@ def test_sink_free_model_spreads_attention_uniformly():
 
 
 def test_analyze_cli(tmp_path):
-    from test_train import TINY, _train  # noqa: F401 - reuse the tiny training setup
-
     import numpy as np
+    from test_train import _train  # the tiny training setup
 
     docs = tmp_path / "docs"
     docs.mkdir()

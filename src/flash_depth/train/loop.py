@@ -10,7 +10,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -218,9 +217,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world
     bar = None
     if rank == 0 and progress:
+        import sys
+
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.max_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+        # in a log file (no terminal) redraw rarely instead of flooding it
+        bar = tqdm(total=t.max_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 15.0)
     last_val = None
     wrapped.train()
     while state["step"] < t.max_steps:
