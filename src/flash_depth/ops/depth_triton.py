@@ -25,18 +25,6 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
-def online_softmax_step(s, m_i, l_i):
-    """One block of an online softmax in base 2: scores s ``[M, N]`` (masked entries -inf),
-    running max m_i and sum l_i ``[M]``. Returns p, the rescale factor for the accumulator,
-    and the new max and sum. A row with nothing unmasked yet stays at (-inf, 0) without NaN."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
 def _depth_fwd_kernel(
     Q, KD, VD, O_SEQ, LSE_SEQ, O, LSE,
     sq_b, sq_t, sq_h,
@@ -100,7 +88,11 @@ def _depth_fwd_kernel(
         s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * qk_scale
         keep = row_ok[:, None] & col_ok[None, :] & (row_tok[:, None] == col_tok[None, :])
         s = tl.where(keep, s, float("-inf"))
-        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
         vd = tl.load(
             VD + b * svd_b + col_tok64[:, None] * svd_t + col_slot[:, None] * svd_l + hk * svd_h + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .depth_triton import _head_dim_tile, _last_dim_contiguous, _precision, online_softmax_step
+from .depth_triton import _head_dim_tile, _last_dim_contiguous, _precision
 
 
 @triton.jit
@@ -55,7 +55,11 @@ def _flash_fwd_kernel(
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
         s = tl.where(keep, s, float("-inf"))
-        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + b * sv_b + offs_n64[:, None] * sv_t + hk * sv_h + dims[None, :],
                     mask=n_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
