@@ -142,8 +142,9 @@ def test_config_errors(tmp_path):
         load_config(bad)
     good = tmp_path / "g.yaml"
     good.write_text("model:\n  preset: tiny\n  depth_mechanism: attnres_block\n  attnres_blocks: 4\ntrain:\n  lr: 1\n")
-    cfg = load_config(good, ["train.max_steps=7"])
+    cfg = load_config(good, ["train.max_steps=7", "train.min_lr=3e-5"])
     assert cfg.model["depth_mechanism"] == "attnres_block" and cfg.train.lr == 1.0 and cfg.train.max_steps == 7
+    assert cfg.train.min_lr == 3e-5
 
 
 def test_eval_and_compare(tmp_path, corpus, capsys):
@@ -268,3 +269,29 @@ def test_build_corpus_script_on_a_fake_package_tree(tmp_path):
     assert "Operating system interfaces & more." in py and "index | next" not in py and "var x" not in py
     assert not any("not English" in r["text"] for r in records)
     assert json.loads((out / "shards" / "meta.json").read_text())["tokens"] > 0
+
+
+def test_study_script_smoke(tmp_path, corpus):
+    """scripts/study.py with the shipped study config, shrunk to 2 steps per model (the study
+    itself runs on a GPU); a second call skips the finished models."""
+    script = Path(__file__).parent.parent / "scripts" / "study.py"
+    config = Path(__file__).parent.parent / "configs" / "study" / "depth-mechanisms.yaml"
+    import yaml
+
+    study = yaml.safe_load(config.read_text())
+    study["models"] = study["models"][:2] + [m for m in study["models"] if m["name"] == "attnres-block8"][:1]
+    study["common"]["data"]["cache_dir"] = str(tmp_path / "cache")
+    study["common"]["data"]["vocab_size"] = 300
+    small = tmp_path / "study.yaml"
+    small.write_text(yaml.safe_dump(study))
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(script), "--config", str(small), "--out", str(out), "--smoke",
+           "--data", str(corpus), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 4  # residual-pre has two seeds
+    assert {r["mechanism"] for r in rows} == {"residual", "attnres_block"}
+    assert (out / "val_curves_small-48.png").exists() and "final val loss" in (out / "results.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "== " not in again.stderr  # nothing retrained

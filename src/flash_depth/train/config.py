@@ -77,6 +77,11 @@ def _set(cfg: RunConfig, dotted: str, value) -> None:
     if key not in known:
         raise ConfigError(f"unknown config key {dotted!r}; {section} keys: {', '.join(sorted(known))}")
     default = getattr(type(target)(), key)
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if default is not None and value is not None and not isinstance(value, type(default)):
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

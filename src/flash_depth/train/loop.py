@@ -271,7 +271,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
     summary = {"steps": state["step"], "tokens": state["tokens"], "final_val_loss": last_val,
                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "params": model.num_parameters(),
                "depth_mechanism": model_cfg.depth_mechanism, "norm_position": model_cfg.norm_position,
-               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "world_size": world}
+               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "world_size": world,
+               "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+               "layers": model_cfg.num_hidden_layers}
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.close()
