@@ -259,3 +259,21 @@ def test_attention_residual_matches_formula_and_rejects_bad_input():
         attention_residual([sources[0], sources[1][:, :3]], w)
     with pytest.raises(ValueError, match="non-empty"):
         attention_residual([], w)
+
+
+@pytest.mark.parametrize("mech", ["residual", "attnres_block", "denseformer"])
+def test_activation_checkpointing_gives_the_same_gradients(mech):
+    model = _model(mech).double()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    grads = []
+    for enabled in (False, True):
+        model.model.set_activation_checkpointing(enabled)
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(*grads))
+
+
+def test_activation_checkpointing_refused_for_the_depth_stream():
+    with pytest.raises(ValueError, match="not supported for depth_mechanism='moda'"):
+        _model("moda").model.set_activation_checkpointing(True)

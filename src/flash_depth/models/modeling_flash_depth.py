@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -224,6 +225,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         n_reads = 2 * config.num_hidden_layers + 1  # one per sublayer + the final read
         self.attnres = AttnResReads(n_reads, config.hidden_size) if mech.startswith("attnres") else None
         self.dense = DenseWeights(config.num_hidden_layers) if mech == "denseformer" else None
+        self.activation_checkpointing = False
         self.post_init()
 
     def _check_ids(self, input_ids):
@@ -257,17 +259,33 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         elif cfg.depth_mechanism == "denseformer":
             outputs = [x]
             for i, layer in enumerate(self.layers):
-                outputs.append(layer(x, cos, sin, stream, cache))
+                outputs.append(self._run(layer, x, cos, sin, stream, cache))
                 x = sum(a * o for a, o in zip(self.dense.weights[i, : i + 2], outputs))
                 _record(self, "hidden", i, x)
         else:
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, stream, cache)
+                x = self._run(layer, x, cos, sin, stream, cache)
                 _record(self, "hidden", i, x)
         if stream is not None:
             stream.close()
         x = self.norm(x)
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None)
+
+    def _run(self, fn, *args):
+        """fn(*args), recomputed in backward instead of stored when activation checkpointing is on."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block (AttnRes: each sublayer) in backward. Not for ``moda`` and
+        ``depth_attention``: their depth stream is written in place, which recomputation would repeat."""
+        if enabled and self.config.depth_slots:
+            raise ValueError(
+                f"activation checkpointing is not supported for depth_mechanism={self.config.depth_mechanism!r} "
+                "yet: the depth stream is written in place during the forward"
+            )
+        self.activation_checkpointing = enabled
 
     def attnres_block_size(self) -> int:
         sublayers = 2 * self.config.num_hidden_layers
@@ -292,9 +310,9 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                 h = read(index)
                 if sub == "attn":
                     _record(self, "hidden", layer_idx, h)
-                    out = layer.attn_sublayer(h, cos, sin, None, cache)
+                    out = self._run(layer.attn_sublayer, h, cos, sin, None, cache)
                 else:
-                    out = layer.ffn_sublayer(h, cos, sin, None)
+                    out = self._run(layer.ffn_sublayer, h, cos, sin, None)
                 out = out.to(emb.dtype)  # under autocast: keep every source in the stream's dtype
                 _record(self, "sublayer", layer_idx, sub, h, h + out)
                 partial = out if partial is None else partial + out

@@ -113,9 +113,6 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
           max_steps: int | None = None, progress: bool = True) -> dict:
     """Train per ``cfg`` into ``out``; returns the summary (also written to out/summary.json)."""
     t = cfg.train
-    if t.activation_checkpointing:
-        raise ConfigError("train.activation_checkpointing is not supported yet (the depth stream writes in place, "
-                          "so a recomputed forward needs its own slot bookkeeping)")
     rank, world, dev = _dist_setup(device)
     out = Path(out)
     if max_steps is not None:
@@ -157,6 +154,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         state.update({k: trainer[k] for k in ("step", "tokens", "elapsed")})
         torch.set_rng_state(trainer["torch_rng"])
     model.to(dev)
+    if t.activation_checkpointing:
+        try:
+            model.model.set_activation_checkpointing(True)
+        except ValueError as err:
+            raise ConfigError(f"train.activation_checkpointing: {err}") from None
     wrapped = _wrap(model, cfg, world, dev)
     decay = [p for n, p in wrapped.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in wrapped.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
