@@ -54,9 +54,10 @@ class _KeepInputs(Recorder):
         super().__init__()
         self.inputs = {}
 
-    def attention(self, layer, q, k, k_depth):
-        super().attention(layer, q, k, k_depth)
-        self.inputs.setdefault(layer, (q.detach(), k.detach(), None if k_depth is None else k_depth.detach()))
+    def attention(self, layer, q, k, stream):
+        super().attention(layer, q, k, stream)
+        k_depth = stream.slots()[0].clone() if stream is not None and stream.count else None
+        self.inputs.setdefault(layer, (q.detach(), k.detach(), k_depth))
 
 
 def test_depth_mass_is_the_sum_of_the_softmax_probabilities():

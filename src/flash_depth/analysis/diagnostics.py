@@ -37,7 +37,9 @@ class Recorder:
         self.hidden_norms = defaultdict(list)
         self.attnres_weights = defaultdict(list)
 
-    def attention(self, layer, q, k, k_depth):
+    def attention(self, layer, q, k, stream):
+        """Sequence attention of ``layer``; ``stream`` holds its depth slots (None: no depth read)."""
+        k_depth = stream.slots()[0] if stream is not None and stream.count else None
         d = q.shape[-1]
         p = attention_probabilities(q.detach(), k.detach(), None if k_depth is None else k_depth.detach(),
                                     causal=True, scale=d**-0.5)  # [B, Hq, Tq, Tk + L]
@@ -52,8 +54,9 @@ class Recorder:
             self.examples[layer] = torch.cat([p[0, :, :n, :n], p[0, :, :n, Tk:]], dim=-1).float().cpu()
             self.example_boundary[layer] = n
 
-    def depth_read(self, layer, q, k_depth):
+    def depth_read(self, layer, q, stream):
         """``depth_attention``'s separate depth query: all its mass is on depth; record which slots."""
+        k_depth = stream.slots()[0]
         p = attention_probabilities(q.detach(), None, k_depth.detach(), causal=False, scale=q.shape[-1] ** -0.5)
         self.slot_mass[layer].append(p.mean(dim=(0, 1, 2)))
 

@@ -87,9 +87,7 @@ class Attention(nn.Module):
         if cache is not None:
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        if "_recorder" in self.__dict__:
-            depth = stream.slots() if self.reads_depth and stream.count else (None, None)
-            _record(self, "attention", self.layer_idx, q, k_all, depth[0])
+        _record(self, "attention", self.layer_idx, q, k_all, stream if self.reads_depth else None)
         if self.reads_depth:
             o = read_moda(stream, q, k_all, v_all, backend=self.backend)
         else:
@@ -115,7 +113,7 @@ class DepthRead(nn.Module):
     def forward(self, x, cos, sin, stream: DepthStream):
         B, T, _ = x.shape
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
-        _record(self, "depth_read", self.layer_idx, q, stream.slots()[0])
+        _record(self, "depth_read", self.layer_idx, q, stream)
         return self.o_proj(read_depth(stream, q, backend=self.backend).reshape(B, T, -1))
 
 
@@ -236,7 +234,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, return_sublayer_io=False, **kwargs):
+                inputs_embeds=None, use_cache=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
         if input_ids is not None:

@@ -108,8 +108,8 @@ class _Read(torch.autograd.Function):
             ctx.graph = (o, leaves + [kd, vd])
             return o.detach()
         ctx.graph = None
-        seq_backend = "cudnn" if chosen == "cudnn" else "triton"
-        o, lse, state = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, seq_backend)
+        o, lse, state, seq_backend = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, chosen,
+                                                   fallback=backend == "auto")
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.fused = (state, causal, seq_backend)
         return o
@@ -140,17 +140,20 @@ def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str
     """MoDA of q ``[B, Tq, Hq, d]`` over sequence k/v and the stream's written depth slots."""
     if stream.count == 0:
         return moda_attention(q, k, v, causal=causal, backend=backend)
-    if not torch.is_grad_enabled() or stream.handle is None:
-        kd, vd = stream.slots()
-        return moda_attention(q, k, v, kd, vd, causal=causal, backend=backend)
-    return _Read.apply(stream, stream.handle, q, k, v, causal, backend)
+    return _read(stream, q, k, v, causal, backend)
 
 
 def read_depth(stream: DepthStream, q, *, backend: str = "auto") -> torch.Tensor:
     """Flash Depth Attention of q ``[B, T, Hq, d]`` over the stream's written slots."""
     if stream.count == 0:
         raise ValueError("read_depth needs at least one written depth slot")
-    if not torch.is_grad_enabled() or stream.handle is None:
-        kd, vd = stream.slots()
+    return _read(stream, q, None, None, False, backend)
+
+
+def _read(stream: DepthStream, q, k, v, causal: bool, backend: str) -> torch.Tensor:
+    if torch.is_grad_enabled() and stream.handle is not None:
+        return _Read.apply(stream, stream.handle, q, k, v, causal, backend)
+    kd, vd = stream.slots()  # nothing to differentiate through the stream: the plain ops
+    if k is None:
         return depth_attention(q, kd, vd, backend=backend)
-    return _Read.apply(stream, stream.handle, q, None, None, False, backend)
+    return moda_attention(q, k, v, kd, vd, causal=causal, backend=backend)

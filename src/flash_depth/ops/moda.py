@@ -50,21 +50,31 @@ def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
     return backend
 
 
-def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str):
-    """Forward of the fused path. Returns o, lse and the sequence backend's state for backward."""
+def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str,
+                  fallback: bool = False):
+    """Forward of the fused path. Returns o, lse, the sequence backend's state for backward, and
+    the sequence backend that ran: with ``fallback``, a cuDNN failure (e.g. a cuDNN build without
+    this configuration) falls back to the Triton kernels with a warning."""
     from . import depth_triton, flash_triton
 
     seq_state = None
     if k is None:
         o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale)
     else:
+        o = None
         if seq_backend == "cudnn":
-            o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
-        else:
+            try:
+                o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
+            except RuntimeError as err:
+                if not fallback:
+                    raise
+                warnings.warn(f"cuDNN attention failed ({err}); using the Triton kernels instead", stacklevel=4)
+                seq_backend = "triton"
+        if o is None:
             o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale)
         if k_depth is not None:
             o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
-    return o.contiguous(), lse, seq_state
+    return o.contiguous(), lse, seq_state, seq_backend
 
 
 def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: bool, scale: float,
@@ -94,8 +104,9 @@ def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: boo
 
 class _MoDAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend):
-        o, lse, seq_state = fused_forward(q, k, v, k_depth, v_depth, causal, scale, seq_backend)
+    def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend, fallback):
+        o, lse, seq_state, seq_backend = fused_forward(q, k, v, k_depth, v_depth, causal, scale, seq_backend,
+                                                       fallback)
         ctx.save_for_backward(q, k, v, k_depth, v_depth, o, lse)
         ctx.causal, ctx.scale, ctx.seq_backend, ctx.seq_state = causal, scale, seq_backend, seq_state
         ctx.mark_non_differentiable(lse)
@@ -106,7 +117,7 @@ class _MoDAFunction(torch.autograd.Function):
         q, k, v, k_depth, v_depth, o, lse = ctx.saved_tensors
         grads = fused_backward(do, q, k, v, k_depth, v_depth, o, lse, ctx.seq_state, ctx.causal, ctx.scale,
                                ctx.seq_backend)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def moda_attention(
@@ -144,7 +155,7 @@ def moda_attention(
     if chosen == "reference":
         o, lse = attention_reference(q, k, v, k_depth, v_depth, causal=causal, scale=scale)
     else:
-        o, lse = _run_fused(q, k, v, k_depth, v_depth, causal, scale, chosen, fallback=backend == "auto")
+        o, lse = _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, chosen, backend == "auto")
     return (o, lse) if return_lse else o
 
 
@@ -177,14 +188,5 @@ def depth_attention(
     if chosen == "reference":
         o, lse = attention_reference(q, None, None, k_depth, v_depth, causal=False, scale=scale)
     else:
-        o, lse = _run_fused(q, None, None, k_depth, v_depth, False, scale, "triton", fallback=False)
+        o, lse = _MoDAFunction.apply(q, None, None, k_depth, v_depth, False, scale, "triton", False)
     return (o, lse) if return_lse else o
-
-
-def _run_fused(q, k, v, k_depth, v_depth, causal, scale, seq_backend, fallback):
-    if seq_backend == "cudnn" and fallback:
-        try:
-            return _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, "cudnn")
-        except RuntimeError as err:  # e.g. a cuDNN build without this configuration
-            warnings.warn(f"cuDNN attention failed ({err}); using the Triton kernels instead", stacklevel=3)
-    return _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, "triton")
