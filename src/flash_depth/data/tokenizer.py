@@ -33,9 +33,6 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts)]
-
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids])
 

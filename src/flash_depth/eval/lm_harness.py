@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 
 def hf_tokenizer(checkpoint: str | Path):
     """The checkpoint's BPE tokenizer as a ``transformers`` fast tokenizer."""
@@ -33,9 +31,11 @@ def harness_model(checkpoint: str | Path, *, device: str = "auto", batch_size: i
 
     from flash_depth.models import FlashDepthForCausalLM
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    from flash_depth._device import resolve_device
+
+    dev = resolve_device(device)
     model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(dev).eval()
-    return HFLM(pretrained=model, tokenizer=hf_tokenizer(checkpoint), batch_size=batch_size, device=dev,
+    return HFLM(pretrained=model, tokenizer=hf_tokenizer(checkpoint), batch_size=batch_size, device=str(dev),
                 max_length=model.config.max_position_embeddings)
 
 

@@ -24,10 +24,6 @@ class AttentionDims:
     head_dim: int
     depth: int  # L, 0 when there is no depth part
 
-    @property
-    def group(self) -> int:
-        return self.q_heads // self.kv_heads
-
 
 def _check_tensor(name: str, x, rank: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):

@@ -20,9 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-
 
 @triton.jit
 def _depth_fwd_kernel(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from flash_depth._device import resolve_device
 from flash_depth.data.pipeline import build_token_splits
 from flash_depth.models import FlashDepthForCausalLM
 
@@ -20,7 +21,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, *, seq_len: in
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").exists():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json)")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(dev).eval()
     splits = build_token_splits(data, tokenizer_path=checkpoint / "tokenizer.json")
     seq_len = min(seq_len, model.config.max_position_embeddings)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from flash_depth._device import resolve_device
 from flash_depth.data.pipeline import build_token_splits, sample_batch
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 
@@ -30,9 +31,7 @@ def _dist_setup(device_arg: str):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    device = resolve_device(device_arg)
     if device.type == "cuda":
         device = torch.device("cuda", local if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
@@ -138,10 +137,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
     model_cfg = FlashDepthConfig.from_preset(preset, **model_fields)
 
     torch.manual_seed(t.seed)
-    model = FlashDepthForCausalLM(model_cfg)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     opt_state = None
-    if ckpt is not None:
+    if ckpt is None:
+        model = FlashDepthForCausalLM(model_cfg)
+    else:
         saved = FlashDepthConfig.from_pretrained(ckpt)
         for key in ("depth_mechanism", "norm_position", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "vocab_size", "ffn_kv", "attn_kv_proj", "attnres_blocks"):
@@ -160,8 +160,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         except ValueError as err:
             raise ConfigError(f"train.activation_checkpointing: {err}") from None
     wrapped = _wrap(model, cfg, world, dev)
-    decay = [p for n, p in wrapped.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in wrapped.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    decay, no_decay = [], []
+    for name, p in wrapped.named_parameters():  # weight decay on matrices, not on embeddings, norms, scalars
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95),
                                   fused=dev.type == "cuda")
