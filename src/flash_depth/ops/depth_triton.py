@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import dot_precision, head_dim_tile, last_dim_contiguous
+
 
 @triton.jit
 def _depth_fwd_kernel(
@@ -184,25 +186,16 @@ def _depth_bwd_kernel(
              dq.to(DQ.dtype.element_ty), mask=rmask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision dots (tf32 would cost ~3e-4 relative error).
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
 def _tiles(group: int, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M holds whole tokens (G rows each)."""
     block_m = max(16, triton.next_power_of_2(group))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = head_dim_tile(head_dim)
     # Tiles measured on an H100 (benchmarks/tune_depth.py): within 3% of the best everywhere.
     block_n = 64 if block_d <= 128 else 32
     if backward:
         block_n //= 2
     num_warps = 4 if block_m * block_d <= 64 * 128 else 8
     return block_m, block_n, num_warps, 2
-
-
-def _head_dim_tile(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, tiles=None):
@@ -215,11 +208,11 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
     B, T, Hq, d = q.shape
     L, Hk = k_depth.shape[2], k_depth.shape[3]
     G = Hq // Hk
-    q, k_depth, v_depth = (_last_dim_contiguous(x) for x in (q, k_depth, v_depth))
+    q, k_depth, v_depth = (last_dim_contiguous(x) for x in (q, k_depth, v_depth))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     has_seq = o_seq is not None
     if has_seq:
-        o_seq = _last_dim_contiguous(o_seq)
+        o_seq = last_dim_contiguous(o_seq)
         lse = torch.empty_like(lse_seq)
     else:
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
@@ -235,8 +228,8 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         T, L, Hk, scale,
-        G=G, HEAD_DIM=d, BLOCK_D=_head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SEQ=has_seq, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        G=G, HEAD_DIM=d, BLOCK_D=head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_SEQ=has_seq, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
 
@@ -252,7 +245,7 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
     B, T, Hq, d = q.shape
     L, Hk = k_depth.shape[2], k_depth.shape[3]
     G = Hq // Hk
-    q, k_depth, v_depth, o, do = (_last_dim_contiguous(x) for x in (q, k_depth, v_depth, o, do))
+    q, k_depth, v_depth, o, do = (last_dim_contiguous(x) for x in (q, k_depth, v_depth, o, do))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     if accumulate_into is not None:
         dkd, dvd = accumulate_into
@@ -263,7 +256,7 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
         dvd = torch.empty(v_depth.shape, device=q.device, dtype=q.dtype)
     has_dq_in = dq_in is not None
     if has_dq_in:
-        dq_in = _last_dim_contiguous(dq_in)
+        dq_in = last_dim_contiguous(dq_in)
     else:
         dq_in = dq
     block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=True)
@@ -279,13 +272,9 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
         dq.stride(0), dq.stride(1), dq.stride(2),
         *dkd.stride()[:4], *dvd.stride()[:4],
         T, L, Hk, scale,
-        G=G, HEAD_DIM=d, BLOCK_D=_head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_DQ_IN=has_dq_in, ACCUMULATE=accumulate_into is not None, PRECISION=_precision(q.dtype),
+        G=G, HEAD_DIM=d, BLOCK_D=head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_DQ_IN=has_dq_in, ACCUMULATE=accumulate_into is not None, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dkd, dvd
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 

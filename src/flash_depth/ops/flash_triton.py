@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .depth_triton import _head_dim_tile, _last_dim_contiguous, _precision
+from ._triton_common import dot_precision, head_dim_tile, last_dim_contiguous
 
 
 @triton.jit
@@ -196,10 +196,10 @@ def flash_forward(q, k, v, *, causal: bool, scale: float):
     """q ``[B, Tq, Hq, d]``, k/v ``[B, Tk, Hk, d]`` -> o ``[B, Tq, Hq, d]``, lse ``[B, Hq, Tq]`` float32."""
     B, Tq, Hq, d = q.shape
     Tk, Hk = k.shape[1], k.shape[2]
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    block_d = _head_dim_tile(d)
+    block_d = head_dim_tile(d)
     block_m, block_n, num_warps = _fwd_tiles(block_d)
     grid = (triton.cdiv(Tq, block_m), B * Hq)
     _flash_fwd_kernel[grid](
@@ -207,7 +207,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(),
         Tq, Tk, Hq, scale,
         G=Hq // Hk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=3,
+        CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=3,
     )
     return o, lse
 
@@ -216,17 +216,17 @@ def flash_backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
     """Gradients of sequence attention given the (possibly merged) o and lse ``[B, Hq, Tq]``."""
     B, Tq, Hq, d = q.shape
     Tk, Hk = k.shape[1], k.shape[2]
-    q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
+    q, k, v, do = (last_dim_contiguous(x) for x in (q, k, v, do))
     # rowsum(dO * O), in the [B, H, T] layout of lse
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
     lse = lse.contiguous()
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
-    block_d = _head_dim_tile(d)
+    block_d = head_dim_tile(d)
     block_m, block_n, num_warps = _bwd_tiles(block_d)
     common = dict(G=Hq // Hk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                  CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2)
+                  CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride())
     _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * Hk)](
         q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
