@@ -10,8 +10,8 @@ Rows: B=1, Hk=8, bf16, causal. Columns (ms, median of triton.testing.do_bench):
 - ours: flash_depth.moda_attention (backend auto: cuDNN sequence + Triton depth, lse merge);
 - ours_triton: the all-Triton path;
 - reference: the plain PyTorch path (small T only).
-Ratios are to cudnn in the same run. Clocks drift by a few percent over a run, so every
-candidate is timed in ROUNDS interleaved rounds and each column is the median over rounds.
+Ratios are to cudnn in the same run. Every candidate is timed in 5 interleaved rounds and each column is the
+median over rounds (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import bench, bench_interleaved, device_slug, fwd_bwd
 
 from flash_depth import moda_attention
 from flash_depth.ops import depth_triton
@@ -40,34 +41,6 @@ FULL = [  # (T, G, L, d)
 ]
 QUICK = [(4096, 8, 64, 64), (16384, 8, 64, 64)]
 HK = 8
-ROUNDS = 5
-
-
-def bench(fn, rep_ms: int = 60) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
-
-
-def bench_interleaved(fns: dict) -> dict:
-    """Median over ROUNDS rounds, each round timing every candidate once, in turn."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():  # compile and warm up everything first
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            times[name].append(bench(fn))
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-
-
-def fwd_bwd(forward, inputs):
-    out = forward()
-    do = torch.randn_like(out)
-
-    def step():
-        o = forward()
-        torch.autograd.grad(o, inputs, do)
-
-    return step
 
 
 def make_flex(T, L):
@@ -207,8 +180,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_moda.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    device, slug = device_slug()
     out = Path(args.out)
     name = f"moda_{slug}" + ("_quick" if args.quick else "")
     configs = QUICK if args.quick else [FULL[i] for i in (args.rows if args.rows else range(len(FULL)))]

@@ -4,20 +4,22 @@
     python benchmarks/bench_model.py --presets small-48 --steps 5
 
 A step is forward + backward + AdamW under bf16 autocast (fp32 master weights), eager mode.
-Writes benchmarks/results/model_<gpu>.{json,md}; ratios are to `residual` of the same preset.
+Writes benchmarks/results/model_<gpu>.{json,md} (rows of presets/variants not run this time are
+kept from the file); ratios are to `residual` of the same preset, so rerun `residual` with the
+variants you compare: runs differ by a few percent.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import device_slug
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.accounting import flops_per_token, parameter_count
@@ -76,18 +78,18 @@ def to_markdown(rows, meta) -> str:
     lines = [f"# Training speed by depth mechanism on {meta['device']}", "",
              f"torch {meta['torch']}; {meta['date']}. Step = forward + backward + fused AdamW, bf16 autocast, eager.",
              f"Sequence length {rows[0]['seq_len']}; reproduce: `python benchmarks/bench_model.py`.", "",
-             "| preset | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s | vs residual | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| preset | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s | vs residual | peak GiB "
+             "| date |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["preset"]: r.get("tokens_per_s") for r in rows if r["variant"] == "residual"}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
-                         f"| {r['batch']} | failed: {r['error'][:60]} | | | |")
+                         f"| {r['batch']} | failed: {r['error'][:60]} | | | | {r.get('date', '-')} |")
             continue
         ratio = r["tokens_per_s"] / base[r["preset"]] if base.get(r["preset"]) else float("nan")
         lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
                      f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x "
-                     f"| {r['peak_gib']:.1f} |")
+                     f"| {r['peak_gib']:.1f} | {r.get('date', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_model.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name()
+    device, slug = device_slug()
     rows = []
     for preset in args.presets:
         for index, (name, _) in enumerate(VARIANTS):
@@ -124,9 +126,17 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Rows of other presets/variants from an earlier run stay; each row carries its own date.
+    for row in rows:
+        row["date"] = meta["date"]
+    previous = out / f"model_{slug}.json"
+    if previous.exists():
+        done = {(r["preset"], r["variant"]) for r in rows}
+        rows += [r for r in json.loads(previous.read_text())["rows"] if (r["preset"], r["variant"]) not in done]
+    order = {name: i for i, (name, _) in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: (r["preset"] != "small-48", r["preset"], order.get(r["variant"], len(order))))
     (out / f"model_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = to_markdown(rows, meta)
     (out / f"model_{slug}.md").write_text(md)

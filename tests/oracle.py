@@ -70,3 +70,17 @@ def make_inputs(B, Tq, Tk, Hq, Hk, d, L, dtype, device="cpu", seed=None, with_se
     kd = rnd(B, Tq, L, Hk, d) if L else None
     vd = rnd(B, Tq, L, Hk, d) if L else None
     return q, k, v, kd, vd
+
+
+def naive_attnres(sources, query, norm_weight, eps):
+    """Attention Residuals read in float64 from the SPEC's words: keys = RMSNorm(v_i) * g,
+    logits = w . key, softmax over sources. sources ``[N, ..., D]``, query ``[S, D]``,
+    norm_weight ``[S, D]``. Returns out ``[S, ..., D]`` and lse ``[S, ...]``."""
+    v = sources.double()
+    outs, lses = [], []
+    for w, g in zip(query.double(), norm_weight.double()):
+        keys = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * g
+        logits = keys @ w  # [N, ...]
+        outs.append((torch.softmax(logits, 0)[..., None] * v).sum(0))
+        lses.append(torch.logsumexp(logits, 0))
+    return torch.stack(outs), torch.stack(lses)

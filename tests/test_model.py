@@ -242,25 +242,6 @@ def test_bad_calls():
         model(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 3, dtype=torch.long))
 
 
-def test_attention_residual_matches_formula_and_rejects_bad_input():
-    from flash_depth.ops.attnres import attention_residual
-
-    sources = [torch.randn(2, 5, 8, dtype=torch.float64) for _ in range(4)]
-    w, g = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
-    out, alpha = attention_residual(sources, w, g, eps=1e-6, return_weights=True)
-    keys = [s / (s.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * g for s in sources]
-    ref_alpha = torch.softmax(torch.stack([k @ w for k in keys]), 0)
-    ref = sum(a[..., None] * s for a, s in zip(ref_alpha, sources))
-    assert rel_err(out, ref) < 1e-12 and rel_err(alpha, ref_alpha) < 1e-12
-    assert rel_err(attention_residual(torch.stack(sources), w, g), ref) < 1e-12
-    with pytest.raises(ValueError, match="query must be a tensor of shape"):
-        attention_residual(sources, torch.zeros(7), None)
-    with pytest.raises(ValueError, match="sources\\[1\\] has shape"):
-        attention_residual([sources[0], sources[1][:, :3]], w)
-    with pytest.raises(ValueError, match="non-empty"):
-        attention_residual([], w)
-
-
 @pytest.mark.parametrize("mech", ["residual", "attnres_block", "denseformer"])
 def test_activation_checkpointing_gives_the_same_gradients(mech):
     model = _model(mech).double()

@@ -20,10 +20,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.nn.depth_stream import DepthStream, read_depth, read_moda
 from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
 from flash_depth.ops import moda_attention
-from flash_depth.ops.attnres import attention_residual
+from flash_depth.ops.attnres import attention_residual_merge
 
 from .configuration_flash_depth import FlashDepthConfig
 
@@ -291,18 +292,43 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
 
     def _attnres(self, emb, cos, sin, cache):
         """Attention Residuals: each sublayer's input is a softmax read over finished block sums
-        (block 0 = the embedding) plus the current block's partial sum; full = blocks of one."""
-        size = self.attnres_block_size()
-        eps = self.config.rms_norm_eps
-        blocks, partial, index = [emb], None, 0
+        (block 0 = the embedding) plus the current block's partial sum; full = blocks of one.
+
+        Finished sources live in one :class:`SourceStream` buffer, read in place by the fused
+        kernels on GPU. Without gradients, block AttnRes reads two-phase: one batched read of
+        all of a block's queries over the finished blocks, then a per-sublayer merge of the
+        partial sum."""
+        cfg, reads = self.config, self.attnres
+        size, eps = self.attnres_block_size(), cfg.rms_norm_eps
+        # Sources are stored in the autocast dtype: sublayer outputs already come out of the
+        # bf16 matmuls in it, and the reads are memory-bound. Partial sums stay float32.
+        source_dtype = emb.dtype
+        if emb.is_cuda and torch.is_autocast_enabled("cuda"):
+            source_dtype = torch.get_autocast_dtype("cuda")
+        partial_dtype = torch.promote_types(emb.dtype, torch.float32)
+        backend = {"reference": "reference", "triton": "triton"}.get(cfg.attention_backend, "auto")
+        stream = SourceStream(1 + 2 * cfg.num_hidden_layers // size, backend=backend)
+        stream.write(emb.to(source_dtype))
+        recording = self.__dict__.get("_recorder") is not None
+        two_phase = size > 1 and not torch.is_grad_enabled() and not recording
+        partial, first_reads = None, None
 
         def read(i):
-            sources = blocks if partial is None else blocks + [partial]
-            h, alpha = attention_residual(sources, self.attnres.queries[i], self.attnres.key_norms[i], eps=eps,
-                                          return_weights=True)
+            nonlocal first_reads
+            if two_phase:
+                if i % size == 0:
+                    first_reads = stream.read_two_phase(reads.queries[i:i + size], reads.key_norms[i:i + size], eps)
+                out, lse = first_reads[0][i % size], first_reads[1][i % size]
+                if partial is None:
+                    return out
+                return attention_residual_merge(out, lse, partial, reads.queries[i], reads.key_norms[i], eps=eps)
+            if not recording:
+                return stream.read(reads.queries[i], reads.key_norms[i], eps, partial)
+            h, alpha = stream.read(reads.queries[i], reads.key_norms[i], eps, partial, return_weights=True)
             _record(self, "attnres", i, alpha)
             return h
 
+        index = 0
         for layer_idx, layer in enumerate(self.layers):
             for sub in ("attn", "ffn"):
                 h = read(index)
@@ -311,14 +337,16 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                     out = self._run(layer.attn_sublayer, h, cos, sin, None, cache)
                 else:
                     out = self._run(layer.ffn_sublayer, h, cos, sin, None)
-                out = out.to(emb.dtype)  # under autocast: keep every source in the stream's dtype
-                _record(self, "sublayer", layer_idx, sub, h, h + out)
-                partial = out if partial is None else partial + out
+                if recording:
+                    _record(self, "sublayer", layer_idx, sub, h, h + out)
+                partial = out.to(partial_dtype) if partial is None else partial + out
                 index += 1
                 if index % size == 0:
-                    blocks.append(partial)
+                    stream.write(partial.to(source_dtype))
                     partial = None
-        return read(index)
+        h = read(index)
+        stream.close()
+        return h
 
 
 class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):

@@ -1,46 +1,95 @@
 """Attention Residuals read (SPEC section 5): a softmax over earlier sublayer outputs.
 
-    alpha_i = softmax_i( w . RMSNorm(v_i) )        (no 1/sqrt(D): w is learned, zero at init)
+    alpha_i = softmax_i( w . RMSNorm_g(v_i) )        (no 1/sqrt(D): w is learned, zero at init)
     out     = sum_i alpha_i v_i
 
-Plain PyTorch for now (fused kernels are a later step). Sources are taken as a list, so a
-model can grow its source list by reference without stacking a copy at every layer.
+Public functions:
+- :func:`attention_residual`: the read, for one pseudo-query ``[D]`` or several ``[S, D]`` at
+  once, over sources ``[N, ..., D]`` plus an optional extra source (block AttnRes' running
+  partial sum, so finished sources never need restacking). Backends: ``"reference"`` (plain
+  PyTorch, the CPU path), ``"triton"`` (ops/attnres_triton.py), ``"auto"``.
+- :func:`attention_residual_merge`: adds one more source to a finished read from its
+  (out, lse): the second phase of two-phase inference.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 
+ATTNRES_BACKENDS = ("auto", "reference", "triton")
 
-def _check(sources, query, norm_weight, eps) -> None:
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_sources(sources) -> list[torch.Tensor] | torch.Tensor:
     if isinstance(sources, torch.Tensor):
-        if sources.dim() < 2:
-            raise ValueError(f"sources as one tensor must be [N, ..., D], got shape {tuple(sources.shape)}")
-        sources = list(sources.unbind(0))
-    if not isinstance(sources, Sequence) or len(sources) == 0:
-        raise ValueError("sources must be a non-empty list of tensors [..., D] (or one tensor [N, ..., D])")
-    first = sources[0]
-    for i, s in enumerate(sources):
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(f"sources[{i}] must be a torch.Tensor, got {type(s).__name__}")
-        if s.shape != first.shape:
-            raise ValueError(f"sources[{i}] has shape {tuple(s.shape)}, sources[0] has {tuple(first.shape)}; all must match")
-        if s.dtype != first.dtype or s.device != first.device:
-            raise TypeError(f"sources[{i}] is {s.dtype} on {s.device}, sources[0] is {first.dtype} on {first.device}")
+        if sources.dim() < 2 or sources.shape[0] == 0:
+            raise ValueError(f"sources as one tensor must be [N, ..., D] with N >= 1, got shape {_shape(sources)}")
+        first = sources[0]
+    else:
+        if not isinstance(sources, Sequence) or len(sources) == 0:
+            raise ValueError("sources must be a non-empty list of tensors [..., D] (or one tensor [N, ..., D])")
+        first = sources[0]
+        for i, s in enumerate(sources):
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"sources[{i}] must be a torch.Tensor, got {type(s).__name__}")
+            if s.shape != first.shape:
+                raise ValueError(f"sources[{i}] has shape {_shape(s)}, sources[0] has {_shape(first)}; all must match")
+            if s.dtype != first.dtype or s.device != first.device:
+                raise TypeError(f"sources[{i}] is {s.dtype} on {s.device}, sources[0] is {first.dtype} on {first.device}")
     if not first.is_floating_point():
         raise TypeError(f"sources must be floating point, got {first.dtype}")
+    return first
+
+
+def _check(sources, query, norm_weight, eps, partial, backend):
+    first = _check_sources(sources)
     D = first.shape[-1]
-    if not isinstance(query, torch.Tensor) or query.shape != (D,):
-        got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
-        raise ValueError(f"query must be a tensor of shape [D={D}], got {got}")
-    if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (D,)):
-        got = tuple(norm_weight.shape) if isinstance(norm_weight, torch.Tensor) else type(norm_weight).__name__
-        raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {got}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not isinstance(query, torch.Tensor) or query.dim() not in (1, 2) or query.shape[-1] != D:
+        raise ValueError(f"query must be a tensor of shape [D={D}] or [S, D={D}], got {_shape(query)}")
+    if not query.is_floating_point():
+        raise TypeError(f"query must be floating point, got {query.dtype}")
+    S = query.shape[0] if query.dim() == 2 else None
+    if norm_weight is not None:
+        ok_shapes = [(D,)] + ([(S, D)] if S is not None else [])
+        if not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) not in ok_shapes:
+            want = " or ".join(f"[{', '.join(map(str, s))}]" for s in ok_shapes)
+            raise ValueError(f"norm_weight must be None or a tensor of shape {want}, got {_shape(norm_weight)}")
+    for name, x in (("query", query), ("norm_weight", norm_weight)):
+        if x is not None and x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but the sources are on {first.device}")
+    if partial is not None:
+        if not isinstance(partial, torch.Tensor) or partial.shape != first.shape:
+            raise ValueError(f"partial must be None or a tensor of the sources' shape {_shape(first)}, got {_shape(partial)}")
+        if partial.device != first.device or not partial.is_floating_point():
+            raise TypeError(f"partial must be a floating tensor on {first.device}, got {partial.dtype} on {partial.device}")
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    if backend not in ATTNRES_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTNRES_BACKENDS}, got {backend!r}")
+    return first
+
+
+def select_attnres_backend(backend: str, first: torch.Tensor, return_weights: bool) -> str:
+    """The backend ``backend`` resolves to for sources like ``first`` ("reference" or "triton")."""
+    triton_ok = first.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        fused = first.is_cuda and first.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return "triton" if fused and not return_weights else "reference"
+    if backend == "triton":
+        if not triton_ok:
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {first.device}")
+        if first.dtype == torch.float64:
+            raise TypeError("backend='triton' takes float16, bfloat16 or float32 sources, got float64")
+        if return_weights:
+            raise ValueError("return_weights=True needs backend='reference' (the fused kernels never form the weights)")
+    return backend
 
 
 def attention_residual(
@@ -49,36 +98,118 @@ def attention_residual(
     norm_weight: torch.Tensor | None = None,
     *,
     eps: float = 1e-6,
+    partial: torch.Tensor | None = None,
+    return_lse: bool = False,
     return_weights: bool = False,
+    backend: str = "auto",
 ):
     """Softmax read over depth sources.
 
     Args:
-        sources: N tensors ``[..., D]`` (e.g. ``[B, T, D]``), or one tensor ``[N, ..., D]``.
-        query: the pseudo-query ``w`` ``[D]``.
-        norm_weight: optional RMSNorm weight ``[D]`` applied to the keys.
+        sources: one tensor ``[N, ..., D]`` (e.g. ``[N, B, T, D]``; a slice of a preallocated
+            buffer is read in place) or a list of N tensors ``[..., D]`` (stacked first on the
+            fused path).
+        query: the pseudo-query ``w``: ``[D]``, or ``[S, D]`` for S reads of the same sources.
+        norm_weight: optional RMSNorm weight on the keys, ``[D]`` (shared) or ``[S, D]``.
         eps: RMSNorm epsilon.
-        return_weights: also return the softmax weights ``[N, ...]`` (at least float32).
+        partial: optional extra source ``[..., D]`` read after the others (block AttnRes'
+            running partial sum); it may have its own float dtype.
+        return_lse: also return the log-sum-exp of the logits ``[...]`` / ``[S, ...]`` (at least float32).
+        return_weights: also return the softmax weights ``[N(+1), ...]`` / ``[S, N(+1), ...]``
+            (reference backend).
+        backend: ``"auto"`` (Triton on CUDA, reference otherwise), ``"reference"`` or ``"triton"``.
 
     Returns:
-        ``[..., D]`` in the sources' dtype (and the weights if asked).
+        ``[..., D]`` (``[S, ..., D]`` for S queries) in the sources' dtype, then lse and/or
+        weights if asked.
     """
-    _check(sources, query, norm_weight, eps)
-    if isinstance(sources, torch.Tensor):
-        sources = list(sources.unbind(0))
-    # Outside autocast: it would save a bf16 copy of every source at every read (O(L^2) memory).
-    with torch.autocast(sources[0].device.type, enabled=False):
-        return _attention_residual(sources, query, norm_weight, eps, return_weights)
+    first = _check(sources, query, norm_weight, eps, partial, backend)
+    chosen = select_attnres_backend(backend, first, return_weights)
+    single = query.dim() == 1
+    u_query = query[None] if single else query
+    u_norm = None if norm_weight is None else (norm_weight[None] if norm_weight.dim() == 1 else norm_weight)
+    # Outside autocast: it would save a low-precision copy of every source at every read.
+    with torch.autocast(first.device.type, enabled=False):
+        if chosen == "reference":
+            listed = list(sources.unbind(0)) if isinstance(sources, torch.Tensor) else list(sources)
+            out, lse, weights = _reference(listed, u_query, u_norm, eps, partial)
+        else:
+            stacked = sources if isinstance(sources, torch.Tensor) else torch.stack(list(sources))
+            u = u_query.float() if u_norm is None else u_query.float() * u_norm.float()
+            rows = stacked.reshape(stacked.shape[0], -1, stacked.shape[-1])
+            p_rows = None if partial is None else partial.reshape(-1, partial.shape[-1])
+            out, lse = _AttnResFunction.apply(rows, u, p_rows, float(eps))
+            out, lse = out.view(-1, *first.shape), lse.view(-1, *first.shape[:-1])
+            weights = None
+    if single:
+        out, lse = out[0], lse[0]
+        weights = None if weights is None else weights[0]
+    extra = ([lse] if return_lse else []) + ([weights] if return_weights else [])
+    return (out, *extra) if extra else out
 
 
-def _attention_residual(sources, query, norm_weight, eps, return_weights):
+def _reference(sources, query, norm_weight, eps, partial):
+    """Plain PyTorch: query ``[S, D]``, norm_weight ``[S|1, D]`` or None. Returns out
+    ``[S, ..., D]``, lse ``[S, ...]`` and weights ``[S, N, ...]``, all from one formula."""
+    if partial is not None:
+        sources = sources + [partial]
     cdt = torch.promote_types(sources[0].dtype, torch.float32)
-    w = query.to(cdt) if norm_weight is None else query.to(cdt) * norm_weight.to(cdt)
+    u = query.to(cdt) if norm_weight is None else query.to(cdt) * norm_weight.to(cdt)
     logits = []
     for v in sources:
         vf = v.to(cdt)
-        inv_rms = torch.rsqrt(vf.pow(2).mean(-1) + eps)
-        logits.append((vf @ w) * inv_rms)  # w . (v / rms(v) * g) without a normalised copy of v
-    alpha = torch.softmax(torch.stack(logits, 0), dim=0)
-    out = sum(a[..., None] * v.to(cdt) for a, v in zip(alpha, sources)).to(sources[0].dtype)
-    return (out, alpha) if return_weights else out
+        inv_rms = torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + eps)
+        logits.append((vf @ u.t()) * inv_rms)  # u . (v / rms(v)) without a normalised copy of v
+    logits = torch.stack(logits, 0).movedim(-1, 0)  # [S, N, ...]
+    weights = torch.softmax(logits, dim=1)
+    out = sum(weights[:, i, ..., None] * v.to(cdt) for i, v in enumerate(sources))
+    return out.to(sources[0].dtype), torch.logsumexp(logits, dim=1), weights
+
+
+class _AttnResFunction(torch.autograd.Function):
+    """The fused read on rows: sources ``[N, M, D]``, u ``[S, D]`` float32, partial ``[M, D]``."""
+
+    @staticmethod
+    def forward(ctx, sources, u, partial, eps):
+        from .attnres_triton import attnres_forward
+
+        out, lse = attnres_forward(sources, u, partial, eps)
+        ctx.save_for_backward(sources, u, partial, out, lse)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        from .attnres_triton import attnres_backward
+
+        sources, u, partial, out, lse = ctx.saved_tensors
+        d_sources, d_partial, du = attnres_backward(dout, sources, u, partial, out, lse, ctx.eps)
+        return d_sources, du, d_partial, None
+
+
+def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.Tensor, query: torch.Tensor,
+                             norm_weight: torch.Tensor | None = None, *, eps: float = 1e-6) -> torch.Tensor:
+    """Add one more source to a finished read (phase two of two-phase inference).
+
+    ``out`` ``[..., D]`` and ``lse`` ``[...]`` come from :func:`attention_residual` over some
+    sources with ``return_lse=True``; the result equals that read over the sources plus
+    ``extra`` ``[..., D]`` with the same query ``[D]`` and norm weight.
+    """
+    if not isinstance(out, torch.Tensor) or not isinstance(extra, torch.Tensor) or out.shape != extra.shape:
+        raise ValueError(f"out and extra must be tensors of one shape [..., D], got {_shape(out)} and {_shape(extra)}")
+    if not isinstance(lse, torch.Tensor) or lse.shape != out.shape[:-1]:
+        raise ValueError(f"lse must have shape {tuple(out.shape[:-1])} (out without D), got {_shape(lse)}")
+    D = out.shape[-1]
+    if not isinstance(query, torch.Tensor) or query.shape != (D,):
+        raise ValueError(f"query must be a tensor of shape [D={D}], got {_shape(query)}")
+    if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (D,)):
+        raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {_shape(norm_weight)}")
+    with torch.autocast(out.device.type, enabled=False):
+        cdt = torch.promote_types(out.dtype, torch.float32)
+        u = query.to(cdt) if norm_weight is None else query.to(cdt) * norm_weight.to(cdt)
+        e = extra.to(cdt)
+        logit = (e @ u) * torch.rsqrt(e.pow(2).mean(-1) + eps)
+        lse_new = torch.logaddexp(lse.to(cdt), logit)
+        merged = torch.exp(lse - lse_new)[..., None] * out.to(cdt) + torch.exp(logit - lse_new)[..., None] * e
+    return merged.to(out.dtype)

@@ -1,0 +1,223 @@
+"""Attention Residuals read: our fused kernels against every implementation a user could pick,
+all measured in one run on one GPU.
+
+    python benchmarks/bench_attnres.py            # writes benchmarks/results/attnres_<gpu>.{json,md}
+    python benchmarks/bench_attnres.py --tune     # also sweeps our kernels' tiles per shape
+
+Shapes: N sources in {9, 17, 33}, D in {1024, 4096}, B*T = 16384 (B=4, T=4096), bf16, one
+pseudo-query with a key-norm weight. Candidates (ms, median of triton.testing.do_bench over 3
+interleaved rounds), forward and forward+backward (gradients of sources, query, norm weight):
+- ours: ``flash_depth.attention_residual`` (Triton);
+- reference / compiled: the plain PyTorch formula, eager and under ``torch.compile``;
+- liger: ``liger_kernel.ops.attn_res.LigerAttnResFunction``;
+- flash_attn_res: ``flash_attn_res.phase_1_batched_attention_triton_op`` (no norm weight: the
+  query passed is ``w * g``, the same logits);
+- fla: ``fla.ops.attnres.fused_attnres`` (if the installed fla-core has it).
+Peers that are not installed are skipped; peers that fail at a shape are recorded as errors.
+GB/s counts the bytes the op must move: forward reads N sources and writes the output,
+(N + 1) rows of D per token; forward+backward adds reading the sources, the output and its
+gradient and writing the source gradients, (3N + 3) rows in all. The copy bandwidth is
+measured in the same run (``dst.copy_(src)`` of 2 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from common import bench, bench_interleaved, device_slug, fwd_bwd
+
+from flash_depth import attention_residual
+from flash_depth.ops import attnres_triton
+
+SHAPES = [(9, 1024), (9, 4096), (17, 1024), (17, 4096), (33, 1024), (33, 4096)]
+B, T = 4, 4096
+EPS = 1e-6
+
+
+def formula(V, w, g):
+    """The plain read on stacked sources ``[N, B, T, D]`` (what torch.compile gets)."""
+    vf = V.float()
+    logits = (vf @ (w * g).float()) * torch.rsqrt(vf.pow(2).mean(-1) + EPS)
+    alpha = torch.softmax(logits, dim=0)
+    return (alpha[..., None] * vf).sum(0).to(V.dtype)
+
+
+def peers() -> dict:
+    """name -> forward(V, w, g) for the peer implementations installed here."""
+    found = {}
+    try:
+        from liger_kernel.ops.attn_res import LigerAttnResFunction
+
+        found["liger"] = lambda V, w, g: LigerAttnResFunction.apply(V, w, g, EPS)
+    except ImportError as err:
+        print(f"liger-kernel not available: {err}")
+    try:
+        from flash_attn_res import phase_1_batched_attention_triton_op
+
+        found["flash_attn_res"] = lambda V, w, g: phase_1_batched_attention_triton_op(V, (w * g)[None], EPS)[0][0]
+    except ImportError as err:
+        print(f"flash-attn-res not available: {err}")
+    try:
+        from fla.ops.attnres import fused_attnres
+
+        found["fla"] = lambda V, w, g: fused_attnres(w, list(V.unbind(0)), g, rms_eps=EPS)
+    except ImportError as err:
+        print(f"fla-core fused_attnres not available: {err}")
+    return found
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep_ms=200)
+    return 2 * src.numel() * 2 / ms / 1e6
+
+
+def tune(N: int, D: int) -> dict:
+    """Best (BLOCK_M, num_warps) of our forward and backward kernels at one shape."""
+    M = B * T
+    V = torch.randn(N, M, D, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn(1, D, device="cuda")
+    out, lse = attnres_triton.attnres_forward(V, u, None, EPS)
+    do = torch.randn_like(out)
+    best = {}
+    for kind in ("fwd", "bwd"):
+        results = []
+        for block_m in (1, 2, 4, 8, 16, 32):
+            if block_m * triton.next_power_of_2(D) > 16384:
+                continue
+            for warps in (2, 4, 8, 16):
+                if kind == "fwd":
+                    fn = lambda: attnres_triton.attnres_forward(V, u, None, EPS, tiles=(block_m, warps))  # noqa: E731
+                else:
+                    fn = lambda: attnres_triton.attnres_backward(do, V, u, None, out, lse, EPS,  # noqa: E731
+                                                                 tiles=(block_m, warps))
+                try:
+                    results.append((bench(fn, rep_ms=30), block_m, warps))
+                except Exception as err:  # a tile that does not fit: skip it
+                    print(f"  {kind} BLOCK_M={block_m} warps={warps}: {type(err).__name__}")
+        results.sort()
+        default = attnres_triton._tiles(D, backward=kind == "bwd")
+        print(f"N={N} D={D} {kind}: best " + ", ".join(f"({m},{w})={t:.3f}" for t, m, w in results[:4])
+              + f"; default tiles {default[0]},{default[2]}", flush=True)
+        best[kind] = results[0]
+    return best
+
+
+def run_shape(N: int, D: int, peer_fns: dict) -> dict:
+    M = B * T
+    V = torch.randn(N, B, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(D, device="cuda") * 0.05).requires_grad_()
+    g = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_()
+    compiled = torch.compile(formula)
+    candidates = {
+        "ours": lambda: attention_residual(V, w, g, eps=EPS, backend="triton"),
+        "reference": lambda: attention_residual(V, w, g, eps=EPS, backend="reference"),
+        "compiled": lambda: compiled(V, w, g),
+        **{name: (lambda fn=fn: fn(V, w, g)) for name, fn in peer_fns.items()},
+    }
+    row = {"N": N, "D": D, "B": B, "T": T}
+    with torch.no_grad():
+        ref = formula(V, w, g).float()
+    fwd, step = {}, {}
+    for name, fn in candidates.items():
+        try:
+            with torch.no_grad():
+                out = fn().float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            row[f"{name}_rel_err"] = err
+            fwd[name] = lambda fn=fn: fn()
+            step[name] = fwd_bwd(fn, [V, w, g])
+            step[name]()
+        except Exception as exc:  # a peer that cannot run this shape
+            row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            fwd.pop(name, None)
+            step.pop(name, None)
+        torch.cuda.synchronize()
+    with torch.no_grad():
+        row.update({f"{k}_fwd": v for k, v in bench_interleaved(fwd, rounds=3).items()})
+    row.update({f"{k}_fwdbwd": v for k, v in bench_interleaved(step, rounds=3).items()})
+    row_bytes = M * D * 2
+    row["fwd_bytes"], row["fwdbwd_bytes"] = (N + 1) * row_bytes, (3 * N + 3) * row_bytes
+    return row
+
+
+def to_markdown(rows, device: str, meta: dict) -> str:
+    names = [n for n in ("ours", "liger", "flash_attn_res", "fla", "compiled", "reference")
+             if any(f"{n}_fwd" in r or f"{n}_error" in r for r in rows)]
+    peer_names = [n for n in names if n not in ("ours", "reference", "compiled")]
+    lines = [
+        f"# Attention Residuals read on {device}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. B*T = {B * T} (B={B}, T={T}), bf16, "
+        f"one query with a key-norm weight. Copy bandwidth measured in the same run: "
+        f"**{meta['copy_gbps']:.0f} GB/s**. Command: `python benchmarks/bench_attnres.py`.",
+        "",
+        "Milliseconds (median), forward / forward+backward. GB/s counts the bytes the op must move "
+        "((N+1) rows of D per token forward, (3N+3) forward+backward); `x` = failed at this shape.",
+        "",
+        "| N | D | " + " | ".join(names) + " | ours fwd GB/s (% copy) | ours fwd+bwd GB/s (% copy) | "
+        + " | ".join(f"fwd+bwd {p}/ours" for p in peer_names) + " |",
+        "|" + "---|" * (4 + len(names) + len(peer_names)),
+    ]
+    for r in rows:
+        cells = []
+        for n in names:
+            if f"{n}_fwd" in r:
+                cells.append(f"{r[f'{n}_fwd']:.3f} / {r[f'{n}_fwdbwd']:.3f}")
+            else:
+                cells.append("x")
+        bw = [r["fwd_bytes"] / r["ours_fwd"] / 1e6, r["fwdbwd_bytes"] / r["ours_fwdbwd"] / 1e6]
+        ratios = [f"{r[f'{p}_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if f"{p}_fwdbwd" in r else "x" for p in peer_names]
+        lines.append(f"| {r['N']} | {r['D']} | " + " | ".join(cells) + " | "
+                     + " | ".join(f"{b:.0f} ({100 * b / meta['copy_gbps']:.0f}%)" for b in bw) + " | "
+                     + " | ".join(ratios) + " |")
+    errors = [(r["N"], r["D"], k[: -len("_error")], v) for r in rows for k, v in r.items() if k.endswith("_error")]
+    if errors:
+        lines += ["", "Failures:", ""] + [f"- N={n}, D={d}, {name}: `{msg}`" for n, d, name, msg in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", action="store_true", help="also sweep our kernels' tiles at every shape")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attnres.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch._dynamo.config.cache_size_limit = 64  # one compiled graph per shape
+    device, slug = device_slug()
+    copy_gbps = copy_bandwidth()
+    print(f"{device}: copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    peer_fns = peers()
+    rows = []
+    for N, D in SHAPES:
+        t0 = time.time()
+        if args.tune:
+            tune(N, D)
+        row = run_shape(N, D, peer_fns)
+        rows.append(row)
+        print(f"N={N} D={D} ({time.time() - t0:.0f}s): "
+              + ", ".join(f"{k}={v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        torch.cuda.empty_cache()
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"attnres_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = to_markdown(rows, device, meta)
+    (out / f"attnres_{slug}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

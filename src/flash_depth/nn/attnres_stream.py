@@ -1,0 +1,100 @@
+"""The AttnRes source stream: one ``[N_max, B, T, D]`` buffer of read sources per forward.
+
+Full AttnRes writes every sublayer output as a source; block AttnRes writes each finished
+block sum and passes the running partial sum to the read as an extra source. A read takes
+the slice ``[:n]`` in place, so the source list grows by reference, never by restacking;
+:mod:`flash_depth.nn.slot_stream` routes the gradients, and the fused backward adds each
+read's source gradients straight into the stream's float32 gradient buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash_depth.ops.attnres import attention_residual, select_attnres_backend
+
+from .slot_stream import SlotStream
+
+
+class SourceStream(SlotStream):
+    """AttnRes sources ``[B, T, D]`` of one forward pass (source 0 is the embedding)."""
+
+    def __init__(self, slots: int, backend: str = "auto"):
+        super().__init__(slots, slot_dim=0, names=("sources",))
+        self.backend = backend
+
+    def sources(self, n: int | None = None) -> torch.Tensor:
+        """The first n (default: all written) sources ``[n, B, T, D]`` (a view, no gradient)."""
+        return self.views(n)[0]
+
+    def read(self, query: torch.Tensor, norm_weight: torch.Tensor, eps: float, partial: torch.Tensor | None = None,
+             return_weights: bool = False):
+        """Read of query ``[D]`` over the written sources (plus ``partial``); ``[B, T, D]``
+        (and the weights ``[n(+1), B, T]`` with ``return_weights``, a reference-path option)."""
+        if self.count == 0:
+            raise ValueError("an AttnRes read needs at least one written source")
+        backend = "reference" if return_weights else self.backend
+        handle = self.read_handle()
+        if handle is None:  # nothing to differentiate through the stream: the plain op
+            return attention_residual(self.sources(), query, norm_weight, eps=eps, partial=partial,
+                                      return_weights=return_weights, backend=backend)
+        out, weights = _Read.apply(self, handle, query, norm_weight, partial, eps, backend)
+        return (out, weights) if return_weights else out
+
+    def read_two_phase(self, queries: torch.Tensor, norm_weights: torch.Tensor, eps: float):
+        """Phase one of two-phase inference: one read of S queries ``[S, D]`` over the written
+        sources. Returns out ``[S, B, T, D]`` and lse ``[S, B, T]``; phase two finishes each
+        with :func:`~flash_depth.ops.attnres.attention_residual_merge` and the partial sum."""
+        return attention_residual(self.sources(), queries, norm_weights, eps=eps, return_lse=True,
+                                  backend=self.backend)
+
+
+class _Read(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stream, handle, query, norm_weight, partial, eps, backend):
+        sources = stream.sources()
+        ctx.stream, ctx.n, ctx.eps = stream, stream.count, eps
+        if select_attnres_backend(backend, sources, return_weights=False) == "reference":
+            # Plain PyTorch: let autograd differentiate it.
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in (sources, query, norm_weight)]
+                p = None if partial is None else partial.detach().requires_grad_()
+                out, weights = attention_residual(*leaves, eps=eps, partial=p, return_weights=True,
+                                                  backend="reference")
+            ctx.graph = (out, leaves + ([p] if p is not None else []))
+            ctx.mark_non_differentiable(weights)
+            return out.detach(), weights.detach()
+        from flash_depth.ops.attnres_triton import attnres_forward
+
+        ctx.graph = None
+        u = (query.float() * norm_weight.float())[None]
+        rows = sources.reshape(ctx.n, -1, sources.shape[-1])
+        p_rows = None if partial is None else partial.reshape(-1, partial.shape[-1])
+        out, lse = attnres_forward(rows, u, p_rows, eps)
+        ctx.save_for_backward(query, norm_weight, u, p_rows, out, lse)
+        ctx.partial_shape = None if partial is None else partial.shape
+        weights = out.new_empty(0)
+        ctx.mark_non_differentiable(weights)
+        return out.view(sources.shape[1:]), weights
+
+    @staticmethod
+    def backward(ctx, dout, _dweights):
+        stream, n = ctx.stream, ctx.n
+        (grad_sources,) = stream.grad_views(n)
+        if ctx.graph is not None:
+            out, inputs = ctx.graph
+            d_sources, dq, dg, *dp = torch.autograd.grad(out, inputs, dout)
+            ctx.graph = None
+            grad_sources += d_sources
+            return None, torch.zeros((), device=dout.device), dq, dg, (dp[0] if dp else None), None, None
+        from flash_depth.ops.attnres_triton import attnres_backward
+
+        query, norm_weight, u, p_rows, out, lse = ctx.saved_tensors
+        rows = stream.sources(n).reshape(n, -1, out.shape[-1])
+        _, dp, du = attnres_backward(dout.reshape(1, -1, out.shape[-1]), rows, u, p_rows, out, lse, ctx.eps,
+                                     grad_sources=grad_sources.view(n, -1, out.shape[-1]))
+        du = du[0]
+        dq = (du * norm_weight.float()).to(query.dtype)
+        dg = (du * query.float()).to(norm_weight.dtype)
+        dp = None if dp is None else dp.view(ctx.partial_shape)
+        return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None

@@ -1,0 +1,96 @@
+"""A buffer of per-layer slots written in place and read without copies, with autograd.
+
+Depth retrieval reads every earlier layer's output at every layer. Stacking those outputs
+at each read costs O(L^2) copies and memory; instead a forward allocates one buffer with a
+slot dimension, each layer writes its slot in place, and reads take the slice of the first
+n slots (a view).
+
+Gradients: in-place writes hide the buffer from autograd, so the stream routes them itself.
+Each read adds the gradient of the slots it read into a float32 gradient buffer (the
+kernels do it in place); each write hands its slot's accumulated gradient to the producer.
+Autograd runs a write's backward only after every read that depends on it: each write
+returns a scalar "handle" that the next write and every later read take as input, so the
+handles chain all reads after the writes they follow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotStream:
+    """One or more buffers that share a slot dimension ``slot_dim`` of size ``slots``."""
+
+    def __init__(self, slots: int, slot_dim: int, names: tuple[str, ...]):
+        self.slots_max, self.slot_dim, self.names = slots, slot_dim, names
+        self.buffers: list[torch.Tensor] | None = None  # allocated at the first write
+        self.grads: list[torch.Tensor] | None = None
+        self.count = 0
+        self.handle: torch.Tensor | None = None
+
+    def write(self, *values: torch.Tensor) -> None:
+        """Append one slot (the first write fixes shape and dtype)."""
+        if self.buffers is None:
+            shape = list(values[0].shape)
+            shape.insert(self.slot_dim, self.slots_max)
+            self.buffers = [values[0].new_empty(shape) for _ in self.names]
+        if self.count >= self.slots_max:
+            raise RuntimeError(f"stream is full ({self.slots_max} slots)")
+        want = self.slot_shape()
+        for name, x in zip(self.names, values):
+            if x.shape != want:
+                raise ValueError(f"{name} slot must be {tuple(want)}, got {tuple(x.shape)}")
+        if torch.is_grad_enabled() and any(x.requires_grad for x in values):
+            self.handle = _Write.apply(self, self.count, self.handle, *values)
+        else:
+            for buf, x in zip(self.buffers, values):
+                buf.select(self.slot_dim, self.count).copy_(x)
+        self.count += 1
+
+    def slot_shape(self) -> torch.Size:
+        shape = list(self.buffers[0].shape)
+        del shape[self.slot_dim]
+        return torch.Size(shape)
+
+    def close(self) -> None:
+        """Call once the last read is done: drops the handle, which would otherwise keep the
+        stream alive in a reference cycle (stream -> handle -> its autograd node -> stream)
+        until Python's garbage collector runs, holding the buffers' memory."""
+        self.handle = None
+
+    def views(self, n: int | None = None) -> list[torch.Tensor]:
+        """The first n (default: all written) slots of every buffer (views, no gradient)."""
+        n = self.count if n is None else n
+        # .data: views with their own version counter, so later in-place writes to other slots do
+        # not invalidate tensors that an earlier read saved for backward (those slots never change).
+        return [buf.data.narrow(self.slot_dim, 0, n) for buf in self.buffers]
+
+    def grad_views(self, n: int) -> list[torch.Tensor]:
+        """The float32 gradient buffers' first n slots, allocated (zeroed) at the first call."""
+        if self.grads is None:  # at least float32: the sum over every later reader stays accurate
+            dtype = torch.promote_types(self.buffers[0].dtype, torch.float32)
+            self.grads = [torch.zeros(buf.shape, dtype=dtype, device=buf.device) for buf in self.buffers]
+        return [g.narrow(self.slot_dim, 0, n) for g in self.grads]
+
+    def read_handle(self) -> torch.Tensor | None:
+        """What a differentiable read must take as an input (None: nothing to differentiate)."""
+        return self.handle if torch.is_grad_enabled() else None
+
+
+class _Write(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stream, slot, prev_handle, *values):
+        for buf, x in zip(stream.buffers, values):
+            buf.select(stream.slot_dim, slot).copy_(x)
+        ctx.stream, ctx.slot, ctx.has_prev = stream, slot, prev_handle is not None
+        ctx.dtypes = [x.dtype for x in values]  # a producer may be wider than the buffer
+        return values[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad_handle):
+        stream, slot = ctx.stream, ctx.slot
+        if stream.grads is None:  # no read used this stream
+            return (None, None, None) + (None,) * len(stream.names)
+        grads = tuple(g.select(stream.slot_dim, slot).to(dtype) for g, dtype in zip(stream.grads, ctx.dtypes))
+        prev = torch.zeros((), device=grads[0].device) if ctx.has_prev else None
+        return (None, None, prev) + grads

@@ -1,0 +1,212 @@
+"""Triton kernels for the Attention Residuals read (SPEC section 5).
+
+The read is memory-bound: per token it touches N source rows of D values and does O(N*D)
+arithmetic. Layout: sources ``V [N, M, D]`` (M = B*T rows, rows contiguous in D) plus an
+optional extra source ``P [M, D]`` (block AttnRes' running partial sum, kept apart so the
+sources never need restacking). One program owns BLOCK_M rows and walks the sources once
+with an online softmax, so every source byte is read once in the forward and once in the
+backward, which also writes each source gradient once.
+
+Queries enter as ``u = w * g`` (pseudo-query times key-norm weight); the host turns du into
+dw and dg. The query gradient sums over all rows: each persistent backward program keeps its
+own partial sum in registers and writes it to ``DU[program]``; the host sums those rows, so
+the result does not depend on scheduling (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import last_dim_contiguous
+
+
+@triton.jit
+def _logit(v, u, D, eps):
+    """logit = u . v / rms(v) per row, and 1/rms(v)."""
+    rstd = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+    return tl.sum(v * u[None, :], 1) * rstd, rstd
+
+
+@triton.jit
+def _fwd_step(v, u, m_i, l_i, acc, D, eps):
+    logit, _ = _logit(v, u, D, eps)
+    m_new = tl.maximum(m_i, logit)
+    scale = tl.exp(m_i - m_new)
+    p = tl.exp(logit - m_new)
+    return m_new, l_i * scale + p, acc * scale[:, None] + p[:, None] * v
+
+
+@triton.jit
+def _attnres_fwd_kernel(
+    V, P, U, O, LSE,
+    sv_n, sv_m, sp_m, so_s, so_m, sl_s,
+    M, N, D, eps,
+    HAS_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < M)[:, None] & (dims < D)[None, :]
+    u = tl.load(U + s * D + dims, mask=dims < D, other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    v_ptrs = V + rows[:, None] * sv_m + dims[None, :]
+    for _ in range(N):
+        v = tl.load(v_ptrs, mask=mask, other=0.0)
+        m_i, l_i, acc = _fwd_step(v.to(tl.float32), u, m_i, l_i, acc, D, eps)
+        v_ptrs += sv_n  # 64-bit pointers step by step: no int32 overflow of i * stride
+    if HAS_PARTIAL:
+        v = tl.load(P + rows[:, None] * sp_m + dims[None, :], mask=mask, other=0.0)
+        m_i, l_i, acc = _fwd_step(v.to(tl.float32), u, m_i, l_i, acc, D, eps)
+
+    out = acc / l_i[:, None]
+    tl.store(O + s * so_s + rows[:, None] * so_m + dims[None, :], out.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + s * sl_s + rows, m_i + tl.log(l_i), mask=rows < M)
+
+
+@triton.jit
+def _grad_step(v, u, do, delta, lse, D, eps):
+    """Gradient of one source row block and its contribution to du (see the module docstring)."""
+    logit, rstd = _logit(v, u, D, eps)
+    alpha = tl.exp(logit - lse)
+    dlogit = alpha * (tl.sum(do * v, 1) - delta)
+    c = dlogit * rstd
+    dv = alpha[:, None] * do + c[:, None] * u[None, :] - (c * logit * rstd / D)[:, None] * v
+    return dv, tl.sum(c[:, None] * v, 0)
+
+
+@triton.jit
+def _attnres_bwd_kernel(
+    V, P, U, O, DO, LSE, DV, DP, DU,
+    sv_n, sv_m, sp_m, so_m, sdo_m, sdv_n, sdv_m, sdp_m,
+    M, N, D, eps, num_blocks,
+    HAS_PARTIAL: tl.constexpr, ACCUMULATE_V: tl.constexpr, ACCUMULATE_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    u = tl.load(U + dims, mask=dims < D, other=0.0).to(tl.float32)
+    du = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for blk in range(pid, num_blocks, tl.num_programs(0)):
+        rows = (blk * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = (rows < M)[:, None] & (dims < D)[None, :]
+        do = tl.load(DO + rows[:, None] * sdo_m + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(O + rows[:, None] * so_m + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        delta = tl.sum(do * o, 1)
+        lse = tl.load(LSE + rows, mask=rows < M, other=0.0)
+        v_ptrs = V + rows[:, None] * sv_m + dims[None, :]
+        dv_ptrs = DV + rows[:, None] * sdv_m + dims[None, :]
+        for _ in range(N):
+            v = tl.load(v_ptrs, mask=mask, other=0.0)
+            dv, du_i = _grad_step(v.to(tl.float32), u, do, delta, lse, D, eps)
+            du += du_i
+            if ACCUMULATE_V:
+                dv += tl.load(dv_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+            v_ptrs += sv_n
+            dv_ptrs += sdv_n
+        if HAS_PARTIAL:
+            v = tl.load(P + rows[:, None] * sp_m + dims[None, :], mask=mask, other=0.0)
+            dp, du_p = _grad_step(v.to(tl.float32), u, do, delta, lse, D, eps)
+            du += du_p
+            dp_ptr = DP + rows[:, None] * sdp_m + dims[None, :]
+            if ACCUMULATE_P:
+                dp += tl.load(dp_ptr, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dp_ptr, dp.to(DP.dtype.element_ty), mask=mask)
+    tl.store(DU + pid * D + dims, du, mask=dims < D)
+
+
+def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): about 4K (forward) or 2K (backward, more live tiles)
+    float32 values per program, 16 per thread."""
+    block_d = triton.next_power_of_2(D)
+    budget = 2048 if backward else 4096
+    block_m = max(1, min(64, budget // block_d))
+    num_warps = max(1, min(16, block_m * block_d // 512))
+    return block_m, block_d, num_warps
+
+
+def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
+    """``[..., D]`` as ``[M, D]`` rows with unit stride in D (a view when possible)."""
+    return last_dim_contiguous(x).reshape(-1, D)
+
+
+def attnres_forward(sources: torch.Tensor, u: torch.Tensor, partial: torch.Tensor | None, eps: float,
+                    tiles: tuple[int, int] | None = None):
+    """sources ``[N, M, D]``, u ``[S, D]`` float32, partial ``[M, D]`` or None.
+    Returns out ``[S, M, D]`` (sources' dtype) and lse ``[S, M]`` float32."""
+    N, M, D = sources.shape
+    S = u.shape[0]
+    sources, u = last_dim_contiguous(sources), u.contiguous()
+    out = torch.empty((S, M, D), dtype=sources.dtype, device=sources.device)
+    lse = torch.empty((S, M), dtype=torch.float32, device=sources.device)
+    block_m, block_d, num_warps = _tiles(D, backward=False)
+    if tiles is not None:
+        block_m, num_warps = tiles
+    p = sources if partial is None else partial
+    grid = (triton.cdiv(M, block_m), S)
+    _attnres_fwd_kernel[grid](
+        sources, p, u, out, lse,
+        sources.stride(0), sources.stride(1), p.stride(-2), out.stride(0), out.stride(1), lse.stride(0),
+        M, N, D, eps,
+        HAS_PARTIAL=partial is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out, lse
+
+
+def _num_programs(device: torch.device, num_blocks: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(num_blocks, 8 * sms))
+    return max(1, min(num_blocks, 4))
+
+
+def attnres_backward(do: torch.Tensor, sources: torch.Tensor, u: torch.Tensor, partial: torch.Tensor | None,
+                     out: torch.Tensor, lse: torch.Tensor, eps: float, *, grad_sources: torch.Tensor | None = None,
+                     tiles: tuple[int, int] | None = None):
+    """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``.
+
+    Returns (d_sources ``[N, M, D]``, d_partial ``[M, D]`` or None, du ``[S, D]`` float32).
+    With ``grad_sources`` (any float dtype, ``[N, M, D]`` with unit stride in D) the source
+    gradients are added into it in place and it is returned as d_sources.
+    """
+    N, M, D = sources.shape
+    S = u.shape[0]
+    sources, u = last_dim_contiguous(sources), u.contiguous()
+    accumulate_v = grad_sources is not None
+    if grad_sources is None:
+        # Several queries add into one gradient: keep the running sum in float32 until the end.
+        grad_dtype = sources.dtype if S == 1 else torch.promote_types(sources.dtype, torch.float32)
+        grad_sources = torch.empty((N, M, D), dtype=grad_dtype, device=sources.device)
+    d_partial = None
+    if partial is not None:
+        p_dtype = partial.dtype if S == 1 else torch.promote_types(partial.dtype, torch.float32)
+        d_partial = torch.empty((M, D), dtype=p_dtype, device=sources.device)
+    block_m, block_d, num_warps = _tiles(D, backward=True)
+    if tiles is not None:
+        block_m, num_warps = tiles
+    num_blocks = triton.cdiv(M, block_m)
+    programs = _num_programs(sources.device, num_blocks)
+    du = torch.empty((S, programs, D), dtype=torch.float32, device=sources.device)
+    p = sources if partial is None else partial
+    dp = grad_sources if d_partial is None else d_partial
+    for s in range(S):
+        o_s, do_s = last_dim_contiguous(out[s]), last_dim_contiguous(do[s])
+        _attnres_bwd_kernel[(programs,)](
+            sources, p, u[s], o_s, do_s, lse[s], grad_sources, dp, du[s],
+            sources.stride(0), sources.stride(1), p.stride(-2), o_s.stride(0), do_s.stride(0),
+            grad_sources.stride(0), grad_sources.stride(1), dp.stride(-2),
+            M, N, D, eps, num_blocks,
+            HAS_PARTIAL=partial is not None, ACCUMULATE_V=accumulate_v or s > 0, ACCUMULATE_P=s > 0,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    if grad_sources.dtype != sources.dtype and not accumulate_v:
+        grad_sources = grad_sources.to(sources.dtype)
+    if d_partial is not None and d_partial.dtype != partial.dtype:
+        d_partial = d_partial.to(partial.dtype)
+    return grad_sources, d_partial, du.sum(1)

@@ -1,0 +1,149 @@
+"""Attention Residuals: the fused Triton read (interpreted on CPU) against an independent
+float64 formula, forward and every gradient; the stream and two-phase paths of the model."""
+
+import pytest
+import torch
+from oracle import naive_attnres, rel_err
+
+from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+from flash_depth.ops.attnres import attention_residual, attention_residual_merge
+from flash_depth.ops.attnres_triton import attnres_backward, attnres_forward
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU
+
+
+def _case(N, B, T, D, S, with_partial, dtype):
+    scale = torch.rand(N + 1, 1, 1, 1) * 3 + 0.1  # sources of different norms: far from uniform weights
+    sources = (torch.randn(N + 1, B, T, D) * scale).to(DEVICE, dtype)
+    query, norm_weight = torch.randn(S, D, device=DEVICE), torch.rand(S, D, device=DEVICE) + 0.5
+    partial = sources[N] if with_partial else None
+    return sources[:N].contiguous(), query, norm_weight, partial
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,B,T,D,S,with_partial", [
+    (1, 1, 3, 16, 1, False),   # one source: weights are all 1
+    (3, 2, 5, 40, 1, True),    # rows not a multiple of the row block, D not a power of two
+    (5, 1, 9, 33, 3, True),    # several queries at once (two-phase inference), odd D
+    (4, 2, 7, 70, 2, False),
+])
+def test_fused_read_matches_float64_formula(N, B, T, D, S, with_partial, dtype):
+    sources, query, norm_weight, partial = _case(N, B, T, D, S, with_partial, dtype)
+    dout = torch.randn(S, B, T, D, device=DEVICE)
+    leaves = [x.clone().requires_grad_() for x in (sources, query, norm_weight)]
+    p = None if partial is None else partial.clone().requires_grad_()
+    out, lse = attention_residual(*leaves, eps=1e-6, partial=p, return_lse=True, backend="triton")
+    assert out.dtype == dtype and out.shape == (S, B, T, D) and lse.shape == (S, B, T)
+    (out.float() * dout).sum().backward()
+
+    ref_leaves = [x.double().requires_grad_() for x in (sources, query, norm_weight)]
+    ref_p = None if partial is None else partial.double().requires_grad_()
+    all_sources = ref_leaves[0] if ref_p is None else torch.cat([ref_leaves[0], ref_p[None]])
+    ref_out, ref_lse = naive_attnres(all_sources, ref_leaves[1], ref_leaves[2], 1e-6)
+    (ref_out * dout.double()).sum().backward()
+
+    tol = TOL[dtype]
+    assert rel_err(out, ref_out) < tol and rel_err(lse, ref_lse) < tol
+    for name, got, ref in zip(("sources", "query", "norm_weight"), leaves, ref_leaves):
+        assert rel_err(got.grad, ref.grad) < tol, name
+    if p is not None:
+        assert rel_err(p.grad, ref_p.grad) < tol
+
+
+def test_reference_backend_matches_float64_formula_and_returns_weights():
+    sources, query, norm_weight, partial = _case(4, 2, 5, 8, 2, True, torch.float64)
+    out, lse, weights = attention_residual(list(sources), query, norm_weight, partial=partial, return_lse=True,
+                                           return_weights=True)
+    ref_out, ref_lse = naive_attnres(torch.cat([sources, partial[None]]), query, norm_weight, 1e-6)
+    assert rel_err(out, ref_out) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
+    assert weights.shape == (2, 5, 2, 5) and torch.allclose(weights.sum(1), torch.ones(2, 2, 5, dtype=torch.float64))
+    one = attention_residual(sources, query[0], norm_weight[0])  # one query [D]: no S dimension
+    assert one.shape == (2, 5, 8) and rel_err(one, naive_attnres(sources, query[:1], norm_weight[:1], 1e-6)[0][0]) < 1e-12
+
+
+def test_backward_accumulates_into_a_gradient_buffer_and_is_deterministic():
+    sources, query, norm_weight, _ = _case(3, 1, 11, 24, 1, False, torch.float32)
+    rows, u = sources.reshape(3, -1, 24), (query * norm_weight)
+    out, lse = attnres_forward(rows, u, None, 1e-6)
+    dout = torch.randn_like(out)
+    d_sources, _, du = attnres_backward(dout, rows, u, None, out, lse, 1e-6)
+    again, _, du_again = attnres_backward(dout, rows, u, None, out, lse, 1e-6)
+    assert torch.equal(d_sources, again) and torch.equal(du, du_again)
+    buffer = torch.randn(3, 11, 24, device=DEVICE)
+    start = buffer.clone()
+    attnres_backward(dout, rows, u, None, out, lse, 1e-6, grad_sources=buffer)
+    assert rel_err(buffer, start + d_sources) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_merge_of_a_partial_sum_equals_one_read(backend):
+    sources, query, norm_weight, partial = _case(4, 2, 5, 24, 3, True, torch.float32)
+    out, lse = attention_residual(sources, query, norm_weight, return_lse=True, backend=backend)
+    one_read = attention_residual(sources, query, norm_weight, partial=partial, backend=backend)
+    for s in range(3):
+        merged = attention_residual_merge(out[s], lse[s], partial, query[s], norm_weight[s])
+        assert rel_err(merged, one_read[s]) < 1e-5
+
+
+def _attnres_model(mech, backend, seed):
+    torch.manual_seed(seed)
+    cfg = FlashDepthConfig.from_preset("tiny", depth_mechanism=mech, attnres_blocks=4, attention_backend=backend)
+    model = FlashDepthForCausalLM(cfg).float().to(DEVICE)
+    with torch.no_grad():  # off the zero init, so the reads weigh their sources unevenly
+        model.model.attnres.queries.normal_(0, 0.5)
+        model.model.attnres.key_norms.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("mech", ["attnres_full", "attnres_block"])
+def test_model_fused_stream_matches_reference_path(mech):
+    ids = torch.randint(0, 256, (2, 7), device=DEVICE)
+    grads, logits = {}, {}
+    for backend in ("reference", "triton"):
+        model = _attnres_model(mech, backend, seed=3)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        logits[backend] = out.logits
+        grads[backend] = {n: p.grad for n, p in model.named_parameters()}
+    assert rel_err(logits["triton"], logits["reference"]) < 1e-5
+    for name, ref in grads["reference"].items():
+        assert ref is not None and ref.abs().sum() > 0, name
+        assert rel_err(grads["triton"][name], ref) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_two_phase_inference_equals_the_training_read(backend):
+    model = _attnres_model("attnres_block", backend, seed=5)
+    ids = torch.randint(0, 256, (2, 9), device=DEVICE)
+    with torch.enable_grad():
+        one_phase = model(ids).logits
+    with torch.no_grad():
+        two_phase = model(ids).logits
+    assert rel_err(two_phase, one_phase) < 1e-5
+
+
+def test_bad_inputs_name_the_argument():
+    sources = torch.randn(3, 2, 5, 8)
+    with pytest.raises(ValueError, match="query must be a tensor of shape"):
+        attention_residual(sources, torch.zeros(7))
+    with pytest.raises(ValueError, match=r"norm_weight must be None or a tensor of shape \[8\] or \[2, 8\]"):
+        attention_residual(sources, torch.zeros(2, 8), torch.ones(3, 8))
+    with pytest.raises(ValueError, match="partial must be None or a tensor of the sources' shape"):
+        attention_residual(sources, torch.zeros(8), partial=torch.zeros(2, 4, 8))
+    with pytest.raises(ValueError, match=r"sources\[1\] has shape"):
+        attention_residual([sources[0], sources[1][:, :3]], torch.zeros(8))
+    with pytest.raises(ValueError, match="non-empty"):
+        attention_residual([], torch.zeros(8))
+    with pytest.raises(ValueError, match="N >= 1"):
+        attention_residual(sources[:0], torch.zeros(8))
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        attention_residual(sources, torch.zeros(8), eps=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention_residual(sources, torch.zeros(8), backend="cuda")
+    with pytest.raises(ValueError, match="return_weights=True needs backend='reference'"):
+        attention_residual(sources, torch.zeros(8), return_weights=True, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        attention_residual(sources.double().to(DEVICE), torch.zeros(8, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"lse must have shape \(2, 5\)"):
+        attention_residual_merge(sources[0], torch.zeros(2), sources[1], torch.zeros(8))
