@@ -116,7 +116,7 @@ def run_shape(N: int, D: int, peer_fns: dict) -> dict:
     V = torch.randn(N, B, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
     w = (torch.randn(D, device="cuda") * 0.05).requires_grad_()
     g = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_()
-    compiled = torch.compile(formula)
+    compiled = torch.compile(formula, dynamic=True)  # one compile serves every shape
     candidates = {
         "ours": lambda: attention_residual(V, w, g, eps=EPS, backend="triton"),
         "reference": lambda: attention_residual(V, w, g, eps=EPS, backend="reference"),
@@ -158,7 +158,8 @@ def to_markdown(rows, device: str, meta: dict) -> str:
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. B*T = {B * T} (B={B}, T={T}), bf16, "
         f"one query with a key-norm weight. Copy bandwidth measured in the same run: "
-        f"**{meta['copy_gbps']:.0f} GB/s**. Command: `python benchmarks/bench_attnres.py`.",
+        f"**{meta['copy_gbps']:.0f} GB/s** (each row's own run: `copy_gbps` in the json). "
+        "Command: `python benchmarks/bench_attnres.py`.",
         "",
         "Milliseconds (median), forward / forward+backward. GB/s counts the bytes the op must move "
         "((N+1) rows of D per token forward, (3N+3) forward+backward); `x` = failed at this shape.",
@@ -175,9 +176,10 @@ def to_markdown(rows, device: str, meta: dict) -> str:
             else:
                 cells.append("x")
         bw = [r["fwd_bytes"] / r["ours_fwd"] / 1e6, r["fwdbwd_bytes"] / r["ours_fwdbwd"] / 1e6]
+        copy = r.get("copy_gbps", meta["copy_gbps"])
         ratios = [f"{r[f'{p}_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if f"{p}_fwdbwd" in r else "x" for p in peer_names]
         lines.append(f"| {r['N']} | {r['D']} | " + " | ".join(cells) + " | "
-                     + " | ".join(f"{b:.0f} ({100 * b / meta['copy_gbps']:.0f}%)" for b in bw) + " | "
+                     + " | ".join(f"{b:.0f} ({100 * b / copy:.0f}%)" for b in bw) + " | "
                      + " | ".join(ratios) + " |")
     errors = [(r["N"], r["D"], k[: -len("_error")], v) for r in rows for k, v in r.items() if k.endswith("_error")]
     if errors:
@@ -188,6 +190,8 @@ def to_markdown(rows, device: str, meta: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", action="store_true", help="also sweep our kernels' tiles at every shape")
+    parser.add_argument("--shapes", type=int, nargs="*", help="indices into SHAPES to run (default: all); rows of "
+                        "other shapes already in the results file are kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -198,24 +202,29 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth()
     print(f"{device}: copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     peer_fns = peers()
-    rows = []
-    for N, D in SHAPES:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / f"attnres_{slug}.json"
+    previous = json.loads(result.read_text())["rows"] if result.exists() else []
+    shapes = [SHAPES[i] for i in (args.shapes if args.shapes else range(len(SHAPES)))]
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps}
+    rows = [r for r in previous if (r["N"], r["D"]) not in shapes]
+    for N, D in shapes:
         t0 = time.time()
         if args.tune:
             tune(N, D)
         row = run_shape(N, D, peer_fns)
+        row["copy_gbps"], row["date"] = copy_gbps, time.strftime("%Y-%m-%d %H:%M")
         rows.append(row)
+        rows.sort(key=lambda r: SHAPES.index((r["N"], r["D"])) if (r["N"], r["D"]) in SHAPES else len(SHAPES))
         print(f"N={N} D={D} ({time.time() - t0:.0f}s): "
               + ", ".join(f"{k}={v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        # Written after every shape: peers autotune for minutes, and a cut-off run keeps what it measured.
+        result.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / f"attnres_{slug}.md").write_text(to_markdown(rows, device, meta))
         torch.cuda.empty_cache()
-    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"attnres_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = to_markdown(rows, device, meta)
-    (out / f"attnres_{slug}.md").write_text(md)
-    print(md)
+    print(to_markdown(rows, device, meta))
     return 0
 
 

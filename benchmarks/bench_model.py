@@ -78,17 +78,17 @@ def to_markdown(rows, meta) -> str:
     lines = [f"# Training speed by depth mechanism on {meta['device']}", "",
              f"torch {meta['torch']}; {meta['date']}. Step = forward + backward + fused AdamW, bf16 autocast, eager.",
              f"Sequence length {rows[0]['seq_len']}; reproduce: `python benchmarks/bench_model.py`.", "",
-             "| preset | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s | vs residual | peak GiB "
+             "| preset | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s | vs residual (same run) "
+             "| peak GiB "
              "| date |", "|---|---|---|---|---|---|---|---|---|---|"]
-    base = {r["preset"]: r.get("tokens_per_s") for r in rows if r["variant"] == "residual"}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
                          f"| {r['batch']} | failed: {r['error'][:60]} | | | | {r.get('date', '-')} |")
             continue
-        ratio = r["tokens_per_s"] / base[r["preset"]] if base.get(r["preset"]) else float("nan")
+        ratio = f"{r['vs_residual']:.3f}x" if r.get("vs_residual") else "-"
         lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
-                     f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x "
+                     f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} "
                      f"| {r['peak_gib']:.1f} | {r.get('date', '-')} |")
     return "\n".join(lines) + "\n"
 
@@ -128,9 +128,13 @@ def main(argv=None) -> int:
     meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Rows of other presets/variants from an earlier run stay; each row carries its own date.
+    # Rows of other presets/variants from an earlier run stay, each with its own date and its
+    # ratio to the residual of its own run (runs differ by a few percent).
+    base = {r["preset"]: r["tokens_per_s"] for r in rows if r["variant"] == "residual" and "tokens_per_s" in r}
     for row in rows:
         row["date"] = meta["date"]
+        if "tokens_per_s" in row and row["preset"] in base:
+            row["vs_residual"] = row["tokens_per_s"] / base[row["preset"]]
     previous = out / f"model_{slug}.json"
     if previous.exists():
         done = {(r["preset"], r["variant"]) for r in rows}

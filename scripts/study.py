@@ -94,10 +94,14 @@ def main(argv=None) -> int:
         common.setdefault("data", {})["source"] = args.data
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for group, name, preset, seed, entry in _runs(study, args.smoke):
-        run = out / group / name
-        cfg = load_config(None, _overrides(common, entry, preset, seed, args.smoke))
+    runs = [(out / group / name, group, name, load_config(None, _overrides(common, entry, preset, seed, args.smoke)))
+            for group, name, preset, seed, entry in _runs(study, args.smoke)]
+
+    def finished_rows():  # every finished run, whichever invocation trained it
+        return [_row(run, group, name, cfg) for run, group, name, cfg in runs if (run / "summary.json").exists()]
+
+    write_results(out, finished_rows())
+    for run, group, name, cfg in runs:
         selected = not args.only or f"{group}/{name}" in args.only
         if selected and not (run / "summary.json").exists():
             resume = run.exists() and find_checkpoint(run) is not None
@@ -109,9 +113,7 @@ def main(argv=None) -> int:
             summary = json.loads(summary_file.read_text())
             summary["finished"] = time.strftime("%Y-%m-%d %H:%M")
             summary_file.write_text(json.dumps(summary, indent=1))
-        if (run / "summary.json").exists():
-            rows.append(_row(run, group, name, cfg))
-            write_results(out, rows)
+            write_results(out, finished_rows())
     pair = [out / p for p in study.get("analysis", [])]
     if not args.smoke and pair and all((p / "checkpoint").exists() for p in pair):
         from flash_depth.cli import main as cli

@@ -164,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Overrides may come before and after options (train key=v --out DIR key=v): argparse leaves
+    # the later ones over; anything else left over is an error.
+    if rest and getattr(args, "overrides", None) is not None and all("=" in a and not a.startswith("-") for a in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from flash_depth.data.sources import DataError
     from flash_depth.train.config import ConfigError
     from flash_depth.train.loop import TrainingError

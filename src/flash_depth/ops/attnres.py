@@ -83,12 +83,12 @@ def select_attnres_backend(backend: str, first: torch.Tensor, return_weights: bo
         fused = first.is_cuda and first.dtype in (torch.float16, torch.bfloat16, torch.float32)
         return "triton" if fused and not return_weights else "reference"
     if backend == "triton":
+        if return_weights:
+            raise ValueError("return_weights=True needs backend='reference' (the fused kernels never form the weights)")
         if not triton_ok:
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {first.device}")
         if first.dtype == torch.float64:
             raise TypeError("backend='triton' takes float16, bfloat16 or float32 sources, got float64")
-        if return_weights:
-            raise ValueError("return_weights=True needs backend='reference' (the fused kernels never form the weights)")
     return backend
 
 
@@ -126,24 +126,19 @@ def attention_residual(
     first = _check(sources, query, norm_weight, eps, partial, backend)
     chosen = select_attnres_backend(backend, first, return_weights)
     single = query.dim() == 1
-    u_query = query[None] if single else query
-    u_norm = None if norm_weight is None else (norm_weight[None] if norm_weight.dim() == 1 else norm_weight)
     # Outside autocast: it would save a low-precision copy of every source at every read.
     with torch.autocast(first.device.type, enabled=False):
         if chosen == "reference":
             listed = list(sources.unbind(0)) if isinstance(sources, torch.Tensor) else list(sources)
-            out, lse, weights = _reference(listed, u_query, u_norm, eps, partial)
+            D = first.shape[-1]
+            u_norm = None if norm_weight is None else norm_weight.reshape(-1, D)
+            out, lse, weights = _reference(listed, query.reshape(-1, D), u_norm, eps, partial)
+            if single:
+                out, lse, weights = out[0], lse[0], weights[0]
         else:
             stacked = sources if isinstance(sources, torch.Tensor) else torch.stack(list(sources))
-            u = u_query.float() if u_norm is None else u_query.float() * u_norm.float()
-            rows = stacked.reshape(stacked.shape[0], -1, stacked.shape[-1])
-            p_rows = None if partial is None else partial.reshape(-1, partial.shape[-1])
-            out, lse = _AttnResFunction.apply(rows, u, p_rows, float(eps))
-            out, lse = out.view(-1, *first.shape), lse.view(-1, *first.shape[:-1])
+            out, lse = _AttnResFunction.apply(stacked, query, norm_weight, partial, float(eps))
             weights = None
-    if single:
-        out, lse = out[0], lse[0]
-        weights = None if weights is None else weights[0]
     extra = ([lse] if return_lse else []) + ([weights] if return_weights else [])
     return (out, *extra) if extra else out
 
@@ -167,25 +162,39 @@ def _reference(sources, query, norm_weight, eps, partial):
 
 
 class _AttnResFunction(torch.autograd.Function):
-    """The fused read on rows: sources ``[N, M, D]``, u ``[S, D]`` float32, partial ``[M, D]``."""
+    """The fused read: sources ``[N, ..., D]``, query ``[D]`` or ``[S, D]``, norm weight ``[D]``,
+    ``[S, D]`` or None, partial ``[..., D]`` or None. The query/norm products and the output's
+    final shape are handled inside, so a read adds one autograd node, not a chain of small ones."""
 
     @staticmethod
-    def forward(ctx, sources, u, partial, eps):
+    def forward(ctx, sources, query, norm_weight, partial, eps):
         from .attnres_triton import attnres_forward
 
-        out, lse = attnres_forward(sources, u, partial, eps)
-        ctx.save_for_backward(sources, u, partial, out, lse)
-        ctx.eps = eps
+        D = sources.shape[-1]
+        q2 = query.float().reshape(-1, D)
+        g2 = None if norm_weight is None else norm_weight.float().reshape(-1, D)
+        u = q2 if g2 is None else (q2 * g2).contiguous()
+        rows = sources.reshape(sources.shape[0], -1, D)
+        p_rows = None if partial is None else partial.reshape(-1, D)
+        out, lse = attnres_forward(rows, u, p_rows, eps)
+        ctx.save_for_backward(rows, u, p_rows, out, lse, q2, g2)
+        ctx.eps, ctx.shapes = eps, (sources.shape, query.shape, None if norm_weight is None else norm_weight.shape)
         ctx.mark_non_differentiable(lse)
-        return out, lse
+        lead = sources.shape[1:-1] if query.dim() == 1 else (q2.shape[0], *sources.shape[1:-1])
+        return out.view(*lead, D), lse.view(lead)
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         from .attnres_triton import attnres_backward
 
-        sources, u, partial, out, lse = ctx.saved_tensors
-        d_sources, d_partial, du = attnres_backward(dout, sources, u, partial, out, lse, ctx.eps)
-        return d_sources, du, d_partial, None
+        rows, u, p_rows, out, lse, q2, g2 = ctx.saved_tensors
+        source_shape, query_shape, norm_shape = ctx.shapes
+        d_rows, d_partial, du = attnres_backward(dout.reshape(out.shape), rows, u, p_rows, out, lse, ctx.eps)
+        dq = du if g2 is None else du * g2
+        dg = None if g2 is None else (du * q2).sum(0, keepdim=True) if g2.shape[0] == 1 else du * q2
+        d_partial = None if d_partial is None else d_partial.view(source_shape[1:])
+        return (d_rows.view(source_shape), dq.view(query_shape),
+                None if dg is None else dg.view(norm_shape), d_partial, None)
 
 
 def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.Tensor, query: torch.Tensor,

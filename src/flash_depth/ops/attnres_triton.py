@@ -15,6 +15,8 @@ the result does not depend on scheduling (deterministic, no atomics).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -122,18 +124,13 @@ def _attnres_bwd_kernel(
 
 
 def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): about 4K (forward) or 2K (backward, more live tiles)
-    float32 values per program, 16 per thread."""
+    """(BLOCK_M, BLOCK_D, num_warps), from sweeps on an H100 (benchmarks/bench_attnres.py --tune,
+    log in benchmarks/results/logs/): the forward wants about 16 values per thread and one row
+    per program (two below D=512); the backward, which keeps four row tiles live, 2-4 rows."""
     block_d = triton.next_power_of_2(D)
-    budget = 2048 if backward else 4096
-    block_m = max(1, min(64, budget // block_d))
-    num_warps = max(1, min(16, block_m * block_d // 512))
-    return block_m, block_d, num_warps
-
-
-def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
-    """``[..., D]`` as ``[M, D]`` rows with unit stride in D (a view when possible)."""
-    return last_dim_contiguous(x).reshape(-1, D)
+    if backward:
+        return max(2, min(4, 4096 // block_d)), block_d, 2 if block_d <= 512 else 4
+    return (2 if block_d <= 512 else 1), block_d, max(2, min(8, block_d // 1024))
 
 
 def attnres_forward(sources: torch.Tensor, u: torch.Tensor, partial: torch.Tensor | None, eps: float,
@@ -159,11 +156,14 @@ def attnres_forward(sources: torch.Tensor, u: torch.Tensor, partial: torch.Tenso
     return out, lse
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _num_programs(device: torch.device, num_blocks: int) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(num_blocks, 8 * sms))
-    return max(1, min(num_blocks, 4))
+    """Persistent backward grid: enough programs to fill the GPU, each summing its own du."""
+    return max(1, min(num_blocks, 8 * _multiprocessors(device) if device.type == "cuda" else 4))
 
 
 def attnres_backward(do: torch.Tensor, sources: torch.Tensor, u: torch.Tensor, partial: torch.Tensor | None,
