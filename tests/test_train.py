@@ -147,6 +147,17 @@ def test_config_errors(tmp_path):
     assert cfg.train.min_lr == 3e-5
 
 
+def test_cli_takes_overrides_before_and_after_options(tmp_path, capsys):
+    # The late override is parsed (it fails as an unknown key), and so is the early one.
+    assert cli(["train", "train.max_steps=1", "--out", str(tmp_path / "a"), "model.nope=1"]) == 2
+    assert "unknown config key 'model.nope'" in capsys.readouterr().err
+    assert cli(["train", "train.nope=1", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown config key 'train.nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["train", "--out", str(tmp_path / "c"), "--bogus"])
+    assert not any(tmp_path.iterdir())  # nothing written for a rejected command
+
+
 def test_eval_and_compare(tmp_path, corpus, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _train(a, corpus, steps=4) == 0
