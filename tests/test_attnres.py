@@ -147,3 +147,13 @@ def test_bad_inputs_name_the_argument():
         attention_residual(sources.double().to(DEVICE), torch.zeros(8, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match=r"lse must have shape \(2, 5\)"):
         attention_residual_merge(sources[0], torch.zeros(2), sources[1], torch.zeros(8))
+
+
+def test_cached_decoding_step_equals_full_forward_on_the_fused_path():
+    model = _attnres_model("attnres_block", "triton", seed=7)
+    ids = torch.randint(0, 256, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        prefix = model(ids[:, :5], use_cache=True)
+        step = model(ids[:, 5:], past_key_values=prefix.past_key_values).logits[:, -1]
+    assert rel_err(step, full) < 1e-5
