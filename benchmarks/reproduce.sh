@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Reproduce the committed GPU results, one section at a time (each writes benchmarks/results/).
+#
+#   bash benchmarks/reproduce.sh tests      # GPU test suite (CPU tests too), log in results/logs/
+#   bash benchmarks/reproduce.sh moda       # MoDA / FDA ops vs cuDNN, FA2, FlexAttention
+#   bash benchmarks/reproduce.sh attnres    # AttnRes read vs Liger, flash-attn-res, FLA, torch.compile
+#   bash benchmarks/reproduce.sh model      # training tokens/s per depth mechanism, small-48 and 700m
+#   bash benchmarks/reproduce.sh multigpu   # 1 GPU vs 2-GPU DDP and FSDP2 (needs 2 GPUs and data/mixed)
+#   bash benchmarks/reproduce.sh study      # the depth-mechanism study (needs data/mixed), docs/study.md
+#
+# The AttnRes peers are optional: pip install liger-kernel flash-attn-res fla-core (missing ones are skipped).
+# data/mixed comes from: python scripts/build_corpus.py --out data/mixed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+logs=benchmarks/results/logs
+mkdir -p "$logs"
+gpu() { python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())"; }
+
+case "${1:-}" in
+  tests)    python -m pytest tests 2>&1 | tee "$logs/gpu_tests_$(gpu).log" ;;
+  moda)     python benchmarks/bench_moda.py ;;
+  attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log" ;;
+  model)    python benchmarks/bench_model.py --presets small-48 700m ;;
+  multigpu)
+    common="data.source=data/mixed/shards model.preset=small-24 model.depth_mechanism=moda train.seq_len=1024
+            train.batch_size=16 train.max_steps=80 train.warmup_steps=10 train.eval_every=40 train.eval_batches=4
+            train.checkpoint_every=80 train.log_every=10"
+    export NCCL_NVLS_ENABLE=0
+    # shellcheck disable=SC2086
+    python -m flash_depth.train --out runs/multigpu/gpu1 $common
+    # shellcheck disable=SC2086
+    torchrun --standalone --nproc_per_node=2 -m flash_depth.train --out runs/multigpu/ddp2 $common train.distributed=ddp
+    # shellcheck disable=SC2086
+    torchrun --standalone --nproc_per_node=2 -m flash_depth.train --out runs/multigpu/fsdp2 $common train.distributed=fsdp
+    cat runs/multigpu/*/summary.json ;;
+  study)    python scripts/study.py --out runs/study ;;
+  *)        sed -n 2,12p "$0"; exit 2 ;;
+esac
