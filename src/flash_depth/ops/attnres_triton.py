@@ -48,7 +48,7 @@ def _attnres_fwd_kernel(
     HAS_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)  # s * so_s passes 2^31 for several queries over large B*T*D
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < M)[:, None] & (dims < D)[None, :]
