@@ -258,3 +258,17 @@ def test_activation_checkpointing_gives_the_same_gradients(mech):
 def test_activation_checkpointing_refused_for_the_depth_stream():
     with pytest.raises(ValueError, match="not supported for depth_mechanism='moda'"):
         _model("moda").model.set_activation_checkpointing(True)
+
+
+@pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
+def test_torch_compile_gives_the_same_gradients(mech):
+    """train.compile: the depth streams' in-place reads and writes run eagerly (graph breaks),
+    the rest is traced. aot_eager checks the tracing without a C++ toolchain."""
+    model = _model(mech, "pre")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.compile(model, backend="aot_eager")(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, eager[name]) < 1e-5, name

@@ -27,6 +27,7 @@ class SourceStream(SlotStream):
         """The first n (default: all written) sources ``[n, B, T, D]`` (a view, no gradient)."""
         return self.views(n)[0]
 
+    @torch.compiler.disable  # reads of the in-place buffer run eagerly under torch.compile
     def read(self, query: torch.Tensor, norm_weight: torch.Tensor, eps: float, partial: torch.Tensor | None = None,
              return_weights: bool = False):
         """Read of query ``[D]`` over the written sources (plus ``partial``); ``[B, T, D]``
@@ -41,6 +42,7 @@ class SourceStream(SlotStream):
         out, weights = _Read.apply(self, handle, query, norm_weight, partial, eps, backend)
         return (out, weights) if return_weights else out
 
+    @torch.compiler.disable
     def read_two_phase(self, queries: torch.Tensor, norm_weights: torch.Tensor, eps: float):
         """Phase one of two-phase inference: one read of S queries ``[S, D]`` over the written
         sources. Returns out ``[S, B, T, D]`` and lse ``[S, B, T]``; phase two finishes each

@@ -92,6 +92,7 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto") -> torch.Tensor
     return _read(stream, q, None, None, False, backend)
 
 
+@torch.compiler.disable  # reads of the in-place buffer run eagerly under torch.compile
 def _read(stream: DepthStream, q, k, v, causal: bool, backend: str) -> torch.Tensor:
     handle = stream.read_handle()
     if handle is not None:

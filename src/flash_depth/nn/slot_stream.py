@@ -28,6 +28,7 @@ class SlotStream:
         self.count = 0
         self.handle: torch.Tensor | None = None
 
+    @torch.compiler.disable  # in-place writes and hand-routed gradients: run eagerly under torch.compile
     def write(self, *values: torch.Tensor) -> None:
         """Append one slot (the first write fixes shape and dtype)."""
         if self.buffers is None:
