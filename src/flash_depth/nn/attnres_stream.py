@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flash_depth.ops.attnres import attention_residual, select_attnres_backend
+from flash_depth.ops.attnres import attention_residual, fused_backward, fused_forward, select_attnres_backend
 
 from .slot_stream import SlotStream
 
@@ -66,18 +66,12 @@ class _Read(torch.autograd.Function):
             ctx.graph = (out, leaves + ([p] if p is not None else []))
             ctx.mark_non_differentiable(weights)
             return out.detach(), weights.detach()
-        from flash_depth.ops.attnres_triton import attnres_forward
-
         ctx.graph = None
-        u = (query.float() * norm_weight.float())[None]
-        rows = sources.reshape(ctx.n, -1, sources.shape[-1])
-        p_rows = None if partial is None else partial.reshape(-1, partial.shape[-1])
-        out, lse = attnres_forward(rows, u, p_rows, eps)
-        ctx.save_for_backward(query, norm_weight, u, p_rows, out, lse)
-        ctx.partial_shape = None if partial is None else partial.shape
+        out, _, saved, ctx.shapes = fused_forward(sources, query, norm_weight, partial, eps)
+        ctx.save_for_backward(*saved)
         weights = out.new_empty(0)
         ctx.mark_non_differentiable(weights)
-        return out.view(sources.shape[1:]), weights
+        return out, weights
 
     @staticmethod
     def backward(ctx, dout, _dweights):
@@ -89,14 +83,5 @@ class _Read(torch.autograd.Function):
             ctx.graph = None
             grad_sources += d_sources
             return None, torch.zeros((), device=dout.device), dq, dg, (dp[0] if dp else None), None, None
-        from flash_depth.ops.attnres_triton import attnres_backward
-
-        query, norm_weight, u, p_rows, out, lse = ctx.saved_tensors
-        rows = stream.sources(n).reshape(n, -1, out.shape[-1])
-        _, dp, du = attnres_backward(dout.reshape(1, -1, out.shape[-1]), rows, u, p_rows, out, lse, ctx.eps,
-                                     grad_sources=grad_sources.view(n, -1, out.shape[-1]))
-        du = du[0]
-        dq = (du * norm_weight.float()).to(query.dtype)
-        dg = (du * query.float()).to(norm_weight.dtype)
-        dp = None if dp is None else dp.view(ctx.partial_shape)
+        _, dq, dg, dp = fused_backward(dout, ctx.saved_tensors, ctx.shapes, ctx.eps, grad_sources=grad_sources)
         return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None

@@ -161,40 +161,58 @@ def _reference(sources, query, norm_weight, eps, partial):
     return out.to(sources[0].dtype), torch.logsumexp(logits, dim=1), weights
 
 
+def fused_forward(sources, query, norm_weight, partial, eps: float):
+    """The Triton read. sources ``[N, ..., D]``, query ``[D]`` or ``[S, D]``, norm_weight ``[D]``,
+    ``[S, D]`` or None, partial ``[..., D]`` or None. Returns out (``[..., D]`` for a query
+    ``[D]``, else ``[S, ..., D]``), lse (the same without D) and what :func:`fused_backward` needs."""
+    from .attnres_triton import attnres_forward
+
+    D = sources.shape[-1]
+    q2 = query.float().reshape(-1, D)
+    g2 = None if norm_weight is None else norm_weight.float().reshape(-1, D)
+    u = q2 if g2 is None else (q2 * g2).contiguous()
+    rows = sources.reshape(sources.shape[0], -1, D)
+    p_rows = None if partial is None else partial.reshape(-1, D)
+    out, lse = attnres_forward(rows, u, p_rows, eps)
+    lead = sources.shape[1:-1] if query.dim() == 1 else (q2.shape[0], *sources.shape[1:-1])
+    shapes = (sources.shape, query.shape, None if norm_weight is None else norm_weight.shape)
+    return out.view(*lead, D), lse.view(lead), (rows, u, p_rows, out, lse, q2, g2), shapes
+
+
+def fused_backward(dout, saved, shapes, eps: float, grad_sources=None):
+    """Gradients of :func:`fused_forward`: (sources, query, norm_weight, partial), None where an
+    input was None. With ``grad_sources`` (``[N, ..., D]``, any float dtype) the source gradients
+    are added into it in place instead."""
+    from .attnres_triton import attnres_backward
+
+    rows, u, p_rows, out, lse, q2, g2 = saved
+    source_shape, query_shape, norm_shape = shapes
+    into = None if grad_sources is None else grad_sources.view(rows.shape)
+    d_rows, d_partial, du = attnres_backward(dout.reshape(out.shape), rows, u, p_rows, out, lse, eps,
+                                             grad_sources=into)
+    dq = du if g2 is None else du * g2
+    dg = None
+    if g2 is not None:  # a norm weight shared by S queries gets the sum of their gradients
+        dg = ((du * q2).sum(0, keepdim=True) if g2.shape[0] == 1 else du * q2).view(norm_shape)
+    return (d_rows.view(source_shape), dq.view(query_shape), dg,
+            None if d_partial is None else d_partial.view(source_shape[1:]))
+
+
 class _AttnResFunction(torch.autograd.Function):
-    """The fused read: sources ``[N, ..., D]``, query ``[D]`` or ``[S, D]``, norm weight ``[D]``,
-    ``[S, D]`` or None, partial ``[..., D]`` or None. The query/norm products and the output's
-    final shape are handled inside, so a read adds one autograd node, not a chain of small ones."""
+    """The fused read as one autograd node: the query/norm products and the output's final
+    shape are handled inside, not by a chain of small autograd ops."""
 
     @staticmethod
     def forward(ctx, sources, query, norm_weight, partial, eps):
-        from .attnres_triton import attnres_forward
-
-        D = sources.shape[-1]
-        q2 = query.float().reshape(-1, D)
-        g2 = None if norm_weight is None else norm_weight.float().reshape(-1, D)
-        u = q2 if g2 is None else (q2 * g2).contiguous()
-        rows = sources.reshape(sources.shape[0], -1, D)
-        p_rows = None if partial is None else partial.reshape(-1, D)
-        out, lse = attnres_forward(rows, u, p_rows, eps)
-        ctx.save_for_backward(rows, u, p_rows, out, lse, q2, g2)
-        ctx.eps, ctx.shapes = eps, (sources.shape, query.shape, None if norm_weight is None else norm_weight.shape)
+        out, lse, saved, ctx.shapes = fused_forward(sources, query, norm_weight, partial, eps)
+        ctx.save_for_backward(*saved)
+        ctx.eps = eps
         ctx.mark_non_differentiable(lse)
-        lead = sources.shape[1:-1] if query.dim() == 1 else (q2.shape[0], *sources.shape[1:-1])
-        return out.view(*lead, D), lse.view(lead)
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        from .attnres_triton import attnres_backward
-
-        rows, u, p_rows, out, lse, q2, g2 = ctx.saved_tensors
-        source_shape, query_shape, norm_shape = ctx.shapes
-        d_rows, d_partial, du = attnres_backward(dout.reshape(out.shape), rows, u, p_rows, out, lse, ctx.eps)
-        dq = du if g2 is None else du * g2
-        dg = None if g2 is None else (du * q2).sum(0, keepdim=True) if g2.shape[0] == 1 else du * q2
-        d_partial = None if d_partial is None else d_partial.view(source_shape[1:])
-        return (d_rows.view(source_shape), dq.view(query_shape),
-                None if dg is None else dg.view(norm_shape), d_partial, None)
+        return (*fused_backward(dout, ctx.saved_tensors, ctx.shapes, ctx.eps), None)
 
 
 def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.Tensor, query: torch.Tensor,
