@@ -76,6 +76,18 @@ def peers() -> dict:
     return found
 
 
+def peer_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in ("liger-kernel", "flash-attn-res", "fla-core"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def copy_bandwidth() -> float:
     src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
@@ -164,6 +176,7 @@ def to_markdown(rows, device: str, meta: dict) -> str:
         f"**{meta['copy_gbps']:.0f} GB/s** (each row's own run: `copy_gbps` in the json). "
         "Command: `python benchmarks/bench_attnres.py`.",
         "",
+        "Peers: " + (", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items()) or "none installed") + ". "
         f"`compiled` is `torch.compile(dynamic={meta.get('compile_dynamic', True)})` of the plain formula. "
         "Milliseconds (median), forward / forward+backward. GB/s counts the bytes the op must move "
         "((N+1) rows of D per token forward, (3N+3) forward+backward); `x` = failed at this shape.",
@@ -213,7 +226,7 @@ def main(argv=None) -> int:
     shapes = [SHAPES[i] for i in (args.shapes if args.shapes else range(len(SHAPES)))]
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps,
-            "compile_dynamic": COMPILE_DYNAMIC}
+            "compile_dynamic": COMPILE_DYNAMIC, "peers": peer_versions()}
     rows = [r for r in previous if (r["N"], r["D"]) not in shapes]
     for N, D in shapes:
         t0 = time.time()
