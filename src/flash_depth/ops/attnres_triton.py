@@ -126,7 +126,7 @@ def _attnres_bwd_kernel(
 def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps), from sweeps on an H100 (benchmarks/bench_attnres.py --tune,
     log in benchmarks/results/logs/): the forward wants about 16 values per thread and one row
-    per program (two below D=512); the backward, which keeps four row tiles live, 2-4 rows."""
+    per program (two for D <= 512); the backward, which keeps four row tiles live, 2-4 rows."""
     block_d = triton.next_power_of_2(D)
     if backward:
         return max(2, min(4, 4096 // block_d)), block_d, 2 if block_d <= 512 else 4
@@ -145,7 +145,7 @@ def attnres_forward(sources: torch.Tensor, u: torch.Tensor, partial: torch.Tenso
     block_m, block_d, num_warps = _tiles(D, backward=False)
     if tiles is not None:
         block_m, num_warps = tiles
-    p = sources if partial is None else partial
+    p = sources if partial is None else last_dim_contiguous(partial)  # the kernels assume unit stride in D
     grid = (triton.cdiv(M, block_m), S)
     _attnres_fwd_kernel[grid](
         sources, p, u, out, lse,
@@ -193,7 +193,7 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, u: torch.Tensor, p
     num_blocks = triton.cdiv(M, block_m)
     programs = _num_programs(sources.device, num_blocks)
     du = torch.empty((S, programs, D), dtype=torch.float32, device=sources.device)
-    p = sources if partial is None else partial
+    p = sources if partial is None else last_dim_contiguous(partial)  # the kernels assume unit stride in D
     dp = grad_sources if d_partial is None else d_partial
     for s in range(S):
         o_s, do_s = last_dim_contiguous(out[s]), last_dim_contiguous(do[s])
