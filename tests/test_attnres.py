@@ -157,3 +157,12 @@ def test_cached_decoding_step_equals_full_forward_on_the_fused_path():
         prefix = model(ids[:, :5], use_cache=True)
         step = model(ids[:, 5:], past_key_values=prefix.past_key_values).logits[:, -1]
     assert rel_err(step, full) < 1e-5
+
+
+def test_fused_read_takes_inputs_with_any_strides():
+    sources, query, norm_weight, partial = _case(3, 2, 5, 16, 1, True, torch.float32)
+    strided_sources = sources.transpose(-1, -2).contiguous().transpose(-1, -2)  # stride 5 in D
+    strided_partial = partial.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = attention_residual(strided_sources, query[0], norm_weight[0], partial=strided_partial, backend="triton")
+    ref, _ = naive_attnres(torch.cat([sources, partial[None]]), query, norm_weight, 1e-6)
+    assert rel_err(out, ref[0]) < 1e-5
