@@ -7,6 +7,7 @@ value it got and what it needs, so a wrong call never turns into a wrong answer.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,11 @@ class AttentionDims:
     kv_heads: int
     head_dim: int
     depth: int  # L, 0 when there is no depth part
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """The Triton kernels can run on x: a CUDA tensor, or any tensor under TRITON_INTERPRET=1."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_tensor(name: str, x, rank: int, layout: str) -> None:

@@ -15,10 +15,11 @@ Public functions:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
+
+from ._checks import triton_usable
 
 ATTNRES_BACKENDS = ("auto", "reference", "triton")
 
@@ -78,14 +79,13 @@ def _check(sources, query, norm_weight, eps, partial, backend):
 
 def select_attnres_backend(backend: str, first: torch.Tensor, return_weights: bool) -> str:
     """The backend ``backend`` resolves to for sources like ``first`` ("reference" or "triton")."""
-    triton_ok = first.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "auto":
         fused = first.is_cuda and first.dtype in (torch.float16, torch.bfloat16, torch.float32)
         return "triton" if fused and not return_weights else "reference"
     if backend == "triton":
         if return_weights:
             raise ValueError("return_weights=True needs backend='reference' (the fused kernels never form the weights)")
-        if not triton_ok:
+        if not triton_usable(first):
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {first.device}")
         if first.dtype == torch.float64:
             raise TypeError("backend='triton' takes float16, bfloat16 or float32 sources, got float64")

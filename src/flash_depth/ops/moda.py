@@ -9,20 +9,15 @@ Backends:
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from . import cudnn_sdpa
-from ._checks import check_depth_inputs, check_moda_inputs, resolve_scale
+from ._checks import check_depth_inputs, check_moda_inputs, resolve_scale, triton_usable
 from .reference import attention_reference
 
 BACKENDS = ("auto", "reference", "triton", "cudnn")
-
-
-def _triton_usable(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
@@ -38,7 +33,7 @@ def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
     if backend in ("triton", "cudnn"):
         if q.dtype == torch.float64:
             raise TypeError(f"backend={backend!r} takes float16, bfloat16 or float32 inputs, got float64")
-        if not _triton_usable(q):
+        if not triton_usable(q):
             raise ValueError(
                 f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {q.device}"
             )
