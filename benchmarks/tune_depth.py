@@ -14,6 +14,7 @@ import sys
 
 import torch
 import triton
+from common import bench
 
 from flash_depth.ops import depth_triton
 
@@ -54,7 +55,7 @@ def main() -> int:
                     if not ok:
                         print(f"  {phase} {tiles}: WRONG RESULT", flush=True)
                         continue
-                    timings.append((triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"), tiles))
+                    timings.append((bench(fn, rep_ms=40), tiles))
                 except Exception as err:  # noqa: BLE001 - a tile that does not compile is data
                     print(f"  {phase} {tiles}: failed {type(err).__name__}: {str(err)[:120]}", flush=True)
             timings.sort()
