@@ -307,8 +307,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             source_dtype = torch.get_autocast_dtype("cuda")
         partial_dtype = torch.promote_types(emb.dtype, torch.float32)
         backend = {"reference": "reference", "triton": "triton"}.get(cfg.attention_backend, "auto")
-        stream = SourceStream(1 + 2 * cfg.num_hidden_layers // size, backend=backend)
-        stream.write(emb.to(source_dtype))
+        stream = SourceStream(1 + 2 * cfg.num_hidden_layers // size, backend=backend, dtype=source_dtype)
+        stream.write(emb)  # cast to source_dtype by the copy into its slot
         recording = self.__dict__.get("_recorder") is not None
         two_phase = size > 1 and not torch.is_grad_enabled() and not recording
         partial, first_reads = None, None
@@ -342,7 +342,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                 partial = out.to(partial_dtype) if partial is None else partial + out
                 index += 1
                 if index % size == 0:
-                    stream.write(partial.to(source_dtype))
+                    stream.write(partial)
                     partial = None
         h = read(index)
         stream.close()

@@ -19,8 +19,8 @@ from .slot_stream import SlotStream
 class SourceStream(SlotStream):
     """AttnRes sources ``[B, T, D]`` of one forward pass (source 0 is the embedding)."""
 
-    def __init__(self, slots: int, backend: str = "auto"):
-        super().__init__(slots, slot_dim=0, names=("sources",))
+    def __init__(self, slots: int, backend: str = "auto", dtype: torch.dtype | None = None):
+        super().__init__(slots, slot_dim=0, names=("sources",), dtype=dtype)
         self.backend = backend
 
     def sources(self, n: int | None = None) -> torch.Tensor:

@@ -21,8 +21,9 @@ import torch
 class SlotStream:
     """One or more buffers that share a slot dimension ``slot_dim`` of size ``slots``."""
 
-    def __init__(self, slots: int, slot_dim: int, names: tuple[str, ...]):
-        self.slots_max, self.slot_dim, self.names = slots, slot_dim, names
+    def __init__(self, slots: int, slot_dim: int, names: tuple[str, ...], dtype: torch.dtype | None = None):
+        # dtype None: the first write's. Writes of another dtype are cast by the copy into the slot.
+        self.slots_max, self.slot_dim, self.names, self.dtype = slots, slot_dim, names, dtype
         self.buffers: list[torch.Tensor] | None = None  # allocated at the first write
         self.grads: list[torch.Tensor] | None = None
         self.count = 0
@@ -34,7 +35,7 @@ class SlotStream:
         if self.buffers is None:
             shape = list(values[0].shape)
             shape.insert(self.slot_dim, self.slots_max)
-            self.buffers = [values[0].new_empty(shape) for _ in self.names]
+            self.buffers = [values[0].new_empty(shape, dtype=self.dtype or values[0].dtype) for _ in self.names]
         if self.count >= self.slots_max:
             raise RuntimeError(f"stream is full ({self.slots_max} slots)")
         want = self.slot_shape()
