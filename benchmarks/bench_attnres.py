@@ -23,7 +23,6 @@ measured in the same run (``dst.copy_(src)`` of 2 GiB).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 import triton
-from common import bench, bench_interleaved, device_slug, fwd_bwd
+from common import bench, bench_interleaved, device_slug, fwd_bwd, save_results
 
 from flash_depth import attention_residual
 from flash_depth.ops import attnres_triton
@@ -219,15 +218,11 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth()
     print(f"{device}: copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     peer_fns = peers()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = out / f"attnres_{slug}.json"
-    previous = json.loads(result.read_text())["rows"] if result.exists() else []
     shapes = [SHAPES[i] for i in (args.shapes if args.shapes else range(len(SHAPES)))]
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps,
             "compile_dynamic": COMPILE_DYNAMIC, "peers": peer_versions()}
-    rows = [r for r in previous if (r["N"], r["D"]) not in shapes]
+    rows, md = [], ""
     for N, D in shapes:
         t0 = time.time()
         if args.tune:
@@ -235,14 +230,14 @@ def main(argv=None) -> int:
         row = run_shape(N, D, peer_fns)
         row["copy_gbps"], row["date"] = copy_gbps, time.strftime("%Y-%m-%d %H:%M")
         rows.append(row)
-        rows.sort(key=lambda r: SHAPES.index((r["N"], r["D"])) if (r["N"], r["D"]) in SHAPES else len(SHAPES))
         print(f"N={N} D={D} ({time.time() - t0:.0f}s): "
               + ", ".join(f"{k}={v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
         # Written after every shape: peers autotune for minutes, and a cut-off run keeps what it measured.
-        result.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (out / f"attnres_{slug}.md").write_text(to_markdown(rows, device, meta))
+        md = save_results(Path(args.out), f"attnres_{slug}", meta, rows, key=lambda r: (r["N"], r["D"]),
+                          order=lambda r: SHAPES.index((r["N"], r["D"])) if (r["N"], r["D"]) in SHAPES else len(SHAPES),
+                          markdown=lambda rows, meta: to_markdown(rows, device, meta))
         torch.cuda.empty_cache()
-    print(to_markdown(rows, device, meta))
+    print(md)
     return 0
 
 

@@ -17,7 +17,6 @@ median over rounds (benchmarks/common.py).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import bench, bench_interleaved, device_slug, fwd_bwd
+from common import bench, bench_interleaved, device_slug, fwd_bwd, save_results
 
 from flash_depth import moda_attention
 from flash_depth.ops import depth_triton
@@ -184,7 +183,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     name = f"moda_{slug}" + ("_quick" if args.quick else "")
     configs = QUICK if args.quick else [FULL[i] for i in (args.rows if args.rows else range(len(FULL)))]
-    previous = json.loads((out / f"{name}.json").read_text())["rows"] if (out / f"{name}.json").exists() else []
     rows = []
     for T, G, L, d in configs:
         t0 = time.time()
@@ -198,14 +196,13 @@ def main(argv=None) -> int:
             print("  errors:", errors, flush=True)
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
-    done = {(r["T"], r["G"], r["L"], r["d"]) for r in rows}
-    rows += [r for r in previous if (r["T"], r["G"], r["L"], r["d"]) not in done]
     order = {c: i for i, c in enumerate(FULL)}
-    rows.sort(key=lambda r: order.get((r["T"], r["G"], r["L"], r["d"]), len(order)))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = to_markdown(rows, device, meta)
-    (out / f"{name}.md").write_text(md)
+
+    def config_of(r):
+        return r["T"], r["G"], r["L"], r["d"]
+
+    md = save_results(out, name, meta, rows, key=config_of, order=lambda r: order.get(config_of(r), len(order)),
+                      markdown=lambda rows, meta: to_markdown(rows, device, meta))
     print(md)
     return 0
 

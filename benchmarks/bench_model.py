@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_slug
+from common import device_slug, save_results
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.accounting import flops_per_token, parameter_count
@@ -126,8 +126,6 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     # Rows of other presets/variants from an earlier run stay, each with its own date and its
     # ratio to the residual of its own run (runs differ by a few percent).
     base = {r["preset"]: r["tokens_per_s"] for r in rows if r["variant"] == "residual" and "tokens_per_s" in r}
@@ -135,15 +133,10 @@ def main(argv=None) -> int:
         row["date"] = meta["date"]
         if "tokens_per_s" in row and row["preset"] in base:
             row["vs_residual"] = row["tokens_per_s"] / base[row["preset"]]
-    previous = out / f"model_{slug}.json"
-    if previous.exists():
-        done = {(r["preset"], r["variant"]) for r in rows}
-        rows += [r for r in json.loads(previous.read_text())["rows"] if (r["preset"], r["variant"]) not in done]
     order = {name: i for i, (name, _) in enumerate(VARIANTS)}
-    rows.sort(key=lambda r: (r["preset"] != "small-48", r["preset"], order.get(r["variant"], len(order))))
-    (out / f"model_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = to_markdown(rows, meta)
-    (out / f"model_{slug}.md").write_text(md)
+    md = save_results(Path(args.out), f"model_{slug}", meta, rows, key=lambda r: (r["preset"], r["variant"]),
+                      order=lambda r: (r["preset"] != "small-48", r["preset"], order.get(r["variant"], len(order))),
+                      markdown=to_markdown)
     print(md)
     return 0
 

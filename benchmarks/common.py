@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 import triton
@@ -43,3 +45,18 @@ def device_slug() -> tuple[str, str]:
     """The GPU's name and a file-name form of it (``nvidia_h100_80gb_hbm3``)."""
     device = torch.cuda.get_device_name()
     return device, re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+
+
+def save_results(out: Path, name: str, meta: dict, rows: list[dict], key, order, markdown) -> str:
+    """Write OUT/NAME.json and OUT/NAME.md: ``rows`` of this run plus the rows of earlier runs in
+    the json whose ``key(row)`` this run did not measure, sorted by ``order(row)``. Rows carry
+    their own dates. ``markdown(rows, meta)`` renders the table, which is returned."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / f"{name}.json"
+    done = {key(r) for r in rows}
+    previous = json.loads(result.read_text())["rows"] if result.exists() else []
+    merged = sorted(rows + [r for r in previous if key(r) not in done], key=order)
+    result.write_text(json.dumps({"meta": meta, "rows": merged}, indent=1))
+    md = markdown(merged, meta)
+    (out / f"{name}.md").write_text(md)
+    return md
