@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny models, 2 steps: checks the plumbing")
     parser.add_argument("--data", help="override common.data.source")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--analysis", nargs=2, metavar="PRESET/RUN",
+                        help="the pair of finished runs to analyse (default: the config's `analysis`)")
     args = parser.parse_args(argv)
     study = yaml.safe_load(Path(args.config).read_text())
     common = study.get("common", {})
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
             summary["finished"] = time.strftime("%Y-%m-%d %H:%M")
             summary_file.write_text(json.dumps(summary, indent=1))
             write_results(out, finished_rows())
-    pair = [out / p for p in study.get("analysis", [])]
+    pair = [out / p for p in (args.analysis or study.get("analysis", []))]
     if not args.smoke and pair and all((p / "checkpoint").exists() for p in pair):
         from flash_depth.cli import main as cli
 
