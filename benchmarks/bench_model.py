@@ -2,8 +2,10 @@
 
     python benchmarks/bench_model.py                  # small-48 and 700m presets, T=4096
     python benchmarks/bench_model.py --presets small-48 --steps 5
+    python benchmarks/bench_model.py --compile       # each block torch.compiled (train.compile=true)
 
-A step is forward + backward + AdamW under bf16 autocast (fp32 master weights), eager mode.
+A step is forward + backward + AdamW under bf16 autocast (fp32 master weights), eager mode or
+with every block compiled (``FlashDepthModel.compile_blocks``, what ``train.compile`` does).
 Writes benchmarks/results/model_<gpu>.{json,md} (rows of presets/variants not run this time are
 kept from the file); ratios are to `residual` of the same preset, so rerun `residual` with the
 variants you compare: runs differ by a few percent.
@@ -37,14 +39,17 @@ VARIANTS = [
 BATCH = {"small-48": 4, "700m": 2}
 
 
-def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int) -> dict:
+def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int, compiled: bool) -> dict:
     cfg = FlashDepthConfig.from_preset(preset, max_position_embeddings=seq_len, **overrides)
     row = {"preset": preset, "variant": name, "params": parameter_count(cfg)["total"],
-           "gflops_per_token": flops_per_token(cfg, seq_len) / 1e9, "batch": BATCH[preset], "seq_len": seq_len}
+           "gflops_per_token": flops_per_token(cfg, seq_len) / 1e9, "batch": BATCH[preset], "seq_len": seq_len,
+           "mode": "compiled" if compiled else "eager"}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         model = FlashDepthForCausalLM(cfg).cuda()
+        if compiled:
+            model.model.compile_blocks()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
         ids = torch.randint(0, cfg.vocab_size, (BATCH[preset], seq_len), device="cuda")
 
@@ -76,18 +81,20 @@ def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int) -> di
 
 def to_markdown(rows, meta) -> str:
     lines = [f"# Training speed by depth mechanism on {meta['device']}", "",
-             f"torch {meta['torch']}; {meta['date']}. Step = forward + backward + fused AdamW, bf16 autocast, eager.",
+             f"torch {meta['torch']}; {meta['date']}. Step = forward + backward + fused AdamW, bf16 autocast; "
+             "mode: eager, or compiled = every block `torch.compile`d (`train.compile=true`).",
              f"Sequence length {rows[0]['seq_len']}; reproduce: `python benchmarks/bench_model.py`.", "",
-             "| preset | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s | vs residual (same run) "
-             "| peak GiB "
-             "| date |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| preset | mode | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s "
+             "| vs residual (same run, same mode) | peak GiB | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
-                         f"| {r['batch']} | failed: {r['error'][:60]} | | | | {r.get('date', '-')} |")
+            lines.append(f"| {r['preset']} | {r.get('mode', 'eager')} | {r['variant']} | {r['params'] / 1e6:.1f} "
+                         f"| {r['gflops_per_token']:.2f} | {r['batch']} | failed: {r['error'][:60]} | | | "
+                         f"| {r.get('date', '-')} |")
             continue
         ratio = f"{r['vs_residual']:.3f}x" if r.get("vs_residual") else "-"
-        lines.append(f"| {r['preset']} | {r['variant']} | {r['params'] / 1e6:.1f} | {r['gflops_per_token']:.2f} "
+        lines.append(f"| {r['preset']} | {r.get('mode', 'eager')} | {r['variant']} | {r['params'] / 1e6:.1f} "
+                     f"| {r['gflops_per_token']:.2f} "
                      f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} "
                      f"| {r['peak_gib']:.1f} | {r.get('date', '-')} |")
     return "\n".join(lines) + "\n"
@@ -99,12 +106,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", nargs="*", help="substrings of variant names to run (default: all)")
+    parser.add_argument("--compile", action="store_true", help="compile every block (train.compile=true)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "INDEX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # child process: one variant, so memory from one never leaks into the next
         name, overrides = VARIANTS[int(args.one[1])]
-        print("ROW " + json.dumps(run(args.one[0], name, overrides, args.seq_len, args.steps)))
+        print("ROW " + json.dumps(run(args.one[0], name, overrides, args.seq_len, args.steps, args.compile)))
         return 0
     if not torch.cuda.is_available():
         print("bench_model.py needs a CUDA GPU", file=sys.stderr)
@@ -117,12 +125,13 @@ def main(argv=None) -> int:
                 continue
             child = subprocess.run(
                 [sys.executable, __file__, "--one", preset, str(index), "--seq-len", str(args.seq_len),
-                 "--steps", str(args.steps)], capture_output=True, text=True,
+                 "--steps", str(args.steps), *(["--compile"] if args.compile else [])],
+                capture_output=True, text=True,
             )
             lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
             row = json.loads(lines[-1][4:]) if lines else {
                 "preset": preset, "variant": name, "params": 0, "gflops_per_token": 0, "batch": BATCH[preset],
-                "seq_len": args.seq_len, "error": child.stderr.strip().splitlines()[-1][:300] if child.stderr else "no output"}
+                "seq_len": args.seq_len, "mode": "compiled" if args.compile else "eager", "error": child.stderr.strip().splitlines()[-1][:300] if child.stderr else "no output"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -134,8 +143,10 @@ def main(argv=None) -> int:
         if "tokens_per_s" in row and row["preset"] in base:
             row["vs_residual"] = row["tokens_per_s"] / base[row["preset"]]
     order = {name: i for i, (name, _) in enumerate(VARIANTS)}
-    md = save_results(Path(args.out), f"model_{slug}", meta, rows, key=lambda r: (r["preset"], r["variant"]),
-                      order=lambda r: (r["preset"] != "small-48", r["preset"], order.get(r["variant"], len(order))),
+    md = save_results(Path(args.out), f"model_{slug}", meta, rows,
+                      key=lambda r: (r["preset"], r.get("mode", "eager"), r["variant"]),
+                      order=lambda r: (r["preset"] != "small-48", r["preset"], r.get("mode", "eager"),
+                                       order.get(r["variant"], len(order))),
                       markdown=to_markdown)
     print(md)
     return 0

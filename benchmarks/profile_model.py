@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value (ints/bools)")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--compile", action="store_true", help="compile every block (train.compile=true)")
     args = parser.parse_args(argv)
     overrides = {"depth_mechanism": args.mechanism, "max_position_embeddings": args.seq_len}
     if args.layers:
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
         overrides[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     cfg = FlashDepthConfig.from_preset(args.preset, **overrides)
     model = FlashDepthForCausalLM(cfg).cuda()
+    if args.compile:
+        model.model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), fused=True)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device="cuda")
 
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(3):
         step()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -59,6 +62,14 @@ def main(argv=None) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    # the GPU's busy time against the step's wall time: a gap means the host cannot keep up
+    busy_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"step {start.elapsed_time(end):.1f} ms wall, {busy_ms:.1f} ms of CUDA kernels")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
     return 0
 

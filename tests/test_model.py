@@ -263,7 +263,8 @@ def test_activation_checkpointing_refused_for_the_depth_stream():
 @pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
 def test_torch_compile_gives_the_same_gradients(mech):
     """train.compile: the depth streams' in-place reads and writes run eagerly (graph breaks),
-    the rest is traced. aot_eager checks the tracing without a C++ toolchain."""
+    the rest is traced. aot_eager checks the tracing without a C++ toolchain. Whole-model and
+    per-block compilation both match eager."""
     model = _model(mech, "pre")
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     model(ids, labels=ids).loss.backward()
@@ -272,3 +273,27 @@ def test_torch_compile_gives_the_same_gradients(mech):
     torch.compile(model, backend="aot_eager")(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():
         assert rel_err(p.grad, eager[name]) < 1e-5, name
+    model.zero_grad()
+    model.model.compile_blocks(backend="aot_eager")
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, eager[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("mech", ["moda", "depth_attention", "attnres_full"])
+def test_compiled_blocks_share_their_graphs_across_layers(mech):
+    """Regional compilation must not specialise per layer (an int attribute or the slot count
+    read inside a block would): past torch's recompile limit the other layers run eagerly.
+    A 12-layer model must need no more graphs than a 4-layer one (first, middle, last layers)."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for layers in (4, 12):
+        torch._dynamo.reset()
+        counters.clear()
+        model = _model(mech, "pre", num_hidden_layers=layers)
+        model.model.compile_blocks(backend="eager")
+        ids = torch.randint(0, model.config.vocab_size, (2, 16))
+        model(ids, labels=ids).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0], graphs

@@ -41,6 +41,13 @@ def _record(module: nn.Module, event: str, *args) -> None:
         getattr(recorder, event)(*args)
 
 
+def _record_layer(module: nn.Module, event: str, *args) -> None:
+    """``_record`` with the module's layer index first. The index is read only when a recorder is
+    attached: torch.compile specialises on int attributes it reads, once per layer."""
+    if module.__dict__.get("_recorder") is not None:
+        _record(module, event, module.layer_idx, *args)
+
+
 def _writes_depth(config: FlashDepthConfig, layer_idx: int) -> bool:
     """Blocks write depth K/V only where a later block reads it (the last block's would go unread)."""
     return config.depth_mechanism in ("moda", "depth_attention") and layer_idx < config.num_hidden_layers - 1
@@ -88,7 +95,7 @@ class Attention(nn.Module):
         if cache is not None:
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        _record(self, "attention", self.layer_idx, q, k_all, stream if self.reads_depth else None)
+        _record_layer(self, "attention", q, k_all, stream if self.reads_depth else None)
         if self.reads_depth:
             o = read_moda(stream, q, k_all, v_all, backend=self.backend)
         else:
@@ -114,7 +121,7 @@ class DepthRead(nn.Module):
     def forward(self, x, cos, sin, stream: DepthStream):
         B, T, _ = x.shape
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
-        _record(self, "depth_read", self.layer_idx, q, stream)
+        _record_layer(self, "depth_read", q, stream)
         return self.o_proj(read_depth(stream, q, backend=self.backend).reshape(B, T, -1))
 
 
@@ -147,6 +154,7 @@ class FlashDepthBlock(nn.Module):
     def __init__(self, config: FlashDepthConfig, layer_idx: int):
         super().__init__()
         eps = config.rms_norm_eps
+        self.layer_idx = layer_idx
         self.post_norm = config.norm_position == "post"
         self.attn_norm = RMSNorm(config.hidden_size, eps)
         self.attn = Attention(config, layer_idx)
@@ -166,26 +174,31 @@ class FlashDepthBlock(nn.Module):
             stream.write(*self.ffn_kv(h, cos, sin))
         return self.ffn(h)
 
-    def forward(self, x, cos, sin, stream, cache):
-        i = self.attn.layer_idx
+    def forward(self, x, cos, sin, stream, cache, sublayer: str | None = None):
+        """The block's output; with ``sublayer`` ("attn"/"ffn", for AttnRes) only that sublayer's
+        output, without the residual."""
+        if sublayer == "attn":
+            return self.attn_sublayer(x, cos, sin, stream, cache)
+        if sublayer == "ffn":
+            return self.ffn_sublayer(x, cos, sin, stream)
         if self.post_norm:
             if self.depth_read is not None:
                 x, x_in = self.depth_norm(x + self.depth_read(x, cos, sin, stream)), x
-                _record(self, "sublayer", i, "depth_read", x_in, x)
+                _record_layer(self, "sublayer", "depth_read", x_in, x)
             x, x_in = self.attn_norm(x + self.attn(x, cos, sin, stream, cache)), x
-            _record(self, "sublayer", i, "attn", x_in, x)
+            _record_layer(self, "sublayer", "attn", x_in, x)
             if self.ffn_kv is not None:
                 stream.write(*self.ffn_kv(x, cos, sin))
             x, x_in = self.ffn_norm(x + self.ffn(x)), x
-            _record(self, "sublayer", i, "ffn", x_in, x)
+            _record_layer(self, "sublayer", "ffn", x_in, x)
             return x
         if self.depth_read is not None:
             x, x_in = x + self.depth_read(self.depth_norm(x), cos, sin, stream), x
-            _record(self, "sublayer", i, "depth_read", x_in, x)
+            _record_layer(self, "sublayer", "depth_read", x_in, x)
         x, x_in = x + self.attn_sublayer(x, cos, sin, stream, cache), x
-        _record(self, "sublayer", i, "attn", x_in, x)
+        _record_layer(self, "sublayer", "attn", x_in, x)
         x, x_in = x + self.ffn_sublayer(x, cos, sin, stream), x
-        _record(self, "sublayer", i, "ffn", x_in, x)
+        _record_layer(self, "sublayer", "ffn", x_in, x)
         return x
 
 
@@ -276,6 +289,13 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block in place (regional compilation, as torchtitan does): the
+        blocks share one traced graph per variant, compiled once, whatever the depth; the stream
+        reads and writes run eagerly between graphs. ``options`` go to ``torch.compile``."""
+        for layer in self.layers:
+            layer.compile(**options)
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block (AttnRes: each sublayer) in backward. Not for ``moda`` and
         ``depth_attention``: their depth stream is written in place, which recomputation would repeat."""
@@ -334,9 +354,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                 h = read(index)
                 if sub == "attn":
                     _record(self, "hidden", layer_idx, h)
-                    out = self._run(layer.attn_sublayer, h, cos, sin, None, cache)
-                else:
-                    out = self._run(layer.ffn_sublayer, h, cos, sin, None)
+                out = self._run(layer, h, cos, sin, None, cache, sub)
                 if recording:
                     _record(self, "sublayer", layer_idx, sub, h, h + out)
                 partial = out.to(partial_dtype) if partial is None else partial + out

@@ -78,6 +78,9 @@ class _Read(torch.autograd.Function):
         return None, torch.zeros((), device=do.device), dq, dk, dv, None, None
 
 
+# The reads run eagerly under torch.compile (graph breaks): they route gradients into the in-place
+# buffer by hand, and branching on the slot count inside a graph would specialise it per layer.
+@torch.compiler.disable
 def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str = "auto") -> torch.Tensor:
     """MoDA of q ``[B, Tq, Hq, d]`` over sequence k/v and the stream's written depth slots."""
     if stream.count == 0:
@@ -85,6 +88,7 @@ def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str
     return _read(stream, q, k, v, causal, backend)
 
 
+@torch.compiler.disable
 def read_depth(stream: DepthStream, q, *, backend: str = "auto") -> torch.Tensor:
     """Flash Depth Attention of q ``[B, T, Hq, d]`` over the stream's written slots."""
     if stream.count == 0:
@@ -92,7 +96,6 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto") -> torch.Tensor
     return _read(stream, q, None, None, False, backend)
 
 
-@torch.compiler.disable  # reads of the in-place buffer run eagerly under torch.compile
 def _read(stream: DepthStream, q, k, v, causal: bool, backend: str) -> torch.Tensor:
     handle = stream.read_handle()
     if handle is not None:

@@ -154,6 +154,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         state.update({k: trainer[k] for k in ("step", "tokens", "elapsed")})
         torch.set_rng_state(trainer["torch_rng"])
     model.to(dev)
+    if t.compile:
+        model.model.compile_blocks()
     if t.activation_checkpointing:
         try:
             model.model.set_activation_checkpointing(True)
@@ -173,7 +175,6 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
             set_optimizer_state_dict(wrapped, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(opt_state)
-    step_fn = torch.compile(wrapped) if t.compile else wrapped
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
@@ -201,7 +202,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         with torch.no_grad(), autocast:
             for i in range(t.eval_batches):
                 x = torch.from_numpy(sample_batch(splits.val, t.batch_size, t.seq_len, (t.seed, 10**9, i))).to(dev)
-                losses.append(step_fn(x, labels=x).loss.float())
+                losses.append(wrapped(x, labels=x).loss.float())
         wrapped.train()
         loss = torch.stack(losses).mean()
         if world > 1:
@@ -239,7 +240,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
             x = torch.from_numpy(sample_batch(splits.train, t.batch_size, t.seq_len, (t.seed, step, micro, rank))).to(dev)
             sync = nullcontext() if micro == t.grad_accum - 1 or world == 1 or t.distributed == "fsdp" else wrapped.no_sync()
             with sync, autocast:
-                loss = step_fn(x, labels=x).loss / t.grad_accum
+                loss = wrapped(x, labels=x).loss / t.grad_accum
             loss.backward()
             total += loss.detach().float()
         total = float(total)
