@@ -178,7 +178,8 @@ def to_markdown(rows, device: str, meta: dict) -> str:
         "Peers: " + (", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items()) or "none installed") + ". "
         f"`compiled` is `torch.compile(dynamic={meta.get('compile_dynamic', True)})` of the plain formula. "
         "Milliseconds (median), forward / forward+backward. GB/s counts the bytes the op must move "
-        "((N+1) rows of D per token forward, (3N+3) forward+backward); `x` = failed at this shape.",
+        "((N+1) rows of D per token forward, (3N+3) forward+backward); `x` = failed at this shape, "
+        "`-` = not run (peer not installed in that run).",
         "",
         "| N | D | " + " | ".join(names) + " | ours fwd GB/s (% copy) | ours fwd+bwd GB/s (% copy) | "
         + " | ".join(f"fwd+bwd {p}/ours" for p in peer_names) + " |",
@@ -190,10 +191,11 @@ def to_markdown(rows, device: str, meta: dict) -> str:
             if f"{n}_fwd" in r:
                 cells.append(f"{r[f'{n}_fwd']:.3f} / {r[f'{n}_fwdbwd']:.3f}")
             else:
-                cells.append("x")
+                cells.append("x" if f"{n}_error" in r else "-")
         bw = [r["fwd_bytes"] / r["ours_fwd"] / 1e6, r["fwdbwd_bytes"] / r["ours_fwdbwd"] / 1e6]
         copy = r.get("copy_gbps", meta["copy_gbps"])
-        ratios = [f"{r[f'{p}_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if f"{p}_fwdbwd" in r else "x" for p in peer_names]
+        ratios = [f"{r[f'{p}_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if f"{p}_fwdbwd" in r
+                  else "x" if f"{p}_error" in r else "-" for p in peer_names]
         lines.append(f"| {r['N']} | {r['D']} | " + " | ".join(cells) + " | "
                      + " | ".join(f"{b:.0f} ({100 * b / copy:.0f}%)" for b in bw) + " | "
                      + " | ".join(ratios) + " |")
