@@ -85,6 +85,21 @@ main({["train", "--out", str(out), "--max-steps", "6", "--device", "cpu", f"data
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
 
 
+def test_metrics_of_a_resumed_run_read_once_per_step(tmp_path):
+    """A run killed past its checkpoint logs those steps again after --resume: the curves take
+    the resumed run's record of each step, in step order; the file itself keeps everything."""
+    from flash_depth.train.plots import read_metrics
+
+    killed = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)] + [{"step": 2, "val_loss": 9.0}]
+    resumed = [{"step": s, "loss": 20.0 - s} for s in (3, 4, 5)] + [{"step": 4, "val_loss": 8.0}]
+    lines = [json.dumps(r) for r in killed + resumed]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    train, val = read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in train] == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0), (5, 15.0)]
+    assert [(r["step"], r["val_loss"]) for r in val] == [(2, 9.0), (4, 8.0)]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(lines)
+
+
 def test_existing_output_is_never_overwritten(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     assert _train(out, corpus, steps=2) == 0

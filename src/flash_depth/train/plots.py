@@ -7,15 +7,18 @@ from pathlib import Path
 
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a run's metrics.jsonl."""
-    train, val = [], []
+    """(training records, validation records) of a run's metrics.jsonl, each in step order.
+
+    A run killed after its last checkpoint and resumed logs the steps past that checkpoint
+    again; the file keeps both, and the later record of a step (the resumed run's) wins here."""
+    train, val = {}, {}
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{run} has no metrics.jsonl (is it a flash-depth run folder?)")
     for line in path.read_text().splitlines():
         record = json.loads(line)
-        (val if "val_loss" in record else train).append(record)
-    return train, val
+        (val if "val_loss" in record else train)[record["step"]] = record
+    return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
 
 
 def plot_runs(runs: list[Path], png: Path) -> None:
