@@ -129,9 +129,10 @@ def main(argv=None) -> int:
                 capture_output=True, text=True,
             )
             lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
+            error = child.stderr.strip().splitlines()[-1][:300] if child.stderr.strip() else "no output"
             row = json.loads(lines[-1][4:]) if lines else {
                 "preset": preset, "variant": name, "params": 0, "gflops_per_token": 0, "batch": BATCH[preset],
-                "seq_len": args.seq_len, "mode": "compiled" if args.compile else "eager", "error": child.stderr.strip().splitlines()[-1][:300] if child.stderr else "no output"}
+                "seq_len": args.seq_len, "mode": "compiled" if args.compile else "eager", "error": error}
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

@@ -41,7 +41,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (FlashDepthModel.compile_blocks)
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # "ddp" or "fsdp" under torchrun
 
