@@ -59,17 +59,20 @@ def main(argv=None) -> int:
     print(f"weights + optimizer: {base / 2**30:.2f} GiB")
     step(report_memory=True)
     print(f"peak: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    # wall time of unprofiled steps (a single step right after the profiler is not representative)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     # the GPU's busy time against the step's wall time: a gap means the host cannot keep up
     busy_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"step {start.elapsed_time(end):.1f} ms wall, {busy_ms:.1f} ms of CUDA kernels")
+    print(f"step {wall_ms:.1f} ms wall (mean of 5), {busy_ms:.1f} ms of CUDA kernels")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
     return 0
 
