@@ -4,7 +4,7 @@
 #   bash benchmarks/reproduce.sh tests      # GPU test suite (CPU tests too), log in results/logs/
 #   bash benchmarks/reproduce.sh moda       # MoDA / FDA ops vs cuDNN, FA2, FlexAttention
 #   bash benchmarks/reproduce.sh attnres    # AttnRes read vs Liger, flash-attn-res, FLA, torch.compile
-#   bash benchmarks/reproduce.sh model      # training tokens/s per depth mechanism, small-48 and 700m
+#   bash benchmarks/reproduce.sh model      # training tokens/s per depth mechanism, small-48 and 700m, eager + compiled
 #   bash benchmarks/reproduce.sh multigpu   # 1 GPU vs 2-GPU DDP and FSDP2 (needs 2 GPUs and data/mixed)
 #   bash benchmarks/reproduce.sh study      # the depth-mechanism study (needs data/mixed), docs/study.md
 #
@@ -21,7 +21,8 @@ case "${1:-}" in
   tests)    python -m pytest tests 2>&1 | tee "$logs/gpu_tests_$(gpu).log" ;;
   moda)     python benchmarks/bench_moda.py ;;
   attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log" ;;
-  model)    python benchmarks/bench_model.py --presets small-48 700m ;;
+  model)    python benchmarks/bench_model.py --presets small-48 700m
+            python benchmarks/bench_model.py --presets small-48 --compile ;;
   multigpu)
     common="data.source=data/mixed/shards model.preset=small-24 model.depth_mechanism=moda train.seq_len=1024
             train.batch_size=16 train.max_steps=80 train.warmup_steps=10 train.eval_every=40 train.eval_batches=4
