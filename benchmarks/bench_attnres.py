@@ -14,6 +14,9 @@ interleaved rounds), forward and forward+backward (gradients of sources, query, 
   query passed is ``w * g``, the same logits);
 - fla: ``fla.ops.attnres.fused_attnres`` (if the installed fla-core has it).
 Peers that are not installed are skipped; peers that fail at a shape are recorded as errors.
+Before each shape every peer makes its first forward+backward (where it autotunes) in a child
+process; one that runs past ``--peer-timeout`` seconds is recorded as timed out and left out of
+that shape, so one stalling peer cannot stop the run.
 GB/s counts the bytes the op must move: forward reads N sources and writes the output,
 (N + 1) rows of D per token; forward+backward adds reading the sources, the output and its
 gradient and writing the source gradients, (3N + 3) rows in all. The copy bandwidth is
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,11 +129,38 @@ def tune(N: int, D: int) -> dict:
     return best
 
 
-def run_shape(N: int, D: int, peer_fns: dict) -> dict:
-    M = B * T
+def inputs(N: int, D: int):
+    """Sources ``[N, B, T, D]`` bf16, query and norm weight ``[D]`` float32, all requiring grad."""
     V = torch.randn(N, B, T, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
     w = (torch.randn(D, device="cuda") * 0.05).requires_grad_()
     g = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_()
+    return V, w, g
+
+
+def probe(name: str, N: int, D: int) -> None:
+    """Child process: the peer's first forward+backward at this shape."""
+    V, w, g = inputs(N, D)
+    peers()[name](V, w, g).float().sum().backward()
+    torch.cuda.synchronize()
+
+
+def peers_within(peer_fns: dict, N: int, D: int, timeout_s: float) -> tuple[dict, dict]:
+    """(peers whose first call at this shape finishes within timeout_s, name -> error of the rest).
+    A probe that fails for another reason keeps its peer: the main run records the real error."""
+    kept, timed_out = {}, {}
+    for name, fn in peer_fns.items():
+        try:
+            subprocess.run([sys.executable, __file__, "--probe", name, str(N), str(D)], capture_output=True,
+                           timeout=timeout_s)
+            kept[name] = fn
+        except subprocess.TimeoutExpired:
+            timed_out[name] = f"TimeoutExpired: its first forward+backward took over {timeout_s:.0f} s (--peer-timeout)"
+    return kept, timed_out
+
+
+def run_shape(N: int, D: int, peer_fns: dict) -> dict:
+    M = B * T
+    V, w, g = inputs(N, D)
     compiled = torch.compile(formula, dynamic=COMPILE_DYNAMIC)
     candidates = {
         "ours": lambda: attention_residual(V, w, g, eps=EPS, backend="triton"),
@@ -211,7 +242,13 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", type=int, nargs="*", help="indices into SHAPES to run (default: all); rows of "
                         "other shapes already in the results file are kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
+    parser.add_argument("--peer-timeout", type=float, default=180,
+                        help="seconds a peer's first call at a shape may take (0: no probe, no limit)")
+    parser.add_argument("--probe", nargs=3, metavar=("PEER", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:
+        probe(args.probe[0], int(args.probe[1]), int(args.probe[2]))
+        return 0
     if not torch.cuda.is_available():
         print("bench_attnres.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -229,7 +266,11 @@ def main(argv=None) -> int:
         t0 = time.time()
         if args.tune:
             tune(N, D)
-        row = run_shape(N, D, peer_fns)
+        shape_peers, timed_out = peer_fns, {}
+        if args.peer_timeout:
+            shape_peers, timed_out = peers_within(peer_fns, N, D, args.peer_timeout)
+        row = run_shape(N, D, shape_peers)
+        row.update({f"{name}_error": msg for name, msg in timed_out.items()})
         row["copy_gbps"], row["date"] = copy_gbps, time.strftime("%Y-%m-%d %H:%M")
         rows.append(row)
         print(f"N={N} D={D} ({time.time() - t0:.0f}s): "
