@@ -143,19 +143,25 @@ def attention_residual(
     return (out, *extra) if extra else out
 
 
+def _effective_query(query, norm_weight, cdt):
+    """u = w * g: the key-norm weight folded into the query (same logits, no weighted copy of v)."""
+    return query.to(cdt) if norm_weight is None else query.to(cdt) * norm_weight.to(cdt)
+
+
+def _logits(v, u, eps):
+    """u . RMSNorm(v) for v ``[..., D]`` and u ``[S, D]`` (or ``[D]``), both in the compute dtype:
+    ``[..., S]`` (or ``[...]``), without a normalised copy of v."""
+    return (v @ u.t()) * torch.rsqrt(v.pow(2).mean(-1, keepdim=u.dim() == 2) + eps)
+
+
 def _reference(sources, query, norm_weight, eps, partial):
     """Plain PyTorch: query ``[S, D]``, norm_weight ``[S|1, D]`` or None. Returns out
     ``[S, ..., D]``, lse ``[S, ...]`` and weights ``[S, N, ...]``, all from one formula."""
     if partial is not None:
         sources = sources + [partial]
     cdt = torch.promote_types(sources[0].dtype, torch.float32)
-    u = query.to(cdt) if norm_weight is None else query.to(cdt) * norm_weight.to(cdt)
-    logits = []
-    for v in sources:
-        vf = v.to(cdt)
-        inv_rms = torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + eps)
-        logits.append((vf @ u.t()) * inv_rms)  # u . (v / rms(v)) without a normalised copy of v
-    logits = torch.stack(logits, 0).movedim(-1, 0)  # [S, N, ...]
+    u = _effective_query(query, norm_weight, cdt)
+    logits = torch.stack([_logits(v.to(cdt), u, eps) for v in sources], 0).movedim(-1, 0)  # [S, N, ...]
     weights = torch.softmax(logits, dim=1)
     out = sum(weights[:, i, ..., None] * v.to(cdt) for i, v in enumerate(sources))
     return out.to(sources[0].dtype), torch.logsumexp(logits, dim=1), weights
@@ -234,9 +240,8 @@ def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.
         raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {_shape(norm_weight)}")
     with torch.autocast(out.device.type, enabled=False):
         cdt = torch.promote_types(out.dtype, torch.float32)
-        u = query.to(cdt) if norm_weight is None else query.to(cdt) * norm_weight.to(cdt)
         e = extra.to(cdt)
-        logit = (e @ u) * torch.rsqrt(e.pow(2).mean(-1) + eps)
+        logit = _logits(e, _effective_query(query, norm_weight, cdt), eps)
         lse_new = torch.logaddexp(lse.to(cdt), logit)
         merged = torch.exp(lse - lse_new)[..., None] * out.to(cdt) + torch.exp(logit - lse_new)[..., None] * e
     return merged.to(out.dtype)
