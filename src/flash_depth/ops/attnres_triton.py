@@ -158,11 +158,12 @@ def attnres_forward(sources: torch.Tensor, u: torch.Tensor, partial: torch.Tenso
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _num_programs(device: torch.device, num_blocks: int) -> int:
-    """Persistent backward grid: enough programs to fill the GPU, each summing its own du."""
+    """Persistent backward grid: enough programs to fill the GPU, each summing its own du (a few
+    in the CPU interpreter, so the per-program sums are still exercised)."""
     return max(1, min(num_blocks, 8 * _multiprocessors(device) if device.type == "cuda" else 4))
 
 
