@@ -1,5 +1,6 @@
 import os
 
+import numpy
 import pytest
 import torch
 
@@ -12,7 +13,6 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        import numpy
         import triton
 
         old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
@@ -30,3 +30,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    """A small text folder for the training and analysis tests."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = numpy.random.default_rng(0)
+    words = ["depth", "attention", "layer", "token", "residual", "stream", "softmax", "query", "key", "value"]
+    for i in range(6):
+        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(words, 800)) + "\n")
+    return docs

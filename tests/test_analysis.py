@@ -119,17 +119,11 @@ def test_sink_free_model_spreads_attention_uniformly():
     assert all(abs(s - uniform) < 1e-5 for s in result["sink_first"]), (result["sink_first"], uniform)
 
 
-def test_analyze_cli(tmp_path):
-    import numpy as np
+def test_analyze_cli(tmp_path, corpus):
     from test_train import _train  # the tiny training setup
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(["a", "bc", "def", "gh"], 600)) + "\n")
     run = tmp_path / "run"
-    assert _train(run, docs, steps=2) == 0
+    assert _train(run, corpus, steps=2) == 0
     from flash_depth.cli import main as cli
 
     out = tmp_path / "analysis"

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from flash_depth.cli import main as cli
@@ -14,17 +13,6 @@ from flash_depth.train.config import ConfigError, load_config
 
 TINY = ["model.num_hidden_layers=2", "model.hidden_size=32", "model.intermediate_size=64", "train.seq_len=32",
         "train.batch_size=4", "train.eval_every=3", "train.eval_batches=2", "train.log_every=1", "data.vocab_size=300"]
-
-
-@pytest.fixture()
-def corpus(tmp_path):
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["depth", "attention", "layer", "token", "residual", "stream", "softmax", "query", "key", "value"]
-    for i in range(6):
-        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(words, 800)) + "\n")
-    return docs
 
 
 def _train(out, corpus, *extra, steps=6):
