@@ -14,9 +14,10 @@ interleaved rounds), forward and forward+backward (gradients of sources, query, 
   query passed is ``w * g``, the same logits);
 - fla: ``fla.ops.attnres.fused_attnres`` (if the installed fla-core has it).
 Peers that are not installed are skipped; peers that fail at a shape are recorded as errors.
-Before each shape every peer makes its first forward+backward (where it autotunes) in a child
-process; one that runs past ``--peer-timeout`` seconds is recorded as timed out and left out of
-that shape, so one stalling peer cannot stop the run.
+Each peer's first forward+backward at a shape (where it compiles and autotunes) runs under an
+alarm of ``--peer-timeout`` seconds; one that runs past it is recorded as timed out, with the time
+it was given, and left out of that shape, so one stalling peer cannot stop the run. The seconds each
+first call took are kept in the results (``<peer>_first_call_s``).
 GB/s counts the bytes the op must move: forward reads N sources and writes the output,
 (N + 1) rows of D per token; forward+backward adds reading the sources, the output and its
 gradient and writing the source gradients, (3N + 3) rows in all. The copy bandwidth is
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
@@ -137,25 +138,52 @@ def inputs(N: int, D: int):
     return V, w, g
 
 
-def probe(name: str, N: int, D: int) -> None:
-    """Child process: the peer's first forward+backward at this shape."""
-    V, w, g = inputs(N, D)
-    peers()[name](V, w, g).float().sum().backward()
-    torch.cuda.synchronize()
+class PeerTimeout(Exception):
+    pass
+
+
+def _raise_peer_timeout(signum, frame):
+    raise PeerTimeout
+
+
+def first_call(name: str, fn, args, timeout_s: float) -> tuple[float, str | None]:
+    """(seconds, error or None) of a peer's first forward+backward, cut off after timeout_s by SIGALRM.
+    The alarm interrupts Python between the peer's compile and autotune steps (and its ptxas child)."""
+    t0 = time.time()
+    previous = signal.signal(signal.SIGALRM, _raise_peer_timeout)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        fn(*args).float().sum().backward()
+        torch.cuda.synchronize()
+        error = None
+    except PeerTimeout:
+        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:.0f} s"
+    except Exception:  # a peer that cannot run this shape: the main run records the real error
+        error = None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    for t in args:
+        t.grad = None
+    seconds = time.time() - t0
+    print(f"  {name}: first call {seconds:.1f} s" + (" (timed out)" if error else ""), flush=True)
+    return seconds, error
 
 
 def peers_within(peer_fns: dict, N: int, D: int, timeout_s: float) -> tuple[dict, dict]:
-    """(peers whose first call at this shape finishes within timeout_s, name -> error of the rest).
-    A probe that fails for another reason keeps its peer: the main run records the real error."""
-    kept, timed_out = {}, {}
+    """(peers whose first call at this shape finishes within timeout_s, name -> error or first-call seconds)."""
+    kept, notes = {}, {}
+    args = inputs(N, D)
     for name, fn in peer_fns.items():
-        try:
-            subprocess.run([sys.executable, __file__, "--probe", name, str(N), str(D)], capture_output=True,
-                           timeout=timeout_s)
+        seconds, error = first_call(name, fn, args, timeout_s)
+        notes[f"{name}_first_call_s"] = seconds
+        if error:
+            notes[f"{name}_error"] = error
+        else:
             kept[name] = fn
-        except subprocess.TimeoutExpired:
-            timed_out[name] = f"TimeoutExpired: its first forward+backward took over {timeout_s:.0f} s (--peer-timeout)"
-    return kept, timed_out
+    del args
+    torch.cuda.synchronize()
+    return kept, notes
 
 
 def run_shape(N: int, D: int, peer_fns: dict) -> dict:
@@ -243,12 +271,8 @@ def main(argv=None) -> int:
                         "other shapes already in the results file are kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
     parser.add_argument("--peer-timeout", type=float, default=180,
-                        help="seconds a peer's first call at a shape may take (0: no probe, no limit)")
-    parser.add_argument("--probe", nargs=3, metavar=("PEER", "N", "D"), help=argparse.SUPPRESS)
+                        help="seconds a peer's first call at a shape may take (0: no limit)")
     args = parser.parse_args(argv)
-    if args.probe:
-        probe(args.probe[0], int(args.probe[1]), int(args.probe[2]))
-        return 0
     if not torch.cuda.is_available():
         print("bench_attnres.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -266,11 +290,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         if args.tune:
             tune(N, D)
-        shape_peers, timed_out = peer_fns, {}
+        print(f"N={N} D={D}", flush=True)
+        shape_peers, notes = peer_fns, {}
         if args.peer_timeout:
-            shape_peers, timed_out = peers_within(peer_fns, N, D, args.peer_timeout)
+            shape_peers, notes = peers_within(peer_fns, N, D, args.peer_timeout)
         row = run_shape(N, D, shape_peers)
-        row.update({f"{name}_error": msg for name, msg in timed_out.items()})
+        row.update(notes)
         row["copy_gbps"], row["date"] = copy_gbps, time.strftime("%Y-%m-%d %H:%M")
         rows.append(row)
         print(f"N={N} D={D} ({time.time() - t0:.0f}s): "

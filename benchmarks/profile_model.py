@@ -3,12 +3,14 @@
     python benchmarks/profile_model.py --preset small-48 --mechanism moda --layers 12
 
 Prints the CUDA kernels that take the most time (torch.profiler) and the memory held after the
-forward (saved for backward) and at the peak.
+forward (saved for backward) and at the peak. ``--host`` adds the host's side: how long the
+Python side takes to enqueue a step, and the operators with the most CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value (ints/bools)")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--compile", action="store_true", help="compile every block (train.compile=true)")
+    parser.add_argument("--host", action="store_true", help="also profile the host (CPU) side")
     args = parser.parse_args(argv)
     overrides = {"depth_mechanism": args.mechanism, "max_position_embeddings": args.seq_len}
     if args.layers:
@@ -62,8 +65,11 @@ def main(argv=None) -> int:
     # wall time of unprofiled steps (a single step right after the profiler is not representative)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    enqueue_start = time.perf_counter()
     for _ in range(5):
         step()
+    # the host returns once all launches are queued: close to the wall time means it sets the pace
+    enqueue_ms = (time.perf_counter() - enqueue_start) * 1e3 / 5
     end.record()
     torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end) / 5
@@ -72,8 +78,15 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     # the GPU's busy time against the step's wall time: a gap means the host cannot keep up
     busy_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-    print(f"step {wall_ms:.1f} ms wall (mean of 5), {busy_ms:.1f} ms of CUDA kernels")
+    print(f"step {wall_ms:.1f} ms wall (mean of 5), {busy_ms:.1f} ms of CUDA kernels, "
+          f"{enqueue_ms:.1f} ms for the host to enqueue it")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if args.host:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                        max_name_column_width=70))
     return 0
 
 
