@@ -16,7 +16,9 @@ interleaved rounds), forward and forward+backward (gradients of sources, query, 
 Peers that are not installed are skipped; peers that fail at a shape are recorded as errors.
 Each peer's first forward+backward at a shape (where it compiles and autotunes) runs under an
 alarm of ``--peer-timeout`` seconds; one that runs past it is recorded as timed out, with the time
-it was given, and left out of that shape, so one stalling peer cannot stop the run. The seconds each
+it was given, and left out of that shape, so one stalling peer cannot stop the run. Past 2^31
+source elements (N=33, D=4096) that first call runs in a child process: a peer whose 32-bit
+offsets overflow faults, and the fault would end this process. The seconds each
 first call took are kept in the results (``<peer>_first_call_s``).
 GB/s counts the bytes the op must move: forward reads N sources and writes the output,
 (N + 1) rows of D per token; forward+backward adds reading the sources, the output and its
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import platform
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,12 +173,38 @@ def first_call(name: str, fn, args, timeout_s: float) -> tuple[float, str | None
     return seconds, error
 
 
+def probe(name: str, N: int, D: int) -> None:
+    """Child process: the peer's first forward+backward at this shape."""
+    V, w, g = inputs(N, D)
+    peers()[name](V, w, g).float().sum().backward()
+    torch.cuda.synchronize()
+
+
+def first_call_in_child(name: str, N: int, D: int, timeout_s: float) -> tuple[float, str | None]:
+    """Like :func:`first_call`, in a child process: a peer whose 32-bit offsets overflow faults
+    with an illegal address, which would leave this process's CUDA context unusable."""
+    t0 = time.time()
+    try:
+        done = subprocess.run([sys.executable, __file__, "--probe", name, str(N), str(D)], capture_output=True,
+                              text=True, timeout=timeout_s)
+        lines = [x for x in done.stderr.splitlines() if "Error" in x or "error" in x]
+        error = None if done.returncode == 0 else (lines[-1] if lines else f"exit code {done.returncode}")[:200]
+    except subprocess.TimeoutExpired:
+        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:.0f} s"
+    seconds = time.time() - t0
+    print(f"  {name}: first call in a child process {seconds:.1f} s" + (f" ({error})" if error else ""), flush=True)
+    return seconds, error
+
+
 def peers_within(peer_fns: dict, N: int, D: int, timeout_s: float) -> tuple[dict, dict]:
-    """(peers whose first call at this shape finishes within timeout_s, name -> error or first-call seconds)."""
+    """(peers whose first call at this shape finishes within timeout_s, name -> error or first-call seconds).
+    Past 2^31 source elements the first call runs in a child process (see :func:`first_call_in_child`)."""
     kept, notes = {}, {}
     args = inputs(N, D)
+    in_child = args[0].numel() >= 2**31
     for name, fn in peer_fns.items():
-        seconds, error = first_call(name, fn, args, timeout_s)
+        seconds, error = (first_call_in_child(name, N, D, timeout_s) if in_child
+                          else first_call(name, fn, args, timeout_s))
         notes[f"{name}_first_call_s"] = seconds
         if error:
             notes[f"{name}_error"] = error
@@ -272,7 +301,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
     parser.add_argument("--peer-timeout", type=float, default=180,
                         help="seconds a peer's first call at a shape may take (0: no limit)")
+    parser.add_argument("--probe", nargs=3, metavar=("PEER", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:
+        probe(args.probe[0], int(args.probe[1]), int(args.probe[2]))
+        return 0
     if not torch.cuda.is_available():
         print("bench_attnres.py needs a CUDA GPU", file=sys.stderr)
         return 2
