@@ -3,9 +3,11 @@
     python benchmarks/bench_model.py                  # small-48 and 700m presets, T=4096
     python benchmarks/bench_model.py --presets small-48 --steps 5
     python benchmarks/bench_model.py --compile       # each block torch.compiled (train.compile=true)
+    python benchmarks/bench_model.py --compile --cuda-graph   # and the step replayed from a CUDA graph
 
 A step is forward + backward + AdamW under bf16 autocast (fp32 master weights), eager mode or
-with every block compiled (``FlashDepthModel.compile_blocks``, what ``train.compile`` does).
+with every block compiled (``FlashDepthModel.compile_blocks``, what ``train.compile`` does),
+optionally replayed from one CUDA graph (``train.cuda_graph``), which takes the host out.
 Writes benchmarks/results/model_<gpu>.{json,md} (rows of presets/variants not run this time are
 kept from the file); ratios are to `residual` of the same preset, so rerun `residual` with the
 variants you compare: runs differ by a few percent.
@@ -25,6 +27,7 @@ from common import device_slug, save_results
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.accounting import flops_per_token, parameter_count
+from flash_depth.train.cuda_graph import GraphedStep
 
 VARIANTS = [
     ("residual", {}),
@@ -39,35 +42,42 @@ VARIANTS = [
 BATCH = {"small-48": 4, "700m": 2}
 
 
-def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int, compiled: bool) -> dict:
+def mode_name(compiled: bool, graphed: bool) -> str:
+    return ("compiled" if compiled else "eager") + (" + CUDA graph" if graphed else "")
+
+
+def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int, compiled: bool, graphed: bool) -> dict:
     cfg = FlashDepthConfig.from_preset(preset, max_position_embeddings=seq_len, **overrides)
     row = {"preset": preset, "variant": name, "params": parameter_count(cfg)["total"],
            "gflops_per_token": flops_per_token(cfg, seq_len) / 1e9, "batch": BATCH[preset], "seq_len": seq_len,
-           "mode": "compiled" if compiled else "eager"}
+           "mode": mode_name(compiled, graphed)}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         model = FlashDepthForCausalLM(cfg).cuda()
         if compiled:
             model.model.compile_blocks()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(3e-4, device="cuda") if graphed else 3e-4,
+                                fused=True, capturable=graphed)
         ids = torch.randint(0, cfg.vocab_size, (BATCH[preset], seq_len), device="cuda")
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        def step(ids):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 loss = model(ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
 
-        for _ in range(3):
-            step()
+        if graphed:
+            step = GraphedStep(step, warmup=3)
+        for _ in range(5):  # graphed: 3 eager steps, the capture, one replay
+            step(ids)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            loss = step()
+            loss = step(ids)
         end.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / steps
@@ -82,7 +92,8 @@ def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int, compi
 def to_markdown(rows, meta) -> str:
     lines = [f"# Training speed by depth mechanism on {meta['device']}", "",
              f"torch {meta['torch']}; {meta['date']}. Step = forward + backward + fused AdamW, bf16 autocast; "
-             "mode: eager, or compiled = every block `torch.compile`d (`train.compile=true`).",
+             "mode: eager, or compiled = every block `torch.compile`d (`train.compile=true`); + CUDA graph = "
+             "the whole step replayed from one graph (`train.cuda_graph=true`).",
              f"Sequence length {rows[0]['seq_len']}; reproduce: `python benchmarks/bench_model.py`.", "",
              "| preset | mode | variant | params (M) | GFLOPs/token (train) | batch | ms/step | tokens/s "
              "| vs residual (same run, same mode) | peak GiB | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -107,12 +118,15 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", nargs="*", help="substrings of variant names to run (default: all)")
     parser.add_argument("--compile", action="store_true", help="compile every block (train.compile=true)")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
+                        "(train.cuda_graph=true)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "INDEX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # child process: one variant, so memory from one never leaks into the next
         name, overrides = VARIANTS[int(args.one[1])]
-        print("ROW " + json.dumps(run(args.one[0], name, overrides, args.seq_len, args.steps, args.compile)))
+        print("ROW " + json.dumps(run(args.one[0], name, overrides, args.seq_len, args.steps, args.compile,
+                                        args.cuda_graph)))
         return 0
     if not torch.cuda.is_available():
         print("bench_model.py needs a CUDA GPU", file=sys.stderr)
@@ -125,14 +139,15 @@ def main(argv=None) -> int:
                 continue
             child = subprocess.run(
                 [sys.executable, __file__, "--one", preset, str(index), "--seq-len", str(args.seq_len),
-                 "--steps", str(args.steps), *(["--compile"] if args.compile else [])],
+                 "--steps", str(args.steps), *(["--compile"] if args.compile else []),
+                 *(["--cuda-graph"] if args.cuda_graph else [])],
                 capture_output=True, text=True,
             )
             lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
             error = child.stderr.strip().splitlines()[-1][:300] if child.stderr.strip() else "no output"
             row = json.loads(lines[-1][4:]) if lines else {
                 "preset": preset, "variant": name, "params": 0, "gflops_per_token": 0, "batch": BATCH[preset],
-                "seq_len": args.seq_len, "mode": "compiled" if args.compile else "eager", "error": error}
+                "seq_len": args.seq_len, "mode": mode_name(args.compile, args.cuda_graph), "error": error}
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

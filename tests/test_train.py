@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flash_depth.cli import main as cli
 from flash_depth.data.sources import DataError, load_documents, shakespeare_plays, strip_play_markdown
@@ -148,6 +149,20 @@ def test_config_errors(tmp_path):
     cfg = load_config(good, ["train.max_steps=7", "train.min_lr=3e-5"])
     assert cfg.model["depth_mechanism"] == "attnres_block" and cfg.train.lr == 1.0 and cfg.train.max_steps == 7
     assert cfg.train.min_lr == 3e-5
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run(tmp_path, corpus, capsys):
+    """train.cuda_graph needs one CUDA GPU: on CPU it stops before writing anything."""
+    out = tmp_path / "graphed"
+    assert _train(out, corpus, "train.cuda_graph=true") != 0
+    assert "train.cuda_graph=true needs one CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
+    from flash_depth.train.cuda_graph import GraphedStep
+
+    with pytest.raises(ValueError, match="warmup must be an int >= 1"):
+        GraphedStep(lambda batch: batch, warmup=0)
+    with pytest.raises(TypeError, match="batch must be a CUDA tensor, got Tensor on cpu"):
+        GraphedStep(lambda batch: batch)(torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_cli_takes_overrides_before_and_after_options(tmp_path, capsys):

@@ -42,6 +42,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     compile: bool = False  # torch.compile each block (FlashDepthModel.compile_blocks)
+    cuda_graph: bool = False  # replay the whole step from one CUDA graph (train/cuda_graph.py); one GPU
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # "ddp" or "fsdp" under torchrun
 

@@ -18,6 +18,7 @@ from flash_depth.data.pipeline import build_token_splits, sample_batch
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 
 from .config import ConfigError, RunConfig
+from .cuda_graph import GraphedStep, lr_as_tensors, set_lr
 
 CHECKPOINT = "checkpoint"
 
@@ -116,6 +117,12 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
     out = Path(out)
     if max_steps is not None:
         t.max_steps = max_steps
+    if t.cuda_graph:  # checked before anything is written
+        if dev.type != "cuda" or world > 1 or t.activation_checkpointing:
+            got = f"device {dev}" if dev.type != "cuda" else (f"{world} processes" if world > 1
+                                                                else "train.activation_checkpointing=true")
+            raise ConfigError(f"train.cuda_graph=true needs one CUDA GPU, one process and no activation "
+                              f"checkpointing; got {got}")
     ckpt = find_checkpoint(out) if out.exists() else None
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint in {out}")
@@ -167,7 +174,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95),
-                                  fused=dev.type == "cuda")
+                                  fused=dev.type == "cuda", capturable=t.cuda_graph)
     if opt_state is not None:
         if world > 1 and t.distributed == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -175,7 +182,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
             set_optimizer_state_dict(wrapped, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(opt_state)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    if t.cuda_graph:
+        lr_as_tensors(optimizer, dev)
+    # no autocast weight cache: a captured step must not keep casts from its capture
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if dev.type == "cuda"
+                else nullcontext())
 
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
     writer = None
@@ -228,38 +239,44 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         # in a log file (no terminal) redraw rarely instead of flooding it
         bar = tqdm(total=t.max_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 15.0)
+    def optimizer_step(x):
+        """x ``[grad_accum, batch, seq]``: forward/backward passes, clipping, AdamW. No host sync
+        (train.cuda_graph replays it from a graph): returns the loss and the gradient norm as tensors."""
+        total = torch.zeros((), device=dev)
+        for micro in range(t.grad_accum):
+            sync = nullcontext() if micro == t.grad_accum - 1 or world == 1 or t.distributed == "fsdp" else wrapped.no_sync()
+            with sync, autocast:
+                loss = wrapped(x[micro], labels=x[micro]).loss / t.grad_accum
+            loss.backward()
+            total += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    run_step = GraphedStep(optimizer_step) if t.cuda_graph else optimizer_step
     last_val = None
     wrapped.train()
     while state["step"] < t.max_steps:
         step = state["step"]
         t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
-        total = 0.0
-        for micro in range(t.grad_accum):
-            x = torch.from_numpy(sample_batch(splits.train, t.batch_size, t.seq_len, (t.seed, step, micro, rank))).to(dev)
-            sync = nullcontext() if micro == t.grad_accum - 1 or world == 1 or t.distributed == "fsdp" else wrapped.no_sync()
-            with sync, autocast:
-                loss = wrapped(x, labels=x).loss / t.grad_accum
-            loss.backward()
-            total += loss.detach().float()
-        total = float(total)
+        set_lr(optimizer, lr_at(step, t))
+        x = torch.stack([torch.from_numpy(sample_batch(splits.train, t.batch_size, t.seq_len, (t.seed, step, micro, rank)))
+                         for micro in range(t.grad_accum)]).to(dev)
+        total, grad_norm = run_step(x)
+        # checked after the update (so the step needs no sync midway); a bad step is never saved
+        total, grad_norm = float(total), float(grad_norm)
         if not math.isfinite(total):
             last = find_checkpoint(out)
             raise TrainingError(f"loss became {total} at step {step}; stopped without saving, "
                                 f"the last good checkpoint is {last or 'none (no checkpoint yet)'}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         state["step"] += 1
         state["tokens"] += tokens_per_step
         state["elapsed"] += dt
         step = state["step"]
         if step % t.log_every == 0 or step == t.max_steps:
-            log({"step": step, "loss": total, "lr": lr_at(step - 1, t), "grad_norm": float(grad_norm),
+            log({"step": step, "loss": total, "lr": lr_at(step - 1, t), "grad_norm": grad_norm,
                  "tokens": state["tokens"], "tokens_per_s": tokens_per_step / dt})
         if step % t.eval_every == 0 or step == t.max_steps:
             last_val = evaluate()
