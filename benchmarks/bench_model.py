@@ -27,7 +27,7 @@ from common import device_slug, save_results
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.accounting import flops_per_token, parameter_count
-from flash_depth.train.cuda_graph import GraphedStep
+from flash_depth.train.cuda_graph import GraphedStep, prepare_for_capture
 
 VARIANTS = [
     ("residual", {}),
@@ -57,8 +57,9 @@ def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int, compi
         model = FlashDepthForCausalLM(cfg).cuda()
         if compiled:
             model.model.compile_blocks()
-        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(3e-4, device="cuda") if graphed else 3e-4,
-                                fused=True, capturable=graphed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+        if graphed:
+            prepare_for_capture(opt, torch.device("cuda"))
         ids = torch.randint(0, cfg.vocab_size, (BATCH[preset], seq_len), device="cuda")
 
         def step(ids):

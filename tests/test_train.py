@@ -165,6 +165,25 @@ def test_cuda_graph_is_refused_where_it_cannot_run(tmp_path, corpus, capsys):
         GraphedStep(lambda batch: batch)(torch.zeros(2, 3, dtype=torch.long))
 
 
+def test_optimizer_settings_for_captured_steps():
+    """A graphed run keeps each learning rate as a tensor updated in place and a capturable
+    optimizer; a run resumed from its checkpoint without the graph gets floats back, and the
+    other way round."""
+    from flash_depth.train.cuda_graph import prepare_for_capture, set_lr
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.25)
+    prepare_for_capture(opt, torch.device("cpu"))
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.item() == 0.25 and opt.param_groups[0]["capturable"]
+    set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.5
+    opt.load_state_dict(opt.state_dict())
+    prepare_for_capture(opt, None)
+    assert opt.param_groups[0]["lr"] == 0.5 and not opt.param_groups[0]["capturable"]
+    set_lr(opt, 0.125)
+    assert opt.param_groups[0]["lr"] == 0.125
+
+
 def test_cli_takes_overrides_before_and_after_options(tmp_path, capsys):
     # The late override is parsed (it fails as an unknown key), and so is the early one.
     assert cli(["train", "train.max_steps=1", "--out", str(tmp_path / "a"), "model.nope=1"]) == 2

@@ -6,8 +6,8 @@ the step time is the host's (``benchmarks/profile_model.py --host``). Capturing 
 backward, clipping and AdamW once and replaying the graph leaves one launch per step.
 
 Contract of the step function (``step(batch) -> tensors``): static shapes, no host sync
-(no ``.item()``, no ``float(tensor)``), the optimizer built with ``capturable=True`` and its
-learning rate a CUDA tensor updated in place (:func:`set_lr`), autocast with
+(no ``.item()``, no ``float(tensor)``), the optimizer set up by :func:`prepare_for_capture` (its
+learning rate a CUDA tensor updated in place by :func:`set_lr`), autocast with
 ``cache_enabled=False``. The eager steps before the capture run the same function, so they
 also compile the blocks and autotune the kernels.
 """
@@ -66,8 +66,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def lr_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Give every group its own learning-rate tensor on ``device`` (after ``load_state_dict``,
-    which brings back the floats a checkpoint holds)."""
+def prepare_for_capture(optimizer: torch.optim.Optimizer, device: torch.device | None) -> None:
+    """Given ``device``: every group's learning rate becomes its own tensor there and
+    ``capturable=True``, what a captured step needs. ``None``: floats and ``capturable=False``.
+    Run after ``load_state_dict``, which brings back the saving run's settings."""
     for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        lr = float(group["lr"])
+        group["lr"] = lr if device is None else torch.tensor(lr, device=device)
+        group["capturable"] = device is not None

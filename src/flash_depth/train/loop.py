@@ -18,7 +18,7 @@ from flash_depth.data.pipeline import build_token_splits, sample_batch
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 
 from .config import ConfigError, RunConfig
-from .cuda_graph import GraphedStep, lr_as_tensors, set_lr
+from .cuda_graph import GraphedStep, prepare_for_capture, set_lr
 
 CHECKPOINT = "checkpoint"
 
@@ -174,7 +174,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95),
-                                  fused=dev.type == "cuda", capturable=t.cuda_graph)
+                                  fused=dev.type == "cuda")
     if opt_state is not None:
         if world > 1 and t.distributed == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -182,8 +182,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
             set_optimizer_state_dict(wrapped, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(opt_state)
-    if t.cuda_graph:
-        lr_as_tensors(optimizer, dev)
+    prepare_for_capture(optimizer, dev if t.cuda_graph else None)
     # no autocast weight cache: a captured step must not keep casts from its capture
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if dev.type == "cuda"
                 else nullcontext())
