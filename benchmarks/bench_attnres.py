@@ -160,7 +160,7 @@ def first_call(name: str, fn, args, timeout_s: float) -> tuple[float, str | None
         torch.cuda.synchronize()
         error = None
     except PeerTimeout:
-        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:.0f} s"
+        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:g} s"
     except Exception:  # a peer that cannot run this shape: the main run records the real error
         error = None
     finally:
@@ -190,7 +190,7 @@ def first_call_in_child(name: str, N: int, D: int, timeout_s: float) -> tuple[fl
         lines = [x for x in done.stderr.splitlines() if "Error:" in x or "error:" in x]
         error = None if done.returncode == 0 else (lines[-1] if lines else f"exit code {done.returncode}")[:200]
     except subprocess.TimeoutExpired:
-        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:.0f} s"
+        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:g} s"
     seconds = time.time() - t0
     print(f"  {name}: first call in a child process {seconds:.1f} s" + (f" ({error})" if error else ""), flush=True)
     return seconds, error

@@ -1,0 +1,61 @@
+"""The benchmark scripts' own logic that runs without a GPU: a stalling peer is cut off, and
+the tables say what failed and compute the ratios from the timings."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_attnres  # noqa: E402
+
+
+@pytest.fixture()
+def no_cuda_sync(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_a_stalling_peer_is_cut_off(no_cuda_sync):
+    x = torch.randn(3, requires_grad=True)
+
+    def python_loop(x):
+        start = time.time()
+        while time.time() - start < 10:
+            pass
+        return x * 2
+
+    def child_process(x):  # a compiler running as a subprocess (ptxas)
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(10)"])
+        return x * 2
+
+    for stall in (python_loop, child_process):
+        start = time.time()
+        seconds, error = bench_attnres.first_call("peer", stall, [x], 0.5)
+        assert time.time() - start < 3 and 0.4 < seconds < 3
+        assert error.startswith("TimeoutExpired") and "ran past 0.5 s" in error
+    seconds, error = bench_attnres.first_call("peer", lambda x: x * 2, [x], 0.5)
+    assert error is None and x.grad is None  # the probe's gradient is not left behind
+
+
+def test_tables_name_failures_and_compute_ratios():
+    meta = {"torch": "t", "triton": "3", "date": "d", "copy_gbps": 3000.0, "peers": {"liger-kernel": "0"}}
+    row_bytes = 16384 * 1024 * 2
+    rows = [
+        {"N": 9, "D": 1024, "fwd_bytes": 10 * row_bytes, "fwdbwd_bytes": 30 * row_bytes, "copy_gbps": 3000.0,
+         "ours_fwd": 0.125, "ours_fwdbwd": 0.5, "liger_fwd": 0.25, "liger_fwdbwd": 0.75,
+         "ours_fwdbwd_graph": 0.4, "liger_fwdbwd_graph": 1.0},
+        {"N": 33, "D": 4096, "fwd_bytes": 34 * 4 * row_bytes, "fwdbwd_bytes": 102 * 4 * row_bytes,
+         "copy_gbps": 3000.0, "ours_fwd": 1.6, "ours_fwdbwd": 5.0, "liger_error": "AcceleratorError: illegal address"},
+    ]
+    md = bench_attnres.to_markdown(rows, "GPU", meta)
+    eager = next(line for line in md.splitlines() if line.startswith("| 9 | 1024 |"))
+    assert "0.125 / 0.500" in eager and "0.250 / 0.750" in eager and eager.endswith("| 1.50x |")
+    assert "2684 (89%)" in eager  # 10 rows of 32 MiB in 0.125 ms, against 3000 GB/s
+    failed = next(line for line in md.splitlines() if line.startswith("| 33 | 4096 |"))
+    assert "| x |" in failed
+    assert "N=33, D=4096, liger: `AcceleratorError: illegal address`" in md
+    graphed = [line for line in md.splitlines() if line.startswith("| 9 | 1024 |")][1]
+    assert "| 0.400 | 1.000 |" in graphed and graphed.endswith("| 2.50x |")
