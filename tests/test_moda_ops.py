@@ -7,8 +7,10 @@ from flash_depth import depth_attention, moda_attention
 from oracle import make_inputs, naive_moda, rel_err
 
 # (B, Tq, Tk, Hq, Hk, d, L, causal): T=1, T off every block size, L=1, G=1, G=Hq, decoding Tq<Tk.
+# T=1 uses several (batch, head) pairs: with one pair, dk is one softmax-backward difference of
+# two terms, and fp32 misses 1e-5 relative on 2% of random draws by conditioning alone (measured).
 SHAPES = [
-    (1, 1, 1, 1, 1, 16, 1, True),
+    (3, 1, 1, 2, 2, 16, 1, True),
     (2, 7, 7, 4, 2, 16, 3, True),
     (1, 37, 37, 6, 2, 32, 5, True),  # G=3 (the small preset's grouping)
     (1, 19, 19, 4, 4, 32, 1, False),  # G=1, non-causal
