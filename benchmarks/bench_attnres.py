@@ -20,6 +20,8 @@ it was given, and left out of that shape, so one stalling peer cannot stop the r
 source elements (N=33, D=4096) that first call runs in a child process: a peer whose 32-bit
 offsets overflow faults, and the fault would end this process. The seconds each
 first call took are kept in the results (``<peer>_first_call_s``).
+Forward+backward is also timed replayed from a CUDA graph (``do_bench_cudagraph``): the GPU time
+alone, without any candidate's host overhead.
 GB/s counts the bytes the op must move: forward reads N sources and writes the output,
 (N + 1) rows of D per token; forward+backward adds reading the sources, the output and its
 gradient and writing the source gradients, (3N + 3) rows in all. The copy bandwidth is
@@ -299,12 +301,13 @@ def to_markdown(rows, device: str, meta: dict) -> str:
         lines += ["", "**GPU time alone**: forward+backward replayed from a CUDA graph "
                   "(`triton.testing.do_bench_cudagraph`), so no candidate's host overhead is in it; the table "
                   "above times eager calls, as a user without graphs sees them. Milliseconds; ratios = peer / ours.",
-                  "", "| N | D | " + " | ".join(n for n in names if n != "reference") + " | ours fwd+bwd GB/s (% copy) | "
-                  + " | ".join(f"{p}/ours" for p in peer_names) + " |",
+                  "", "| N | D | " + " | ".join(n for n in names if n != "reference")
+                  + " | ours fwd+bwd GB/s (% copy) | " + " | ".join(f"{p}/ours" for p in peer_names) + " |",
                   "|" + "---|" * (3 + len(names) - 1 + len(peer_names))]
         for r in graphed:
             cells = [f"{r[f'{n}_fwdbwd_graph']:.3f}" if f"{n}_fwdbwd_graph" in r
-                     else "x" if f"{n}_error" in r or f"{n}_graph_error" in r else "-" for n in names if n != "reference"]
+                     else "x" if f"{n}_error" in r or f"{n}_graph_error" in r else "-"
+                     for n in names if n != "reference"]
             gbps = r["fwdbwd_bytes"] / r["ours_fwdbwd_graph"] / 1e6
             ratios = [f"{r[f'{p}_fwdbwd_graph'] / r['ours_fwdbwd_graph']:.2f}x" if f"{p}_fwdbwd_graph" in r
                       else "x" if f"{p}_error" in r or f"{p}_graph_error" in r else "-" for p in peer_names]

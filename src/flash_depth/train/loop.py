@@ -260,7 +260,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         step = state["step"]
         t0 = time.perf_counter()
         set_lr(optimizer, lr_at(step, t))
-        x = torch.stack([torch.from_numpy(sample_batch(splits.train, t.batch_size, t.seq_len, (t.seed, step, micro, rank)))
+        x = torch.stack([torch.from_numpy(sample_batch(splits.train, t.batch_size, t.seq_len,
+                                                       (t.seed, step, micro, rank)))
                          for micro in range(t.grad_accum)]).to(dev)
         total, grad_norm = run_step(x)
         # checked after the update (so the step needs no sync midway); a bad step is never saved
