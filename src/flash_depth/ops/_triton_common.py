@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -11,6 +13,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids (``triton.cdiv`` costs microseconds per host call)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
 def head_dim_tile(head_dim: int) -> int:
     """The power-of-two tile (at least 16, ``tl.dot``'s minimum) that holds a head dimension."""
     return max(16, triton.next_power_of_2(head_dim))

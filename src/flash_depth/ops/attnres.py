@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -127,7 +128,8 @@ def attention_residual(
     chosen = select_attnres_backend(backend, first, return_weights)
     single = query.dim() == 1
     # Outside autocast: it would save a low-precision copy of every source at every read.
-    with torch.autocast(first.device.type, enabled=False):
+    device_type = first.device.type
+    with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
         if chosen == "reference":
             listed = list(sources.unbind(0)) if isinstance(sources, torch.Tensor) else list(sources)
             D = first.shape[-1]
@@ -198,8 +200,9 @@ def fused_backward(dout, saved, shapes, eps: float, grad_sources=None):
                                              grad_sources=into)
     dq = du if g2 is None else du * g2
     dg = None
-    if g2 is not None:  # a norm weight shared by S queries gets the sum of their gradients
-        dg = ((du * q2).sum(0, keepdim=True) if g2.shape[0] == 1 else du * q2).view(norm_shape)
+    if g2 is not None:  # a norm weight shared by S > 1 queries gets the sum of their gradients
+        dg = du * q2
+        dg = (dg.sum(0, keepdim=True) if g2.shape[0] == 1 < dg.shape[0] else dg).view(norm_shape)
     return (d_rows.view(source_shape), dq.view(query_shape), dg,
             None if d_partial is None else d_partial.view(source_shape[1:]))
 

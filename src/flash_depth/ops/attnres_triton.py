@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import last_dim_contiguous
+from ._triton_common import cdiv, last_dim_contiguous
 
 
 @triton.jit
@@ -123,6 +123,7 @@ def _attnres_bwd_kernel(
     tl.store(DU + pid * D + dims, du, mask=dims < D)
 
 
+@functools.lru_cache(maxsize=None)  # on every call's host path (next_power_of_2 costs microseconds)
 def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps), from sweeps on an H100 (benchmarks/bench_attnres.py --tune,
     log in benchmarks/results/logs/): the forward wants about 16 values per thread and one row
@@ -146,7 +147,7 @@ def attnres_forward(sources: torch.Tensor, u: torch.Tensor, partial: torch.Tenso
     if tiles is not None:
         block_m, num_warps = tiles
     p = sources if partial is None else last_dim_contiguous(partial)  # the kernels assume unit stride in D
-    grid = (triton.cdiv(M, block_m), S)
+    grid = (cdiv(M, block_m), S)
     _attnres_fwd_kernel[grid](
         sources, p, u, out, lse,
         sources.stride(0), sources.stride(1), p.stride(-2), out.stride(0), out.stride(1), lse.stride(0),
@@ -191,7 +192,7 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, u: torch.Tensor, p
     block_m, block_d, num_warps = _tiles(D, backward=True)
     if tiles is not None:
         block_m, num_warps = tiles
-    num_blocks = triton.cdiv(M, block_m)
+    num_blocks = cdiv(M, block_m)
     programs = _num_programs(sources.device, num_blocks)
     du = torch.empty((S, programs, D), dtype=torch.float32, device=sources.device)
     p = sources if partial is None else last_dim_contiguous(partial)  # the kernels assume unit stride in D

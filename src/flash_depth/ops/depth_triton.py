@@ -16,11 +16,13 @@ one MoDA softmax.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import dot_precision, head_dim_tile, last_dim_contiguous
+from ._triton_common import cdiv, dot_precision, head_dim_tile, last_dim_contiguous
 
 
 @triton.jit
@@ -186,6 +188,7 @@ def _depth_bwd_kernel(
              dq.to(DQ.dtype.element_ty), mask=rmask)
 
 
+@functools.lru_cache(maxsize=None)
 def _tiles(group: int, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M holds whole tokens (G rows each)."""
     block_m = max(16, triton.next_power_of_2(group))
@@ -218,7 +221,7 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
         lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
         o_seq, lse_seq = o, lse  # unused placeholders
     block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=False)
-    grid = (triton.cdiv(T, block_m // G), B * Hk)
+    grid = (cdiv(T, block_m // G), B * Hk)
     _depth_fwd_kernel[grid](
         q, k_depth, v_depth, o_seq, lse_seq, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -260,7 +263,7 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
     else:
         dq_in = dq
     block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=True)
-    grid = (triton.cdiv(T, block_m // G), B * Hk)
+    grid = (cdiv(T, block_m // G), B * Hk)
     _depth_bwd_kernel[grid](
         q, k_depth, v_depth, o, do, lse, dq_in, dq, dkd, dvd,
         q.stride(0), q.stride(1), q.stride(2),

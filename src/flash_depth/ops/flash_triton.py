@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import dot_precision, head_dim_tile, last_dim_contiguous
+from ._triton_common import cdiv, dot_precision, head_dim_tile, last_dim_contiguous
 
 
 @triton.jit
@@ -201,7 +201,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float):
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     block_d = head_dim_tile(d)
     block_m, block_n, num_warps = _fwd_tiles(block_d)
-    grid = (triton.cdiv(Tq, block_m), B * Hq)
+    grid = (cdiv(Tq, block_m), B * Hq)
     _flash_fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(),
@@ -228,11 +228,11 @@ def flash_backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
     common = dict(G=Hq // Hk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
                   CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride())
-    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * Hk)](
+    _flash_bwd_dkdv_kernel[(cdiv(Tk, block_n), B * Hk)](
         q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
         Tq, Tk, Hk, scale, **common,
     )
-    _flash_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
+    _flash_bwd_dq_kernel[(cdiv(Tq, block_m), B * Hq)](
         q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3],
         Tq, Tk, Hq, scale, **common,
     )
