@@ -128,6 +128,24 @@ def test_residual_block_matches_hand_written_reference():
     assert rel_err(ours, _reference_block(block, x, cos.double(), sin.double())) < 1e-12
 
 
+def test_rms_norm_of_bf16_activations_with_a_float32_weight():
+    """Under autocast the norm sees bf16 activations and a float32 weight: the result must be
+    what PyTorch's own fallback gives (normalise in float32, round to bf16, times the weight),
+    float32, and its gradients must reach the input and the weight."""
+    from flash_depth.nn.layers import RMSNorm
+
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+    x = torch.randn(3, 5, 48).to(torch.bfloat16).requires_grad_()
+    out = norm(x)
+    xf = x.detach().float()
+    want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * norm.weight.detach()
+    assert out.dtype == torch.float32 and rel_err(out.detach(), want) < 1e-2
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and norm.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_depth_stream_gradients_match_concat(backend):
     """The in-place stream gives the same values and gradients as re-stacking every slot

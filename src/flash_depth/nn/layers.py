@@ -14,7 +14,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # bf16 activations under autocast with a float32 weight: PyTorch's fused kernel refuses
+        # mixed dtypes and falls back to ~6 elementwise kernels. Normalising without the weight
+        # keeps the fused kernel; the product then promotes as the fallback does (same values).
+        return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight
 
 
 class Rotary(nn.Module):
