@@ -22,7 +22,10 @@ case "${1:-}" in
   moda)     python benchmarks/bench_moda.py ;;
   attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log" ;;
   model)    python benchmarks/bench_model.py --presets small-48 700m
-            python benchmarks/bench_model.py --presets small-48 --compile ;;
+            python benchmarks/bench_model.py --presets small-48 --compile
+            python benchmarks/bench_model.py --presets small-48 --cuda-graph --variants residual "moda + FFN KV" attnres
+            python benchmarks/bench_model.py --presets small-48 700m --compile --cuda-graph \
+              --variants residual "moda + FFN KV" attnres ;;
   multigpu)
     common="data.source=data/mixed/shards model.preset=small-24 model.depth_mechanism=moda train.seq_len=1024
             train.batch_size=16 train.max_steps=80 train.warmup_steps=10 train.eval_every=40 train.eval_batches=4
