@@ -127,9 +127,7 @@ def attention_residual(
     first = _check(sources, query, norm_weight, eps, partial, backend)
     chosen = select_attnres_backend(backend, first, return_weights)
     single = query.dim() == 1
-    # Outside autocast: it would save a low-precision copy of every source at every read.
-    device_type = first.device.type
-    with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
+    with _autocast_off(first.device.type):
         if chosen == "reference":
             listed = list(sources.unbind(0)) if isinstance(sources, torch.Tensor) else list(sources)
             D = first.shape[-1]
@@ -143,6 +141,12 @@ def attention_residual(
             weights = None
     extra = ([lse] if return_lse else []) + ([weights] if return_weights else [])
     return (out, *extra) if extra else out
+
+
+def _autocast_off(device_type: str):
+    """Reads run outside autocast: it would save a low-precision copy of every source at every
+    read. Entering the context costs microseconds per call, so only when autocast is on."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
 def _effective_query(query, norm_weight, cdt):
@@ -241,7 +245,7 @@ def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.
         raise ValueError(f"query must be a tensor of shape [D={D}], got {_shape(query)}")
     if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (D,)):
         raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {_shape(norm_weight)}")
-    with torch.autocast(out.device.type, enabled=False):
+    with _autocast_off(out.device.type):
         cdt = torch.promote_types(out.dtype, torch.float32)
         e = extra.to(cdt)
         logit = _logits(e, _effective_query(query, norm_weight, cdt), eps)
