@@ -151,6 +151,16 @@ def _raise_peer_timeout(signum, frame):
     raise PeerTimeout
 
 
+def _timed_out(timeout_s: float) -> str:
+    return f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:g} s"
+
+
+def _first_step(fn, args) -> None:
+    """A peer's first forward+backward, where it compiles and autotunes."""
+    fn(*args).float().sum().backward()
+    torch.cuda.synchronize()
+
+
 def first_call(name: str, fn, args, timeout_s: float) -> tuple[float, str | None]:
     """(seconds, error or None) of a peer's first forward+backward, cut off after timeout_s by SIGALRM.
     The alarm interrupts Python between the peer's compile and autotune steps (and its ptxas child)."""
@@ -158,11 +168,10 @@ def first_call(name: str, fn, args, timeout_s: float) -> tuple[float, str | None
     previous = signal.signal(signal.SIGALRM, _raise_peer_timeout)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        fn(*args).float().sum().backward()
-        torch.cuda.synchronize()
+        _first_step(fn, args)
         error = None
     except PeerTimeout:
-        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:g} s"
+        error = _timed_out(timeout_s)
     except Exception:  # a peer that cannot run this shape: the main run records the real error
         error = None
     finally:
@@ -175,16 +184,9 @@ def first_call(name: str, fn, args, timeout_s: float) -> tuple[float, str | None
     return seconds, error
 
 
-def probe(name: str, N: int, D: int) -> None:
-    """Child process: the peer's first forward+backward at this shape."""
-    V, w, g = inputs(N, D)
-    peers()[name](V, w, g).float().sum().backward()
-    torch.cuda.synchronize()
-
-
 def first_call_in_child(name: str, N: int, D: int, timeout_s: float) -> tuple[float, str | None]:
-    """Like :func:`first_call`, in a child process: a peer whose 32-bit offsets overflow faults
-    with an illegal address, which would leave this process's CUDA context unusable."""
+    """Like :func:`first_call`, in a child process (``--probe``): a peer whose 32-bit offsets
+    overflow faults with an illegal address, which would leave this process's CUDA context unusable."""
     t0 = time.time()
     try:
         done = subprocess.run([sys.executable, __file__, "--probe", name, str(N), str(D)], capture_output=True,
@@ -192,7 +194,7 @@ def first_call_in_child(name: str, N: int, D: int, timeout_s: float) -> tuple[fl
         lines = [x for x in done.stderr.splitlines() if "Error:" in x or "error:" in x]
         error = None if done.returncode == 0 else (lines[-1] if lines else f"exit code {done.returncode}")[:200]
     except subprocess.TimeoutExpired:
-        error = f"TimeoutExpired: its first forward+backward (compile, autotune) ran past {timeout_s:g} s"
+        error = _timed_out(timeout_s)
     seconds = time.time() - t0
     print(f"  {name}: first call in a child process {seconds:.1f} s" + (f" ({error})" if error else ""), flush=True)
     return seconds, error
@@ -200,10 +202,11 @@ def first_call_in_child(name: str, N: int, D: int, timeout_s: float) -> tuple[fl
 
 def peers_within(peer_fns: dict, N: int, D: int, timeout_s: float) -> tuple[dict, dict]:
     """(peers whose first call at this shape finishes within timeout_s, name -> error or first-call seconds).
-    Past 2^31 source elements the first call runs in a child process (see :func:`first_call_in_child`)."""
+    Past 2^31 source elements the first call runs in a child process (see :func:`first_call_in_child`),
+    which makes its own inputs."""
     kept, notes = {}, {}
-    args = inputs(N, D)
-    in_child = args[0].numel() >= 2**31
+    in_child = N * B * T * D >= 2**31
+    args = None if in_child else inputs(N, D)
     for name, fn in peer_fns.items():
         seconds, error = (first_call_in_child(name, N, D, timeout_s) if in_child
                           else first_call(name, fn, args, timeout_s))
@@ -260,6 +263,22 @@ def run_shape(N: int, D: int, peer_fns: dict) -> dict:
     return row
 
 
+def _missing(r: dict, name: str) -> str:
+    """The cell of a candidate without a timing: ``x`` failed (or could not be captured), ``-`` not run."""
+    return "x" if f"{name}_error" in r or f"{name}_graph_error" in r else "-"
+
+
+def _ratio(r: dict, peer: str, timing: str) -> str:
+    """Peer time / our time for ``timing`` ("fwdbwd" or "fwdbwd_graph")."""
+    return f"{r[f'{peer}_{timing}'] / r[f'ours_{timing}']:.2f}x" if f"{peer}_{timing}" in r else _missing(r, peer)
+
+
+def _gbps(r: dict, kind: str, copy_gbps: float, suffix: str = "") -> str:
+    """Our GB/s for ``kind`` ("fwd" or "fwdbwd"; ``suffix`` "_graph" for the CUDA-graph timing) and its % of copy."""
+    gbps = r[f"{kind}_bytes"] / r[f"ours_{kind}{suffix}"] / 1e6
+    return f"{gbps:.0f} ({100 * gbps / copy_gbps:.0f}%)"
+
+
 def to_markdown(rows, device: str, meta: dict) -> str:
     names = [n for n in ("ours", "liger", "flash_attn_res", "fla", "compiled", "reference")
              if any(f"{n}_fwd" in r or f"{n}_error" in r for r in rows)]
@@ -283,37 +302,25 @@ def to_markdown(rows, device: str, meta: dict) -> str:
         "|" + "---|" * (4 + len(names) + len(peer_names)),
     ]
     for r in rows:
-        cells = []
-        for n in names:
-            if f"{n}_fwd" in r:
-                cells.append(f"{r[f'{n}_fwd']:.3f} / {r[f'{n}_fwdbwd']:.3f}")
-            else:
-                cells.append("x" if f"{n}_error" in r else "-")
-        bw = [r["fwd_bytes"] / r["ours_fwd"] / 1e6, r["fwdbwd_bytes"] / r["ours_fwdbwd"] / 1e6]
+        cells = [f"{r[f'{n}_fwd']:.3f} / {r[f'{n}_fwdbwd']:.3f}" if f"{n}_fwd" in r else _missing(r, n) for n in names]
         copy = r.get("copy_gbps", meta["copy_gbps"])
-        ratios = [f"{r[f'{p}_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if f"{p}_fwdbwd" in r
-                  else "x" if f"{p}_error" in r else "-" for p in peer_names]
         lines.append(f"| {r['N']} | {r['D']} | " + " | ".join(cells) + " | "
-                     + " | ".join(f"{b:.0f} ({100 * b / copy:.0f}%)" for b in bw) + " | "
-                     + " | ".join(ratios) + " |")
+                     + f"{_gbps(r, 'fwd', copy)} | {_gbps(r, 'fwdbwd', copy)} | "
+                     + " | ".join(_ratio(r, p, "fwdbwd") for p in peer_names) + " |")
     graphed = [r for r in rows if "ours_fwdbwd_graph" in r]
     if graphed:
+        timed = [n for n in names if n != "reference"]
         lines += ["", "**GPU time alone**: forward+backward replayed from a CUDA graph "
                   "(`triton.testing.do_bench_cudagraph`), so no candidate's host overhead is in it; the table "
                   "above times eager calls, as a user without graphs sees them. Milliseconds; ratios = peer / ours.",
-                  "", "| N | D | " + " | ".join(n for n in names if n != "reference")
-                  + " | ours fwd+bwd GB/s (% copy) | " + " | ".join(f"{p}/ours" for p in peer_names) + " |",
-                  "|" + "---|" * (3 + len(names) - 1 + len(peer_names))]
+                  "", "| N | D | " + " | ".join(timed) + " | ours fwd+bwd GB/s (% copy) | "
+                  + " | ".join(f"{p}/ours" for p in peer_names) + " |",
+                  "|" + "---|" * (3 + len(timed) + len(peer_names))]
         for r in graphed:
-            cells = [f"{r[f'{n}_fwdbwd_graph']:.3f}" if f"{n}_fwdbwd_graph" in r
-                     else "x" if f"{n}_error" in r or f"{n}_graph_error" in r else "-"
-                     for n in names if n != "reference"]
-            gbps = r["fwdbwd_bytes"] / r["ours_fwdbwd_graph"] / 1e6
-            ratios = [f"{r[f'{p}_fwdbwd_graph'] / r['ours_fwdbwd_graph']:.2f}x" if f"{p}_fwdbwd_graph" in r
-                      else "x" if f"{p}_error" in r or f"{p}_graph_error" in r else "-" for p in peer_names]
+            cells = [f"{r[f'{n}_fwdbwd_graph']:.3f}" if f"{n}_fwdbwd_graph" in r else _missing(r, n) for n in timed]
             lines.append(f"| {r['N']} | {r['D']} | " + " | ".join(cells)
-                         + f" | {gbps:.0f} ({100 * gbps / r.get('copy_gbps', meta['copy_gbps']):.0f}%) | "
-                         + " | ".join(ratios) + " |")
+                         + f" | {_gbps(r, 'fwdbwd', r.get('copy_gbps', meta['copy_gbps']), '_graph')} | "
+                         + " | ".join(_ratio(r, p, "fwdbwd_graph") for p in peer_names) + " |")
     errors = [(r["N"], r["D"], k[: -len("_error")], v) for r in rows for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "Failures:", ""] + [f"- N={n}, D={d}, {name}: `{msg}`" for n, d, name, msg in errors]
@@ -330,8 +337,9 @@ def main(argv=None) -> int:
                         help="seconds a peer's first call at a shape may take (0: no limit)")
     parser.add_argument("--probe", nargs=3, metavar=("PEER", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.probe:
-        probe(args.probe[0], int(args.probe[1]), int(args.probe[2]))
+    if args.probe:  # child process of first_call_in_child
+        name, N, D = args.probe[0], int(args.probe[1]), int(args.probe[2])
+        _first_step(peers()[name], inputs(N, D))
         return 0
     if not torch.cuda.is_available():
         print("bench_attnres.py needs a CUDA GPU", file=sys.stderr)
