@@ -4,7 +4,7 @@
 #   bash benchmarks/reproduce.sh tests      # GPU test suite (CPU tests too), log in results/logs/
 #   bash benchmarks/reproduce.sh moda       # MoDA / FDA ops vs cuDNN, FA2, FlexAttention
 #   bash benchmarks/reproduce.sh attnres    # AttnRes read vs Liger, flash-attn-res, FLA, torch.compile
-#   bash benchmarks/reproduce.sh model      # training tokens/s per depth mechanism, small-48 and 700m, eager + compiled
+#   bash benchmarks/reproduce.sh model      # training tokens/s per depth mechanism, small-48 and 700m: eager, compiled, + CUDA graph
 #   bash benchmarks/reproduce.sh multigpu   # 1 GPU vs 2-GPU DDP and FSDP2 (needs 2 GPUs and data/mixed)
 #   bash benchmarks/reproduce.sh study      # the depth-mechanism study (needs data/mixed), docs/study.md
 #
