@@ -18,8 +18,8 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # bf16 activations under autocast with a float32 weight: PyTorch's fused kernel refuses
         # mixed dtypes and falls back to ~6 elementwise kernels. Normalising without the weight
-        # keeps the fused kernel; the product then promotes as the fallback does (same values).
-        return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight
+        # keeps the fused kernel; like the fallback, the result has the activations' dtype.
+        return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight.to(x.dtype)
 
 
 class Rotary(nn.Module):
