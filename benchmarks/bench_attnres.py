@@ -13,7 +13,8 @@ interleaved rounds), forward and forward+backward (gradients of sources, query, 
 - flash_attn_res: ``flash_attn_res.phase_1_batched_attention_triton_op`` (no norm weight: the
   query passed is ``w * g``, the same logits);
 - fla: ``fla.ops.attnres.fused_attnres`` (if the installed fla-core has it).
-Peers that are not installed are skipped; peers that fail at a shape are recorded as errors.
+Peers that are not installed (or not named in ``--peers``) are skipped; peers that fail at a
+shape are recorded as errors.
 Each peer's first forward+backward at a shape (where it compiles and autotunes) runs under an
 alarm of ``--peer-timeout`` seconds; one that runs past it is recorded as timed out, with the time
 it was given, and left out of that shape, so one stalling peer cannot stop the run. Past 2^31
@@ -59,6 +60,9 @@ def formula(V, w, g):
     logits = (vf @ (w * g).float()) * torch.rsqrt(vf.pow(2).mean(-1) + EPS)
     alpha = torch.softmax(logits, dim=0)
     return (alpha[..., None] * vf).sum(0).to(V.dtype)
+
+
+PEER_NAMES = ("liger", "flash_attn_res", "fla")
 
 
 def peers() -> dict:
@@ -108,8 +112,8 @@ def tune(N: int, D: int) -> dict:
     """Best (BLOCK_M, num_warps) of our forward and backward kernels at one shape."""
     M = B * T
     V = torch.randn(N, M, D, device="cuda", dtype=torch.bfloat16)
-    u = torch.randn(1, D, device="cuda")
-    out, lse = attnres_triton.attnres_forward(V, u, None, EPS)
+    w, g = torch.randn(1, D, device="cuda"), torch.rand(1, D, device="cuda") + 0.5
+    out, lse = attnres_triton.attnres_forward(V, w, g, None, EPS)
     do = torch.randn_like(out)
     best = {}
     for kind in ("fwd", "bwd"):
@@ -119,9 +123,9 @@ def tune(N: int, D: int) -> dict:
                 continue
             for warps in (2, 4, 8, 16):
                 if kind == "fwd":
-                    fn = lambda: attnres_triton.attnres_forward(V, u, None, EPS, tiles=(block_m, warps))  # noqa: E731
+                    fn = lambda: attnres_triton.attnres_forward(V, w, g, None, EPS, tiles=(block_m, warps))  # noqa: E731
                 else:
-                    fn = lambda: attnres_triton.attnres_backward(do, V, u, None, out, lse, EPS,  # noqa: E731
+                    fn = lambda: attnres_triton.attnres_backward(do, V, w, g, None, out, lse, EPS,  # noqa: E731
                                                                  tiles=(block_m, warps))
                 try:
                     results.append((bench(fn, rep_ms=30), block_m, warps))
@@ -335,6 +339,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for json/md results")
     parser.add_argument("--peer-timeout", type=float, default=180,
                         help="seconds a peer's first call at a shape may take (0: no limit)")
+    parser.add_argument("--peers", nargs="*", choices=PEER_NAMES, help="peers to run (default: every one installed)")
     parser.add_argument("--probe", nargs=3, metavar=("PEER", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:  # child process of first_call_in_child
@@ -348,7 +353,7 @@ def main(argv=None) -> int:
     device, slug = device_slug()
     copy_gbps = copy_bandwidth()
     print(f"{device}: copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
-    peer_fns = peers()
+    peer_fns = {name: fn for name, fn in peers().items() if args.peers is None or name in args.peers}
     shapes = [SHAPES[i] for i in (args.shapes if args.shapes else range(len(SHAPES)))]
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps,

@@ -51,6 +51,33 @@ def test_fused_read_matches_float64_formula(N, B, T, D, S, with_partial, dtype):
         assert rel_err(p.grad, ref_p.grad) < tol
 
 
+@pytest.mark.parametrize("S, param_dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16)])
+def test_fused_read_with_one_norm_weight_for_every_query(S, param_dtype):
+    """A norm weight ``[D]`` shared by S queries gets the sum of their gradients (S = 1: the
+    model's query ``[D]``); query and norm weight gradients come back in their own dtype."""
+    sources, query, norm_weight, partial = _case(4, 2, 5, 40, S, True, torch.float32)
+    query = query[0] if S == 1 else query
+    leaves = [sources.clone().requires_grad_(), query.to(param_dtype).requires_grad_(),
+              norm_weight[0].to(param_dtype).requires_grad_()]
+    p = partial.clone().requires_grad_()
+    out = attention_residual(*leaves, eps=1e-6, partial=p, backend="triton")
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    ref_p = partial.double().requires_grad_()
+    ref_query = ref_leaves[1].reshape(-1, 40)
+    ref_norm = ref_leaves[2].expand_as(ref_query)
+    ref_out, _ = naive_attnres(torch.cat([ref_leaves[0], ref_p[None]]), ref_query, ref_norm, 1e-6)
+    (ref_out.reshape(out.shape) * dout.double()).sum().backward()
+
+    tol = TOL[param_dtype]
+    assert rel_err(out, ref_out.reshape(out.shape)) < 1e-5
+    for name, got, ref in zip(("sources", "query", "norm_weight"), leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype and rel_err(got.grad, ref.grad) < tol, name
+    assert rel_err(p.grad, ref_p.grad) < 1e-5
+
+
 def test_reference_backend_matches_float64_formula_and_returns_weights():
     sources, query, norm_weight, partial = _case(4, 2, 5, 8, 2, True, torch.float64)
     out, lse, weights = attention_residual(list(sources), query, norm_weight, partial=partial, return_lse=True,
@@ -64,16 +91,16 @@ def test_reference_backend_matches_float64_formula_and_returns_weights():
 
 def test_backward_accumulates_into_a_gradient_buffer_and_is_deterministic():
     sources, query, norm_weight, _ = _case(3, 1, 11, 24, 1, False, torch.float32)
-    rows, u = sources.reshape(3, -1, 24), (query * norm_weight)
-    out, lse = attnres_forward(rows, u, None, 1e-6)
+    rows = sources.reshape(3, -1, 24)
+    out, lse = attnres_forward(rows, query, norm_weight, None, 1e-6)
     dout = torch.randn_like(out)
-    d_sources, _, du = attnres_backward(dout, rows, u, None, out, lse, 1e-6)
-    again, _, du_again = attnres_backward(dout, rows, u, None, out, lse, 1e-6)
-    assert torch.equal(d_sources, again) and torch.equal(du, du_again)
+    grads = attnres_backward(dout, rows, query, norm_weight, None, out, lse, 1e-6)
+    again = attnres_backward(dout, rows, query, norm_weight, None, out, lse, 1e-6)
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(grads, again))
     buffer = torch.randn(3, 11, 24, device=DEVICE)
     start = buffer.clone()
-    attnres_backward(dout, rows, u, None, out, lse, 1e-6, grad_sources=buffer)
-    assert rel_err(buffer, start + d_sources) < 1e-6
+    attnres_backward(dout, rows, query, norm_weight, None, out, lse, 1e-6, grad_sources=buffer)
+    assert rel_err(buffer, start + grads[0]) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -176,38 +176,35 @@ def _reference(sources, query, norm_weight, eps, partial):
 def fused_forward(sources, query, norm_weight, partial, eps: float):
     """The Triton read. sources ``[N, ..., D]``, query ``[D]`` or ``[S, D]``, norm_weight ``[D]``,
     ``[S, D]`` or None, partial ``[..., D]`` or None. Returns out (``[..., D]`` for a query
-    ``[D]``, else ``[S, ..., D]``), lse (the same without D) and what :func:`fused_backward` needs."""
+    ``[D]``, else ``[S, ..., D]``), lse (the same without D), the tensors :func:`fused_backward`
+    needs and the input shapes it restores."""
+    from ._triton_common import last_dim_contiguous
     from .attnres_triton import attnres_forward
 
     D = sources.shape[-1]
-    q2 = query.float().reshape(-1, D)
-    g2 = None if norm_weight is None else norm_weight.float().reshape(-1, D)
-    u = q2 if g2 is None else (q2 * g2).contiguous()
-    rows = sources.reshape(sources.shape[0], -1, D)
-    p_rows = None if partial is None else partial.reshape(-1, D)
-    out, lse = attnres_forward(rows, u, p_rows, eps)
+    rows = last_dim_contiguous(sources.reshape(sources.shape[0], -1, D))
+    q2 = last_dim_contiguous(query.reshape(-1, D))
+    g2 = None if norm_weight is None else last_dim_contiguous(norm_weight.reshape(-1, D))
+    p_rows = None if partial is None else last_dim_contiguous(partial.reshape(-1, D))
+    out, lse = attnres_forward(rows, q2, g2, p_rows, eps)
     lead = sources.shape[1:-1] if query.dim() == 1 else (q2.shape[0], *sources.shape[1:-1])
     shapes = (sources.shape, query.shape, None if norm_weight is None else norm_weight.shape)
-    return out.view(*lead, D), lse.view(lead), (rows, u, p_rows, out, lse, q2, g2), shapes
+    return out.view(*lead, D), lse.view(lead), (rows, q2, g2, p_rows, out, lse), shapes
 
 
 def fused_backward(dout, saved, shapes, eps: float, grad_sources=None):
     """Gradients of :func:`fused_forward`: (sources, query, norm_weight, partial), None where an
     input was None. With ``grad_sources`` (``[N, ..., D]``, any float dtype) the source gradients
     are added into it in place instead."""
+    from ._triton_common import last_dim_contiguous
     from .attnres_triton import attnres_backward
 
-    rows, u, p_rows, out, lse, q2, g2 = saved
+    rows, q2, g2, p_rows, out, lse = saved
     source_shape, query_shape, norm_shape = shapes
     into = None if grad_sources is None else grad_sources.view(rows.shape)
-    d_rows, d_partial, du = attnres_backward(dout.reshape(out.shape), rows, u, p_rows, out, lse, eps,
-                                             grad_sources=into)
-    dq = du if g2 is None else du * g2
-    dg = None
-    if g2 is not None:  # a norm weight shared by S > 1 queries gets the sum of their gradients
-        dg = du * q2
-        dg = (dg.sum(0, keepdim=True) if g2.shape[0] == 1 < dg.shape[0] else dg).view(norm_shape)
-    return (d_rows.view(source_shape), dq.view(query_shape), dg,
+    d_rows, d_partial, dq, dg = attnres_backward(last_dim_contiguous(dout.reshape(out.shape)), rows, q2, g2, p_rows,
+                                                 out, lse, eps, grad_sources=into)
+    return (d_rows.view(source_shape), dq.view(query_shape), None if dg is None else dg.view(norm_shape),
             None if d_partial is None else d_partial.view(source_shape[1:]))
 
 
@@ -217,6 +214,7 @@ class _AttnResFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sources, query, norm_weight, partial, eps):
+        ctx.set_materialize_grads(False)  # lse never has a gradient: no zeros launched for it
         out, lse, saved, ctx.shapes = fused_forward(sources, query, norm_weight, partial, eps)
         ctx.save_for_backward(*saved)
         ctx.eps = eps
@@ -225,6 +223,8 @@ class _AttnResFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if dout is None:
+            return None, None, None, None, None
         return (*fused_backward(dout, ctx.saved_tensors, ctx.shapes, ctx.eps), None)
 
 

@@ -7,10 +7,11 @@ sources never need restacking). One program owns BLOCK_M rows and walks the sour
 with an online softmax, so every source byte is read once in the forward and once in the
 backward, which also writes each source gradient once.
 
-Queries enter as ``u = w * g`` (pseudo-query times key-norm weight); the host turns du into
-dw and dg. The query gradient sums over all rows: each persistent backward program keeps its
-own partial sum in registers and writes it to ``DU[program]``; the host sums those rows, so
-the result does not depend on scheduling (deterministic, no atomics).
+The kernels form ``u = w * g`` (pseudo-query times key-norm weight) themselves. The query
+gradient sums over all rows: each persistent backward program keeps its own partial du in
+registers and writes it to ``DU[program]``; a small second kernel sums those rows in a fixed
+order and writes dw = du * g and dg = du * w, so the result does not depend on scheduling
+(deterministic, no atomics). Every gradient is written in its input's dtype.
 """
 
 from __future__ import annotations
@@ -41,18 +42,27 @@ def _fwd_step(v, u, m_i, l_i, acc, D, eps):
 
 
 @triton.jit
+def _effective_query(W, G, s, sw_s, sg_s, dims, D, HAS_NORM_WEIGHT: tl.constexpr):
+    """u = w * g of query s (float32); sg_s = 0 for a norm weight shared by every query."""
+    u = tl.load(W + s * sw_s + dims, mask=dims < D, other=0.0).to(tl.float32)
+    if HAS_NORM_WEIGHT:
+        u *= tl.load(G + s * sg_s + dims, mask=dims < D, other=0.0).to(tl.float32)
+    return u
+
+
+@triton.jit
 def _attnres_fwd_kernel(
-    V, P, U, O, LSE,
-    sv_n, sv_m, sp_m, so_s, so_m, sl_s,
+    V, P, W, G, O, LSE,
+    sv_n, sv_m, sp_m, sw_s, sg_s, so_s, so_m, sl_s,
     M, N, D, eps,
-    HAS_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)  # s * so_s passes 2^31 for several queries over large B*T*D
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < M)[:, None] & (dims < D)[None, :]
-    u = tl.load(U + s * D + dims, mask=dims < D, other=0.0).to(tl.float32)
+    u = _effective_query(W, G, s, sw_s, sg_s, dims, D, HAS_NORM_WEIGHT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -82,17 +92,21 @@ def _grad_step(v, u, do, delta, lse, D, eps):
     return dv, tl.sum(c[:, None] * v, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s"])  # one compile for every query index
 def _attnres_bwd_kernel(
-    V, P, U, O, DO, LSE, DV, DP, DU,
-    sv_n, sv_m, sp_m, so_m, sdo_m, sdv_n, sdv_m, sdp_m,
+    V, P, W, G, O, DO, LSE, DV, DP, DU, s,
+    sv_n, sv_m, sp_m, sw_s, sg_s, so_s, so_m, sdo_s, sdo_m, sl_s, sdv_n, sdv_m, sdp_m,
     M, N, D, eps, num_blocks,
-    HAS_PARTIAL: tl.constexpr, ACCUMULATE_V: tl.constexpr, ACCUMULATE_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, ACCUMULATE_V: tl.constexpr,
+    ACCUMULATE_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    s = s.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
-    u = tl.load(U + dims, mask=dims < D, other=0.0).to(tl.float32)
+    u = _effective_query(W, G, s, sw_s, sg_s, dims, D, HAS_NORM_WEIGHT)
+    O += s * so_s
+    DO += s * sdo_s
+    LSE += s * sl_s
     du = tl.zeros([BLOCK_D], dtype=tl.float32)
     for blk in range(pid, num_blocks, tl.num_programs(0)):
         rows = (blk * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -120,7 +134,37 @@ def _attnres_bwd_kernel(
             if ACCUMULATE_P:
                 dp += tl.load(dp_ptr, mask=mask, other=0.0).to(tl.float32)
             tl.store(dp_ptr, dp.to(DP.dtype.element_ty), mask=mask)
-    tl.store(DU + pid * D + dims, du, mask=dims < D)
+    tl.store(DU + (s * tl.num_programs(0) + pid) * D + dims, du, mask=dims < D)
+
+
+@triton.jit
+def _attnres_query_grad_kernel(
+    DU, W, G, DW, DG, S, P, D, sw_s, sg_s, sdw_s, sdg_s,
+    HAS_NORM_WEIGHT: tl.constexpr, SHARED_NORM_WEIGHT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dw = du * g and dg = du * w from the backward programs' partial sums DU ``[S, P, D]``,
+    summed in a fixed order; a norm weight shared by the S queries gets the sum over s."""
+    dims = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    progs = tl.arange(0, BLOCK_P)
+    dg_total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(S):
+        tile = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            mask = ((p0 + progs) < P)[:, None] & (dims < D)[None, :]
+            tile += tl.load(DU + (s * P + p0 + progs)[:, None] * D + dims[None, :], mask=mask, other=0.0)
+        du = tl.sum(tile, 0)
+        if HAS_NORM_WEIGHT:
+            w = tl.load(W + s * sw_s + dims, mask=dims < D, other=0.0).to(tl.float32)
+            g = tl.load(G + s * sg_s + dims, mask=dims < D, other=0.0).to(tl.float32)
+            tl.store(DW + s * sdw_s + dims, (du * g).to(DW.dtype.element_ty), mask=dims < D)
+            if SHARED_NORM_WEIGHT:
+                dg_total += du * w
+            else:
+                tl.store(DG + s * sdg_s + dims, (du * w).to(DG.dtype.element_ty), mask=dims < D)
+        else:
+            tl.store(DW + s * sdw_s + dims, du.to(DW.dtype.element_ty), mask=dims < D)
+    if SHARED_NORM_WEIGHT:
+        tl.store(DG + dims, dg_total.to(DG.dtype.element_ty), mask=dims < D)
 
 
 @functools.lru_cache(maxsize=None)  # on every call's host path (next_power_of_2 costs microseconds)
@@ -134,25 +178,32 @@ def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
     return (2 if block_d <= 512 else 1), block_d, max(2, min(8, block_d // 1024))
 
 
-def attnres_forward(sources: torch.Tensor, u: torch.Tensor, partial: torch.Tensor | None, eps: float,
-                    tiles: tuple[int, int] | None = None):
-    """sources ``[N, M, D]``, u ``[S, D]`` float32, partial ``[M, D]`` or None.
+def _query_strides(query: torch.Tensor, norm_weight: torch.Tensor | None) -> tuple[int, int]:
+    """Per-query strides of w ``[S, D]`` and g ``[S, D]``/``[1, D]`` (0: one g for all queries)."""
+    sg = 0 if norm_weight is None or norm_weight.shape[0] == 1 else norm_weight.stride(0)
+    return query.stride(0), sg
+
+
+def attnres_forward(sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
+                    partial: torch.Tensor | None, eps: float, tiles: tuple[int, int] | None = None):
+    """sources ``[N, M, D]``, query ``[S, D]``, norm_weight ``[S, D]``, ``[1, D]`` or None (any
+    float dtypes, unit stride in D), partial ``[M, D]`` or None.
     Returns out ``[S, M, D]`` (sources' dtype) and lse ``[S, M]`` float32."""
     N, M, D = sources.shape
-    S = u.shape[0]
-    sources, u = last_dim_contiguous(sources), u.contiguous()
+    S = query.shape[0]
     out = torch.empty((S, M, D), dtype=sources.dtype, device=sources.device)
     lse = torch.empty((S, M), dtype=torch.float32, device=sources.device)
     block_m, block_d, num_warps = _tiles(D, backward=False)
     if tiles is not None:
         block_m, num_warps = tiles
-    p = sources if partial is None else last_dim_contiguous(partial)  # the kernels assume unit stride in D
-    grid = (cdiv(M, block_m), S)
-    _attnres_fwd_kernel[grid](
-        sources, p, u, out, lse,
-        sources.stride(0), sources.stride(1), p.stride(-2), out.stride(0), out.stride(1), lse.stride(0),
+    p = sources if partial is None else partial
+    sw, sg = _query_strides(query, norm_weight)
+    _attnres_fwd_kernel[(cdiv(M, block_m), S)](
+        sources, p, query, query if norm_weight is None else norm_weight, out, lse,
+        sources.stride(0), sources.stride(1), p.stride(-2), sw, sg, out.stride(0), out.stride(1), lse.stride(0),
         M, N, D, eps,
-        HAS_PARTIAL=partial is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_PARTIAL=partial is not None, HAS_NORM_WEIGHT=norm_weight is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out, lse
 
@@ -162,24 +213,27 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_programs(device: torch.device, num_blocks: int) -> int:
+@functools.lru_cache(maxsize=None)
+def _num_programs(device: torch.device, num_blocks: int) -> tuple[int, int]:
     """Persistent backward grid: enough programs to fill the GPU, each summing its own du (a few
-    in the CPU interpreter, so the per-program sums are still exercised)."""
-    return max(1, min(num_blocks, 8 * _multiprocessors(device) if device.type == "cuda" else 4))
+    in the CPU interpreter, so the per-program sums are still exercised); and the tile of those
+    partial sums that the query-gradient kernel reduces at once."""
+    programs = max(1, min(num_blocks, 8 * _multiprocessors(device) if device.type == "cuda" else 4))
+    return programs, min(256, triton.next_power_of_2(programs))
 
 
-def attnres_backward(do: torch.Tensor, sources: torch.Tensor, u: torch.Tensor, partial: torch.Tensor | None,
-                     out: torch.Tensor, lse: torch.Tensor, eps: float, *, grad_sources: torch.Tensor | None = None,
-                     tiles: tuple[int, int] | None = None):
-    """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``.
+def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
+                     partial: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, eps: float, *,
+                     grad_sources: torch.Tensor | None = None, tiles: tuple[int, int] | None = None):
+    """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``; all with unit
+    stride in D.
 
-    Returns (d_sources ``[N, M, D]``, d_partial ``[M, D]`` or None, du ``[S, D]`` float32).
-    With ``grad_sources`` (any float dtype, ``[N, M, D]`` with unit stride in D) the source
-    gradients are added into it in place and it is returned as d_sources.
+    Returns (d_sources ``[N, M, D]``, d_partial ``[M, D]`` or None, d_query, d_norm_weight or
+    None), each gradient in its input's dtype and shape. With ``grad_sources`` (any float dtype,
+    ``[N, M, D]``) the source gradients are added into it in place and it is returned as d_sources.
     """
     N, M, D = sources.shape
-    S = u.shape[0]
-    sources, u = last_dim_contiguous(sources), u.contiguous()
+    S = query.shape[0]
     accumulate_v = grad_sources is not None
     if grad_sources is None:
         # Several queries add into one gradient: keep the running sum in float32 until the end.
@@ -193,22 +247,33 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, u: torch.Tensor, p
     if tiles is not None:
         block_m, num_warps = tiles
     num_blocks = cdiv(M, block_m)
-    programs = _num_programs(sources.device, num_blocks)
+    programs, block_p = _num_programs(sources.device, num_blocks)
     du = torch.empty((S, programs, D), dtype=torch.float32, device=sources.device)
-    p = sources if partial is None else last_dim_contiguous(partial)  # the kernels assume unit stride in D
+    p = sources if partial is None else partial
     dp = grad_sources if d_partial is None else d_partial
+    g = query if norm_weight is None else norm_weight
+    sw, sg = _query_strides(query, norm_weight)
     for s in range(S):
-        o_s, do_s = last_dim_contiguous(out[s]), last_dim_contiguous(do[s])
         _attnres_bwd_kernel[(programs,)](
-            sources, p, u[s], o_s, do_s, lse[s], grad_sources, dp, du[s],
-            sources.stride(0), sources.stride(1), p.stride(-2), o_s.stride(0), do_s.stride(0),
-            grad_sources.stride(0), grad_sources.stride(1), dp.stride(-2),
+            sources, p, query, g, out, do, lse, grad_sources, dp, du, s,
+            sources.stride(0), sources.stride(1), p.stride(-2), sw, sg, out.stride(0), out.stride(1),
+            do.stride(0), do.stride(1), lse.stride(0), grad_sources.stride(0), grad_sources.stride(1), dp.stride(-2),
             M, N, D, eps, num_blocks,
-            HAS_PARTIAL=partial is not None, ACCUMULATE_V=accumulate_v or s > 0, ACCUMULATE_P=s > 0,
+            HAS_PARTIAL=partial is not None, HAS_NORM_WEIGHT=norm_weight is not None,
+            ACCUMULATE_V=accumulate_v or s > 0, ACCUMULATE_P=s > 0,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
+    d_query = torch.empty_like(query)
+    d_norm = None if norm_weight is None else torch.empty_like(norm_weight)
+    dg = d_query if d_norm is None else d_norm
+    # Narrow column tiles: D/16 programs, each reducing a few [256, 16] tiles of partial sums.
+    _attnres_query_grad_kernel[(cdiv(D, 16),)](
+        du, query, g, d_query, dg, S, programs, D, sw, sg, d_query.stride(0), dg.stride(0),
+        HAS_NORM_WEIGHT=norm_weight is not None, SHARED_NORM_WEIGHT=sg == 0 and norm_weight is not None,
+        BLOCK_P=block_p, BLOCK_D=16, num_warps=8 if block_p == 256 else 4,
+    )
     if grad_sources.dtype != sources.dtype and not accumulate_v:
         grad_sources = grad_sources.to(sources.dtype)
     if d_partial is not None and d_partial.dtype != partial.dtype:
         d_partial = d_partial.to(partial.dtype)
-    return grad_sources, d_partial, du.sum(1)
+    return grad_sources, d_partial, d_query, d_norm
