@@ -67,7 +67,7 @@ class _Read(torch.autograd.Function):
             ctx.mark_non_differentiable(weights)
             return out.detach(), weights.detach()
         ctx.graph = None
-        out, _, saved, ctx.shapes = fused_forward(sources, query, norm_weight, partial, eps)
+        out, _, saved, ctx.source_shape = fused_forward(sources, query, norm_weight, partial, eps)
         ctx.save_for_backward(*saved)
         weights = out.new_empty(0)
         ctx.mark_non_differentiable(weights)
@@ -83,5 +83,5 @@ class _Read(torch.autograd.Function):
             ctx.graph = None
             grad_sources += d_sources
             return None, torch.zeros((), device=dout.device), dq, dg, (dp[0] if dp else None), None, None
-        _, dq, dg, dp = fused_backward(dout, ctx.saved_tensors, ctx.shapes, ctx.eps, grad_sources=grad_sources)
+        _, dq, dg, dp = fused_backward(dout, ctx.saved_tensors, ctx.source_shape, ctx.eps, grad_sources=grad_sources)
         return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None

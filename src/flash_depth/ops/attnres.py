@@ -29,30 +29,32 @@ def _shape(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _check_sources(sources) -> list[torch.Tensor] | torch.Tensor:
+def _check_sources(sources) -> tuple[torch.Tensor, torch.Size]:
+    """A tensor with the sources' dtype, device and D, and the shape ``[..., D]`` of one source."""
     if isinstance(sources, torch.Tensor):
         if sources.dim() < 2 or sources.shape[0] == 0:
             raise ValueError(f"sources as one tensor must be [N, ..., D] with N >= 1, got shape {_shape(sources)}")
-        first = sources[0]
+        like, shape = sources, sources.shape[1:]  # no sources[0]: indexing costs microseconds per call
     else:
         if not isinstance(sources, Sequence) or len(sources) == 0:
             raise ValueError("sources must be a non-empty list of tensors [..., D] (or one tensor [N, ..., D])")
-        first = sources[0]
+        like = sources[0]
         for i, s in enumerate(sources):
             if not isinstance(s, torch.Tensor):
                 raise TypeError(f"sources[{i}] must be a torch.Tensor, got {type(s).__name__}")
-            if s.shape != first.shape:
-                raise ValueError(f"sources[{i}] has shape {_shape(s)}, sources[0] has {_shape(first)}; all must match")
-            if s.dtype != first.dtype or s.device != first.device:
-                raise TypeError(f"sources[{i}] is {s.dtype} on {s.device}, sources[0] is {first.dtype} on {first.device}")
-    if not first.is_floating_point():
-        raise TypeError(f"sources must be floating point, got {first.dtype}")
-    return first
+            if s.shape != like.shape:
+                raise ValueError(f"sources[{i}] has shape {_shape(s)}, sources[0] has {_shape(like)}; all must match")
+            if s.dtype != like.dtype or s.device != like.device:
+                raise TypeError(f"sources[{i}] is {s.dtype} on {s.device}, sources[0] is {like.dtype} on {like.device}")
+        shape = like.shape
+    if not like.is_floating_point():
+        raise TypeError(f"sources must be floating point, got {like.dtype}")
+    return like, shape
 
 
 def _check(sources, query, norm_weight, eps, partial, backend):
-    first = _check_sources(sources)
-    D = first.shape[-1]
+    like, source_shape = _check_sources(sources)
+    D = source_shape[-1]
     if not isinstance(query, torch.Tensor) or query.dim() not in (1, 2) or query.shape[-1] != D:
         raise ValueError(f"query must be a tensor of shape [D={D}] or [S, D={D}], got {_shape(query)}")
     if not query.is_floating_point():
@@ -64,31 +66,33 @@ def _check(sources, query, norm_weight, eps, partial, backend):
             want = " or ".join(f"[{', '.join(map(str, s))}]" for s in ok_shapes)
             raise ValueError(f"norm_weight must be None or a tensor of shape {want}, got {_shape(norm_weight)}")
     for name, x in (("query", query), ("norm_weight", norm_weight)):
-        if x is not None and x.device != first.device:
-            raise ValueError(f"{name} is on {x.device} but the sources are on {first.device}")
+        if x is not None and x.device != like.device:
+            raise ValueError(f"{name} is on {x.device} but the sources are on {like.device}")
     if partial is not None:
-        if not isinstance(partial, torch.Tensor) or partial.shape != first.shape:
-            raise ValueError(f"partial must be None or a tensor of the sources' shape {_shape(first)}, got {_shape(partial)}")
-        if partial.device != first.device or not partial.is_floating_point():
-            raise TypeError(f"partial must be a floating tensor on {first.device}, got {partial.dtype} on {partial.device}")
+        if not isinstance(partial, torch.Tensor) or partial.shape != source_shape:
+            raise ValueError(f"partial must be None or a tensor of the sources' shape {tuple(source_shape)}, "
+                             f"got {_shape(partial)}")
+        if partial.device != like.device or not partial.is_floating_point():
+            raise TypeError(f"partial must be a floating tensor on {like.device}, got {partial.dtype} on {partial.device}")
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     if backend not in ATTNRES_BACKENDS:
         raise ValueError(f"backend must be one of {ATTNRES_BACKENDS}, got {backend!r}")
-    return first
+    return like
 
 
-def select_attnres_backend(backend: str, first: torch.Tensor, return_weights: bool) -> str:
-    """The backend ``backend`` resolves to for sources like ``first`` ("reference" or "triton")."""
+def select_attnres_backend(backend: str, like: torch.Tensor, return_weights: bool) -> str:
+    """The backend ``backend`` resolves to for sources of ``like``'s dtype and device ("reference"
+    or "triton")."""
     if backend == "auto":
-        fused = first.is_cuda and first.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        fused = like.is_cuda and like.dtype in (torch.float16, torch.bfloat16, torch.float32)
         return "triton" if fused and not return_weights else "reference"
     if backend == "triton":
         if return_weights:
             raise ValueError("return_weights=True needs backend='reference' (the fused kernels never form the weights)")
-        if not triton_usable(first):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {first.device}")
-        if first.dtype == torch.float64:
+        if not triton_usable(like):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {like.device}")
+        if like.dtype == torch.float64:
             raise TypeError("backend='triton' takes float16, bfloat16 or float32 sources, got float64")
     return backend
 
@@ -124,13 +128,13 @@ def attention_residual(
         ``[..., D]`` (``[S, ..., D]`` for S queries) in the sources' dtype, then lse and/or
         weights if asked.
     """
-    first = _check(sources, query, norm_weight, eps, partial, backend)
-    chosen = select_attnres_backend(backend, first, return_weights)
+    like = _check(sources, query, norm_weight, eps, partial, backend)
+    chosen = select_attnres_backend(backend, like, return_weights)
     single = query.dim() == 1
-    with _autocast_off(first.device.type):
+    with _autocast_off(like.device.type):
         if chosen == "reference":
             listed = list(sources.unbind(0)) if isinstance(sources, torch.Tensor) else list(sources)
-            D = first.shape[-1]
+            D = like.shape[-1]
             u_norm = None if norm_weight is None else norm_weight.reshape(-1, D)
             out, lse, weights = _reference(listed, query.reshape(-1, D), u_norm, eps, partial)
             if single:
@@ -177,35 +181,32 @@ def fused_forward(sources, query, norm_weight, partial, eps: float):
     """The Triton read. sources ``[N, ..., D]``, query ``[D]`` or ``[S, D]``, norm_weight ``[D]``,
     ``[S, D]`` or None, partial ``[..., D]`` or None. Returns out (``[..., D]`` for a query
     ``[D]``, else ``[S, ..., D]``), lse (the same without D), the tensors :func:`fused_backward`
-    needs and the input shapes it restores."""
+    needs and the sources' shape."""
     from ._triton_common import last_dim_contiguous
     from .attnres_triton import attnres_forward
 
     D = sources.shape[-1]
     rows = last_dim_contiguous(sources.reshape(sources.shape[0], -1, D))
-    q2 = last_dim_contiguous(query.reshape(-1, D))
-    g2 = None if norm_weight is None else last_dim_contiguous(norm_weight.reshape(-1, D))
+    query = last_dim_contiguous(query)
+    norm_weight = None if norm_weight is None else last_dim_contiguous(norm_weight)
     p_rows = None if partial is None else last_dim_contiguous(partial.reshape(-1, D))
-    out, lse = attnres_forward(rows, q2, g2, p_rows, eps)
-    lead = sources.shape[1:-1] if query.dim() == 1 else (q2.shape[0], *sources.shape[1:-1])
-    shapes = (sources.shape, query.shape, None if norm_weight is None else norm_weight.shape)
-    return out.view(*lead, D), lse.view(lead), (rows, q2, g2, p_rows, out, lse), shapes
+    out, lse = attnres_forward(rows, query, norm_weight, p_rows, eps)
+    lead = sources.shape[1:-1] if query.dim() == 1 else (query.shape[0], *sources.shape[1:-1])
+    return out.view(*lead, D), lse.view(lead), (rows, query, norm_weight, p_rows, out, lse), sources.shape
 
 
-def fused_backward(dout, saved, shapes, eps: float, grad_sources=None):
+def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None):
     """Gradients of :func:`fused_forward`: (sources, query, norm_weight, partial), None where an
     input was None. With ``grad_sources`` (``[N, ..., D]``, any float dtype) the source gradients
     are added into it in place instead."""
     from ._triton_common import last_dim_contiguous
     from .attnres_triton import attnres_backward
 
-    rows, q2, g2, p_rows, out, lse = saved
-    source_shape, query_shape, norm_shape = shapes
+    rows, query, norm_weight, p_rows, out, lse = saved
     into = None if grad_sources is None else grad_sources.view(rows.shape)
-    d_rows, d_partial, dq, dg = attnres_backward(last_dim_contiguous(dout.reshape(out.shape)), rows, q2, g2, p_rows,
-                                                 out, lse, eps, grad_sources=into)
-    return (d_rows.view(source_shape), dq.view(query_shape), None if dg is None else dg.view(norm_shape),
-            None if d_partial is None else d_partial.view(source_shape[1:]))
+    d_rows, d_partial, dq, dg = attnres_backward(last_dim_contiguous(dout.reshape(out.shape)), rows, query,
+                                                 norm_weight, p_rows, out, lse, eps, grad_sources=into)
+    return d_rows.view(source_shape), dq, dg, None if d_partial is None else d_partial.view(source_shape[1:])
 
 
 class _AttnResFunction(torch.autograd.Function):
@@ -215,7 +216,7 @@ class _AttnResFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sources, query, norm_weight, partial, eps):
         ctx.set_materialize_grads(False)  # lse never has a gradient: no zeros launched for it
-        out, lse, saved, ctx.shapes = fused_forward(sources, query, norm_weight, partial, eps)
+        out, lse, saved, ctx.source_shape = fused_forward(sources, query, norm_weight, partial, eps)
         ctx.save_for_backward(*saved)
         ctx.eps = eps
         ctx.mark_non_differentiable(lse)
@@ -225,7 +226,7 @@ class _AttnResFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         if dout is None:
             return None, None, None, None, None
-        return (*fused_backward(dout, ctx.saved_tensors, ctx.shapes, ctx.eps), None)
+        return (*fused_backward(dout, ctx.saved_tensors, ctx.source_shape, ctx.eps), None)
 
 
 def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.Tensor, query: torch.Tensor,

@@ -179,18 +179,19 @@ def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
 
 
 def _query_strides(query: torch.Tensor, norm_weight: torch.Tensor | None) -> tuple[int, int]:
-    """Per-query strides of w ``[S, D]`` and g ``[S, D]``/``[1, D]`` (0: one g for all queries)."""
-    sg = 0 if norm_weight is None or norm_weight.shape[0] == 1 else norm_weight.stride(0)
-    return query.stride(0), sg
+    """Per-query strides of w (``[S, D]`` or ``[D]``) and g (0: one g for every query)."""
+    sw = query.stride(0) if query.dim() == 2 else 0
+    sg = 0 if norm_weight is None or norm_weight.dim() == 1 or norm_weight.shape[0] == 1 else norm_weight.stride(0)
+    return sw, sg
 
 
 def attnres_forward(sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
                     partial: torch.Tensor | None, eps: float, tiles: tuple[int, int] | None = None):
-    """sources ``[N, M, D]``, query ``[S, D]``, norm_weight ``[S, D]``, ``[1, D]`` or None (any
-    float dtypes, unit stride in D), partial ``[M, D]`` or None.
-    Returns out ``[S, M, D]`` (sources' dtype) and lse ``[S, M]`` float32."""
+    """sources ``[N, M, D]``, query ``[S, D]`` or ``[D]``, norm_weight ``[S, D]``, ``[D]`` or
+    None (any float dtypes, unit stride in D), partial ``[M, D]`` or None.
+    Returns out ``[S, M, D]`` (sources' dtype; S = 1 for a query ``[D]``) and lse ``[S, M]`` float32."""
     N, M, D = sources.shape
-    S = query.shape[0]
+    S = query.shape[0] if query.dim() == 2 else 1
     out = torch.empty((S, M, D), dtype=sources.dtype, device=sources.device)
     lse = torch.empty((S, M), dtype=torch.float32, device=sources.device)
     block_m, block_d, num_warps = _tiles(D, backward=False)
@@ -225,15 +226,15 @@ def _num_programs(device: torch.device, num_blocks: int) -> tuple[int, int]:
 def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
                      partial: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, eps: float, *,
                      grad_sources: torch.Tensor | None = None, tiles: tuple[int, int] | None = None):
-    """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``; all with unit
-    stride in D.
+    """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``; query and
+    norm_weight as there; all with unit stride in D.
 
     Returns (d_sources ``[N, M, D]``, d_partial ``[M, D]`` or None, d_query, d_norm_weight or
     None), each gradient in its input's dtype and shape. With ``grad_sources`` (any float dtype,
     ``[N, M, D]``) the source gradients are added into it in place and it is returned as d_sources.
     """
     N, M, D = sources.shape
-    S = query.shape[0]
+    S = query.shape[0] if query.dim() == 2 else 1
     accumulate_v = grad_sources is not None
     if grad_sources is None:
         # Several queries add into one gradient: keep the running sum in float32 until the end.
@@ -268,7 +269,7 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
     dg = d_query if d_norm is None else d_norm
     # Narrow column tiles: D/16 programs, each reducing a few [256, 16] tiles of partial sums.
     _attnres_query_grad_kernel[(cdiv(D, 16),)](
-        du, query, g, d_query, dg, S, programs, D, sw, sg, d_query.stride(0), dg.stride(0),
+        du, query, g, d_query, dg, S, programs, D, sw, sg, *_query_strides(d_query, d_norm),
         HAS_NORM_WEIGHT=norm_weight is not None, SHARED_NORM_WEIGHT=sg == 0 and norm_weight is not None,
         BLOCK_P=block_p, BLOCK_D=16, num_warps=8 if block_p == 256 else 4,
     )
