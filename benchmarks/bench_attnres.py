@@ -113,7 +113,7 @@ def tune(N: int, D: int) -> dict:
     M = B * T
     V = torch.randn(N, M, D, device="cuda", dtype=torch.bfloat16)
     w, g = torch.randn(1, D, device="cuda"), torch.rand(1, D, device="cuda") + 0.5
-    out, lse = attnres_triton.attnres_forward(V, w, g, None, EPS)
+    out, lse, u = attnres_triton.attnres_forward(V, w, g, None, EPS)
     do = torch.randn_like(out)
     best = {}
     for kind in ("fwd", "bwd"):
@@ -125,7 +125,7 @@ def tune(N: int, D: int) -> dict:
                 if kind == "fwd":
                     fn = lambda: attnres_triton.attnres_forward(V, w, g, None, EPS, tiles=(block_m, warps))  # noqa: E731
                 else:
-                    fn = lambda: attnres_triton.attnres_backward(do, V, w, g, None, out, lse, EPS,  # noqa: E731
+                    fn = lambda: attnres_triton.attnres_backward(do, V, w, g, None, out, lse, u, EPS,  # noqa: E731
                                                                  tiles=(block_m, warps))
                 try:
                     results.append((bench(fn, rep_ms=30), block_m, warps))

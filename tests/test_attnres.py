@@ -92,14 +92,15 @@ def test_reference_backend_matches_float64_formula_and_returns_weights():
 def test_backward_accumulates_into_a_gradient_buffer_and_is_deterministic():
     sources, query, norm_weight, _ = _case(3, 1, 11, 24, 1, False, torch.float32)
     rows = sources.reshape(3, -1, 24)
-    out, lse = attnres_forward(rows, query, norm_weight, None, 1e-6)
+    out, lse, u = attnres_forward(rows, query, norm_weight, None, 1e-6)
+    assert rel_err(u, query * norm_weight) < 1e-6
     dout = torch.randn_like(out)
-    grads = attnres_backward(dout, rows, query, norm_weight, None, out, lse, 1e-6)
-    again = attnres_backward(dout, rows, query, norm_weight, None, out, lse, 1e-6)
+    grads = attnres_backward(dout, rows, query, norm_weight, None, out, lse, u, 1e-6)
+    again = attnres_backward(dout, rows, query, norm_weight, None, out, lse, u, 1e-6)
     assert all(a is b is None or torch.equal(a, b) for a, b in zip(grads, again))
     buffer = torch.randn(3, 11, 24, device=DEVICE)
     start = buffer.clone()
-    attnres_backward(dout, rows, query, norm_weight, None, out, lse, 1e-6, grad_sources=buffer)
+    attnres_backward(dout, rows, query, norm_weight, None, out, lse, u, 1e-6, grad_sources=buffer)
     assert rel_err(buffer, start + grads[0]) < 1e-6
 
 

@@ -190,9 +190,9 @@ def fused_forward(sources, query, norm_weight, partial, eps: float):
     query = last_dim_contiguous(query)
     norm_weight = None if norm_weight is None else last_dim_contiguous(norm_weight)
     p_rows = None if partial is None else last_dim_contiguous(partial.reshape(-1, D))
-    out, lse = attnres_forward(rows, query, norm_weight, p_rows, eps)
+    out, lse, u = attnres_forward(rows, query, norm_weight, p_rows, eps)
     lead = sources.shape[1:-1] if query.dim() == 1 else (query.shape[0], *sources.shape[1:-1])
-    return out.view(*lead, D), lse.view(lead), (rows, query, norm_weight, p_rows, out, lse), sources.shape
+    return out.view(*lead, D), lse.view(lead), (rows, query, norm_weight, p_rows, out, lse, u), sources.shape
 
 
 def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None):
@@ -202,10 +202,10 @@ def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None):
     from ._triton_common import last_dim_contiguous
     from .attnres_triton import attnres_backward
 
-    rows, query, norm_weight, p_rows, out, lse = saved
+    rows, query, norm_weight, p_rows, out, lse, u = saved
     into = None if grad_sources is None else grad_sources.view(rows.shape)
     d_rows, d_partial, dq, dg = attnres_backward(last_dim_contiguous(dout.reshape(out.shape)), rows, query,
-                                                 norm_weight, p_rows, out, lse, eps, grad_sources=into)
+                                                 norm_weight, p_rows, out, lse, u, eps, grad_sources=into)
     return d_rows.view(source_shape), dq, dg, None if d_partial is None else d_partial.view(source_shape[1:])
 
 
