@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import cdiv, last_dim_contiguous
+from ._triton_common import cdiv
 
 
 @triton.jit
@@ -221,8 +221,8 @@ def _num_programs(device: torch.device, num_blocks: int) -> tuple[int, int]:
 
 def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
                      partial: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, u: torch.Tensor,
-                     eps: float, *,
-                     grad_sources: torch.Tensor | None = None, tiles: tuple[int, int] | None = None):
+                     eps: float, *, grad_sources: torch.Tensor | None = None,
+                     tiles: tuple[int, int] | None = None):
     """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``; u ``[S, D]``;
     query and norm_weight as there; all with unit stride in D.
 
