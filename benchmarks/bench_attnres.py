@@ -284,9 +284,9 @@ def _gbps(r: dict, kind: str, copy_gbps: float, suffix: str = "") -> str:
 
 
 def to_markdown(rows, device: str, meta: dict) -> str:
-    names = [n for n in ("ours", "liger", "flash_attn_res", "fla", "compiled", "reference")
+    names = [n for n in ("ours", *PEER_NAMES, "compiled", "reference")
              if any(f"{n}_fwd" in r or f"{n}_error" in r for r in rows)]
-    peer_names = [n for n in names if n not in ("ours", "reference", "compiled")]
+    peer_names = [n for n in names if n in PEER_NAMES]
     lines = [
         f"# Attention Residuals read on {device}",
         "",
