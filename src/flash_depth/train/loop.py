@@ -118,11 +118,12 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
     if max_steps is not None:
         t.max_steps = max_steps
     if t.cuda_graph:  # checked before anything is written
-        if dev.type != "cuda" or world > 1 or t.activation_checkpointing:
-            got = f"device {dev}" if dev.type != "cuda" else (f"{world} processes" if world > 1
-                                                                else "train.activation_checkpointing=true")
+        blockers = [what for what, present in ((f"device {dev}", dev.type != "cuda"), (f"{world} processes", world > 1),
+                                               ("train.activation_checkpointing=true", t.activation_checkpointing))
+                    if present]
+        if blockers:
             raise ConfigError(f"train.cuda_graph=true needs one CUDA GPU, one process and no activation "
-                              f"checkpointing; got {got}")
+                              f"checkpointing; got {', '.join(blockers)}")
     ckpt = find_checkpoint(out) if out.exists() else None
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint in {out}")
