@@ -215,7 +215,8 @@ class _AttnResFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sources, query, norm_weight, partial, eps):
-        ctx.set_materialize_grads(False)  # lse never has a gradient: no zeros launched for it
+        # lse never has a gradient: no zeros launched for it. backward only runs when out has one.
+        ctx.set_materialize_grads(False)
         out, lse, saved, ctx.source_shape = fused_forward(sources, query, norm_weight, partial, eps)
         ctx.save_for_backward(*saved)
         ctx.eps = eps
@@ -224,8 +225,6 @@ class _AttnResFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        if dout is None:
-            return None, None, None, None, None
         return (*fused_backward(dout, ctx.saved_tensors, ctx.source_shape, ctx.eps), None)
 
 
