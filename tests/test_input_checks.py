@@ -72,3 +72,32 @@ def test_fused_backends_need_a_gpu_or_interpreter(monkeypatch):
         moda_attention(*_ok(), backend="triton")
     with pytest.raises(ValueError, match="backend='cudnn' needs CUDA"):
         moda_attention(*_ok(), backend="cudnn")
+
+
+@pytest.mark.parametrize("q_len, kv_len, head_dim, causal, want", [
+    (64, 64, 64, True, True),
+    (1, 1, 64, True, False),  # cuDNN's backward refuses one query against one key
+    (1, 1, 64, False, False),
+    (1, 7, 64, False, True),
+    (2, 2, 64, True, True),
+    (5, 9, 64, True, False),  # decoding: the causal mask must sit at the end, cuDNN puts it at the top
+    (64, 64, 72, True, True),
+    (64, 64, 36, True, False),  # not a multiple of 8
+    (64, 64, 256, True, False),  # Triton covers d > 128
+])
+def test_cudnn_routing_is_decided_from_the_shape(q_len, kv_len, head_dim, causal, want):
+    from flash_depth.ops import cudnn_sdpa
+
+    assert cudnn_sdpa.shape_supported(q_len, kv_len, head_dim, causal) is want
+
+
+def test_cudnn_inputs_are_conformed_not_refused():
+    from flash_depth.ops import cudnn_sdpa
+
+    x = torch.randn(2, 5, 4, 16)
+    assert cudnn_sdpa.conform(x) is x
+    strided = torch.randn(2, 5, 4, 32)[..., ::2]  # last dim not contiguous
+    fixed = cudnn_sdpa.conform(strided)
+    assert fixed.stride(-1) == 1 and torch.equal(fixed, strided)
+    odd = torch.randn(2, 5, 3, 16 + 3)[..., :16]  # row stride 19 elements: misaligned
+    assert cudnn_sdpa.conform(odd).stride()[:-1] == (5 * 3 * 16, 3 * 16, 16)

@@ -50,10 +50,9 @@ class _Read(torch.autograd.Function):
             ctx.graph = (o, leaves + [kd, vd])
             return o.detach()
         ctx.graph = None
-        o, lse, state, seq_backend = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, chosen,
-                                                   fallback=backend == "auto")
+        o, lse, state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, chosen)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.fused = (state, causal, seq_backend)
+        ctx.fused = (state, causal, chosen)
         return o
 
     @staticmethod

@@ -11,51 +11,49 @@ from __future__ import annotations
 import torch
 
 _aten = torch.ops.aten
-# None until the first call finds out whether cuDNN takes fewer K/V heads than Q heads.
-_native_gqa: bool | None = None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
-    """Whether the cuDNN path can compute this problem (else the Triton path is used)."""
+    """Whether cuDNN computes this problem forward AND backward (else the Triton path runs).
+
+    Decided from the shapes alone, never by catching a cuDNN error. The rules come from
+    ``benchmarks/probe_cudnn.py`` on an H200 (torch 2.11, cuDNN 9.19; its output is in
+    ``benchmarks/results/logs/probe_cudnn_h200.log``): GQA is native, every head dim that is a
+    multiple of 8 runs, one query against one key does not run backward. Strides are no reason
+    to refuse: :func:`conform` copies an input whose layout cuDNN rejects.
+    """
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return False
     if not hasattr(_aten, "_scaled_dot_product_cudnn_attention_backward"):
         return False
-    d = q.shape[-1]
-    if d % 8 != 0 or d > 128:
+    return shape_supported(q.shape[1], k.shape[1], q.shape[-1], causal)
+
+
+def shape_supported(q_len: int, kv_len: int, head_dim: int, causal: bool) -> bool:
+    """The shape half of :func:`supports`."""
+    if head_dim % 8 != 0 or head_dim > 128:  # 192 and 256 ran on Hopper only; Triton covers them
+        return False
+    if q_len == 1 and kv_len == 1:  # "s_q = s_kv = 1 is not supported" (backward)
         return False
     # cuDNN aligns a causal mask at the top left; decoding (Tq < Tk) needs it at the end.
-    return not causal or q.shape[1] == k.shape[1]
+    return not causal or q_len == kv_len
 
 
-def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
-    if group == 1:
-        return x
-    B, T, Hk, d = x.shape
-    return x.unsqueeze(3).expand(B, T, Hk, group, d).reshape(B, T, Hk * group, d)
-
-
-def _call_forward(q, k, v, causal, scale):
-    return _aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale
-    )
+def conform(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy where cuDNN would refuse its layout (the last dim needs stride 1;
+    the other strides and the start address are kept 16-byte aligned)."""
+    aligned = x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0
+    return x if aligned else x.clone(memory_format=torch.contiguous_format)
 
 
 def forward(q, k, v, *, causal: bool, scale: float):
-    """q ``[B, T, Hq, d]``, k/v ``[B, T, Hk, d]``.
+    """q ``[B, T, Hq, d]``, k/v ``[B, T, Hk, d]`` (GQA native), each as :func:`conform` returns it.
 
     Returns o ``[B, T, Hq, d]`` (a view), lse ``[B, Hq, T]`` float32 and the state the backward needs.
     """
-    global _native_gqa
-    group = q.shape[2] // k.shape[2]
-    if group > 1 and _native_gqa is not False:
-        try:
-            res = _call_forward(q, k, v, causal, scale)
-            _native_gqa = True
-        except RuntimeError:
-            _native_gqa = False
-    if group == 1 or not _native_gqa:
-        res = _call_forward(q, _expand_heads(k, group), _expand_heads(v, group), causal, scale)
+    res = _aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale
+    )
     out, lse = res[0], res[1]
     state = (res[2], res[3], res[4], res[5], res[6], res[7], lse.dim())
     lse3 = lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
@@ -65,20 +63,12 @@ def forward(q, k, v, *, causal: bool, scale: float):
 def backward(do, q, k, v, o, lse, state, *, causal: bool, scale: float):
     """dq, dk, dv of the sequence part for the given (merged) o ``[B, T, Hq, d]`` and lse ``[B, Hq, T]``."""
     cum_q, cum_k, max_q, max_k, seed, offset, lse_rank = state
-    group = q.shape[2] // k.shape[2]
-    expand = group > 1 and not _native_gqa
-    k_in, v_in = (_expand_heads(k, group), _expand_heads(v, group)) if expand else (k, v)
     if lse_rank == 4:
         lse = lse.unsqueeze(-1)
     # cuDNN wants dO laid out like o.
     do = do.contiguous() if do.stride() != o.stride() else do
     dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
-        do.transpose(1, 2), q.transpose(1, 2), k_in.transpose(1, 2), v_in.transpose(1, 2),
+        do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         o.transpose(1, 2), lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale,
     )
-    dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-    if expand:
-        B, T, Hk, d = k.shape
-        dk = dk.reshape(B, T, Hk, group, d).sum(3)
-        dv = dv.reshape(B, T, Hk, group, d).sum(3)
-    return dq, dk, dv
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

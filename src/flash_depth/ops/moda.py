@@ -9,8 +9,6 @@ Backends:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import cudnn_sdpa
@@ -40,36 +38,31 @@ def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
     if backend == "cudnn" and (k is None or not cudnn_sdpa.supports(q, k, causal)):
         raise ValueError(
             "backend='cudnn' needs CUDA float16/bfloat16 inputs, a head dim that is a multiple of 8 and <= 128, "
-            f"and Tq == Tk when causal; got dtype {q.dtype}, head dim {q.shape[-1]}, device {q.device}"
+            "Tq == Tk when causal and not Tq == Tk == 1; got dtype "
+            f"{q.dtype}, head dim {q.shape[-1]}, Tq={q.shape[1]}, Tk={k.shape[1] if k is not None else None}, "
+            f"device {q.device}"
         )
     return backend
 
 
-def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str,
-                  fallback: bool = False):
+def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str):
     """Forward of the fused path. Returns o, lse, the sequence backend's state for backward, and
-    the sequence backend that ran: with ``fallback``, a cuDNN failure (e.g. a cuDNN build without
-    this configuration) falls back to the Triton kernels with a warning."""
+    (q, k, v) as the backward must receive them (cuDNN takes copies of inputs whose layout it
+    refuses)."""
     from . import depth_triton, flash_triton
 
     seq_state = None
     if k is None:
         o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale)
     else:
-        o = None
         if seq_backend == "cudnn":
-            try:
-                o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
-            except RuntimeError as err:
-                if not fallback:
-                    raise
-                warnings.warn(f"cuDNN attention failed ({err}); using the Triton kernels instead", stacklevel=4)
-                seq_backend = "triton"
-        if o is None:
+            q, k, v = cudnn_sdpa.conform(q), cudnn_sdpa.conform(k), cudnn_sdpa.conform(v)
+            o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
+        else:
             o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale)
         if k_depth is not None:
             o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
-    return o.contiguous(), lse, seq_state, seq_backend
+    return o.contiguous(), lse, seq_state, (q, k, v)
 
 
 def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: bool, scale: float,
@@ -99,9 +92,8 @@ def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: boo
 
 class _MoDAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend, fallback):
-        o, lse, seq_state, seq_backend = fused_forward(q, k, v, k_depth, v_depth, causal, scale, seq_backend,
-                                                       fallback)
+    def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend):
+        o, lse, seq_state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, scale, seq_backend)
         ctx.save_for_backward(q, k, v, k_depth, v_depth, o, lse)
         ctx.causal, ctx.scale, ctx.seq_backend, ctx.seq_state = causal, scale, seq_backend, seq_state
         ctx.mark_non_differentiable(lse)
@@ -112,7 +104,7 @@ class _MoDAFunction(torch.autograd.Function):
         q, k, v, k_depth, v_depth, o, lse = ctx.saved_tensors
         grads = fused_backward(do, q, k, v, k_depth, v_depth, o, lse, ctx.seq_state, ctx.causal, ctx.scale,
                                ctx.seq_backend)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def moda_attention(
@@ -150,7 +142,7 @@ def moda_attention(
     if chosen == "reference":
         o, lse = attention_reference(q, k, v, k_depth, v_depth, causal=causal, scale=scale)
     else:
-        o, lse = _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, chosen, backend == "auto")
+        o, lse = _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, chosen)
     return (o, lse) if return_lse else o
 
 
@@ -183,5 +175,5 @@ def depth_attention(
     if chosen == "reference":
         o, lse = attention_reference(q, None, None, k_depth, v_depth, causal=False, scale=scale)
     else:
-        o, lse = _MoDAFunction.apply(q, None, None, k_depth, v_depth, False, scale, "triton", False)
+        o, lse = _MoDAFunction.apply(q, None, None, k_depth, v_depth, False, scale, "triton")
     return (o, lse) if return_lse else o
