@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from flash_depth.models import DEPTH_MECHANISMS, FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.accounting import flops_per_token, parameter_count
-from flash_depth.nn.depth_stream import DepthStream, read_moda
-from flash_depth.ops import moda_attention
+from flash_depth.nn.depth_stream import DepthStream, read_depth, read_moda
+from flash_depth.ops import depth_attention, moda_attention
 from oracle import rel_err
 
 VARIANTS = [(m, n) for m in DEPTH_MECHANISMS for n in ("pre", "post") if not (m.startswith("attnres") and n == "post")]
@@ -163,38 +163,78 @@ def test_rms_norm_of_bf16_activations_with_a_float32_weight():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_depth_stream_gradients_match_concat(backend):
+@pytest.mark.parametrize("writes, sequence", [(1, True), (2, True), (3, False)],
+                         ids=["moda-1-write", "moda-2-writes", "depth-only-3-writes"])
+def test_depth_stream_gradients_match_concat(backend, writes, sequence):
     """The in-place stream gives the same values and gradients as re-stacking every slot
-    (reference: autograd through PyTorch; triton: fused kernels accumulating into the stream)."""
+    (reference: autograd through PyTorch; triton: fused kernels, slot gradients deferred to the
+    writes, slots written with no read between them formed together)."""
     torch.manual_seed(0)
-    B, T, Hq, Hk, d, layers = 1, 7, 4, 2, 16, 4
+    B, T, Hq, Hk, d, layers = 2, 7, 4, 2, 16, 4
     dtype = torch.float64 if backend == "reference" else torch.float32
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     qs = [torch.randn(B, T, Hq, d, dtype=dtype, device=device, requires_grad=True) for _ in range(layers)]
     kvs = [torch.randn(B, T, Hk, d, dtype=dtype, device=device, requires_grad=True) for _ in range(2 * layers)]
+    weights = torch.randn(B, T, Hq, d, dtype=dtype, device=device)
 
     def run(use_stream):
-        stream = DepthStream(layers)
+        stream = DepthStream(layers * writes)
         slots_k, slots_v, total = [], [], 0
         for i in range(layers):
             k, v = kvs[2 * i], kvs[2 * i + 1]
-            if use_stream:
-                o = read_moda(stream, qs[i], k, v, backend=backend)
-                stream.write(k * 2, v * 3)
+            if not sequence and i == 0:
+                o = qs[0]  # depth-only reads need a written slot
+            elif use_stream:
+                o = read_moda(stream, qs[i], k, v, backend=backend) if sequence else read_depth(stream, qs[i], backend=backend)
             else:
                 kd = torch.stack(slots_k, 2) if slots_k else None
                 vd = torch.stack(slots_v, 2) if slots_v else None
-                o = moda_attention(qs[i], k, v, kd, vd, backend=backend)
-                slots_k.append(k * 2)
-                slots_v.append(v * 3)
-            total = total + (o * torch.arange(o.numel(), dtype=o.dtype, device=o.device).view_as(o).sin()).sum()
-        return total, torch.autograd.grad(total, qs + kvs)
+                if sequence:
+                    o = moda_attention(qs[i], k, v, kd, vd, backend=backend)
+                else:
+                    o = depth_attention(qs[i], kd, vd, backend=backend)
+            for w in range(writes):
+                kw, vw = k * (2 + w), v * (3 - w) + w
+                if use_stream:
+                    stream.write(kw, vw)
+                else:
+                    slots_k.append(kw)
+                    slots_v.append(vw)
+            total = total + (o * weights).sum()
+        if use_stream:
+            stream.close()
+        # the last layer's slots are never read: zero gradients
+        return total, torch.autograd.grad(total, qs + kvs, allow_unused=True, materialize_grads=True)
 
     t1, g1 = run(True)
     t2, g2 = run(False)
     assert abs(t1.item() - t2.item()) < tol * max(1.0, abs(t2.item()))
-    assert all(rel_err(a, b) < tol for a, b in zip(g1, g2))
+    errors = [rel_err(a, b) for a, b in zip(g1, g2)]
+    assert all(e < tol for e in errors), errors
+
+
+@pytest.mark.parametrize("mech, norm, extra", [
+    ("moda", "pre", {}), ("moda", "post", {}), ("moda", "pre", {"ffn_kv": False}),
+    ("moda", "post", {"attn_kv_proj": True}), ("depth_attention", "pre", {}), ("depth_attention", "post", {"ffn_kv": False}),
+])
+def test_fused_model_gradients_match_the_reference_path(mech, norm, extra):
+    """Every parameter's gradient on the fused path (Triton kernels, deferred slot gradients; the
+    interpreter on CPU) against the plain PyTorch path with the same weights, float32."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(1)
+    models = []
+    for backend in ("triton", "reference"):
+        cfg = FlashDepthConfig.from_preset("tiny", depth_mechanism=mech, norm_position=norm,
+                                           attention_backend=backend, num_hidden_layers=3, **extra)
+        models.append(FlashDepthForCausalLM(cfg).to(device))
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, 512, (2, 11), device=device)
+    for model in models:
+        model(ids, labels=ids).loss.backward()
+    for (name, p), p_ref in zip(models[0].named_parameters(), models[1].parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert rel_err(p.grad, p_ref.grad) < 1e-5, name
 
 
 def test_depth_stream_saves_less_than_concat():

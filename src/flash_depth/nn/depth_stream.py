@@ -3,6 +3,13 @@
 Published MoDA models re-stack every earlier layer's K/V at each layer (O(L^2) copies and
 memory). Here a layer writes its slot in place and later layers read the slice
 ``[:, :, :n]`` without a copy; :mod:`flash_depth.nn.slot_stream` routes the gradients.
+
+On the fused path the slot gradients are deferred: a read's backward computes only its dq
+and keeps its q, dO, lse and rowsum(dO * o) in stacked ``[R, ...]`` buffers; the write's
+backward (which autograd runs after every read of the slot) forms the slot's dK/dV in one
+kernel over all of its readers and writes it once, in the slot's dtype. Two slots written
+with no read between them (a block's attention and FFN slots) have the same readers and
+are formed by one launch, which reads the readers' q and dO once for both.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from flash_depth.ops import depth_attention, moda_attention
+from flash_depth.ops.depth_triton import depth_slot_backward
 from flash_depth.ops.moda import fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
@@ -21,10 +29,66 @@ class DepthStream(SlotStream):
 
     def __init__(self, slots: int):
         super().__init__(slots, slot_dim=2, names=("k", "v"))
+        self.reader_slots: list[int] = []  # fused reads, in order: how many slots each read
+        self.reader_bufs: dict[str, torch.Tensor] | None = None  # q, do [R, B, T, Hq, d]; lse, delta [R, B, Hq, T]
+        self.paired: list[bool] = []  # slot j has the same readers as slot j - 1 (formed together)
+        self.reads_since_write = 0
+        self.formed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (dk, dv) formed early
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
+        slot = self.count
         super().write(k, v)
+        self.paired.append(slot > 0 and self.reads_since_write == 0 and not self.paired[slot - 1])
+        self.reads_since_write = 0
+
+    def register_reader(self) -> int:
+        """Index of a new fused read of the current slots (its buffers are filled in backward)."""
+        self.reader_slots.append(self.count)
+        return len(self.reader_slots) - 1
+
+    def keep_reader(self, r: int, q, do, lse) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores read r's q, dO and lse; returns its dO (stacked copy) and its rowsum buffer."""
+        if self.reader_bufs is None:  # the first read backward: every read is known by now
+            R, (B, T, Hq, d) = len(self.reader_slots), q.shape
+            self.reader_bufs = {
+                "q": q.new_empty((R, B, T, Hq, d)), "do": q.new_empty((R, B, T, Hq, d)),
+                "lse": lse.new_empty((R, B, Hq, T)), "delta": lse.new_empty((R, B, Hq, T)),
+            }
+        bufs = self.reader_bufs
+        if q.shape != bufs["q"].shape[1:] or q.dtype != bufs["q"].dtype:
+            raise ValueError(f"every read of one depth stream needs q of one shape and dtype; got "
+                             f"{tuple(q.shape)} {q.dtype} after {tuple(bufs['q'].shape[1:])} {bufs['q'].dtype}")
+        bufs["q"][r].copy_(q)
+        bufs["do"][r].copy_(do)
+        bufs["lse"][r].copy_(lse)
+        return bufs["do"][r], bufs["delta"][r]
+
+    def slot_grads(self, slot: int, dtypes):
+        grads = super().slot_grads(slot, dtypes)  # reads on the reference path
+        deferred = self._deferred_grads(slot)
+        if deferred is None:
+            return grads
+        deferred = tuple(g.to(dtype) for g, dtype in zip(deferred, dtypes))
+        return deferred if grads is None else tuple(a + b for a, b in zip(grads, deferred))
+
+    def _deferred_grads(self, slot: int):
+        """dk, dv ``[B, T, Hk, d]`` of ``slot`` summed over its fused readers (None: it has none)."""
+        if slot in self.formed:
+            return self.formed.pop(slot)
+        first = next((r for r, n in enumerate(self.reader_slots) if n > slot), None)
+        if first is None or self.reader_bufs is None:
+            return None
+        pair = self.paired[slot] and slot - 1 not in self.formed
+        slot0 = slot - 1 if pair else slot
+        bufs = self.reader_bufs
+        k_depth, v_depth = self.views()
+        dk, dv = depth_slot_backward(bufs["q"], bufs["do"], bufs["lse"], bufs["delta"], k_depth, v_depth,
+                                     slot0, 2 if pair else 1, (first, len(self.reader_slots)),
+                                     bufs["q"].shape[-1] ** -0.5)
+        if pair:
+            self.formed[slot0] = (dk[0], dv[0])
+        return dk[-1], dv[-1]
 
     def slots(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n (default: all written) slots ``[B, T, n, Hk, d]`` (views, no gradient)."""
@@ -53,13 +117,14 @@ class _Read(torch.autograd.Function):
         o, lse, state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, chosen)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.fused = (state, causal, chosen)
+        ctx.reader = stream.register_reader()
         return o
 
     @staticmethod
     def backward(ctx, do):
         stream, n = ctx.stream, ctx.n
-        grad_k, grad_v = stream.grad_views(n)
         if ctx.graph is not None:
+            grad_k, grad_v = stream.grad_views(n)
             o, inputs = ctx.graph
             *grads, dkd, dvd = torch.autograd.grad(o, inputs, do)
             ctx.graph = None
@@ -70,9 +135,10 @@ class _Read(torch.autograd.Function):
             q, k, v, o, lse = ctx.saved_tensors
             state, causal, seq_backend = ctx.fused
             k_depth, v_depth = stream.slots(n)
+            do, delta = stream.keep_reader(ctx.reader, q, do, lse)
             dq, dk, dv, _, _ = fused_backward(
                 do, q, k, v, k_depth, v_depth, o, lse, state, causal, q.shape[-1] ** -0.5, seq_backend,
-                depth_grads_into=(grad_k, grad_v),
+                slot_grads=False, delta_out=delta,
             )
         return None, torch.zeros((), device=do.device), dq, dk, dv, None, None
 
@@ -96,6 +162,7 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto") -> torch.Tensor
 
 
 def _read(stream: DepthStream, q, k, v, causal: bool, backend: str) -> torch.Tensor:
+    stream.reads_since_write += 1
     handle = stream.read_handle()
     if handle is not None:
         return _Read.apply(stream, handle, q, k, v, causal, backend)

@@ -8,6 +8,8 @@ n slots (a view).
 Gradients: in-place writes hide the buffer from autograd, so the stream routes them itself.
 Each read adds the gradient of the slots it read into a float32 gradient buffer (the
 kernels do it in place); each write hands its slot's accumulated gradient to the producer.
+A subclass may instead defer the slot gradients to the write's backward
+(:meth:`SlotStream.slot_grads`; the depth stream does, see nn/depth_stream.py).
 Autograd runs a write's backward only after every read that depends on it: each write
 returns a scalar "handle" that the next write and every later read take as input, so the
 handles chain all reads after the writes they follow.
@@ -74,6 +76,13 @@ class SlotStream:
             self.grads = [torch.zeros(buf.shape, dtype=dtype, device=buf.device) for buf in self.buffers]
         return [g.narrow(self.slot_dim, 0, n) for g in self.grads]
 
+    def slot_grads(self, slot: int, dtypes) -> tuple[torch.Tensor, ...] | None:
+        """The gradients of slot ``slot`` of every buffer in ``dtypes`` (None: no read used it).
+        Called by the slot's write in backward, after every read that depends on it."""
+        if self.grads is None:
+            return None
+        return tuple(g.select(self.slot_dim, slot).to(dtype) for g, dtype in zip(self.grads, dtypes))
+
     def read_handle(self) -> torch.Tensor | None:
         """What a differentiable read must take as an input (None: nothing to differentiate)."""
         return self.handle if torch.is_grad_enabled() else None
@@ -90,9 +99,8 @@ class _Write(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_handle):
-        stream, slot = ctx.stream, ctx.slot
-        if stream.grads is None:  # no read used this stream
-            return (None, None, None) + (None,) * len(stream.names)
-        grads = tuple(g.select(stream.slot_dim, slot).to(dtype) for g, dtype in zip(stream.grads, ctx.dtypes))
+        grads = ctx.stream.slot_grads(ctx.slot, ctx.dtypes)
+        if grads is None:  # no read used this slot
+            return (None, None, None) + (None,) * len(ctx.dtypes)
         prev = torch.zeros((), device=grads[0].device) if ctx.has_prev else None
-        return (None, None, prev) + grads
+        return (None, None, prev) + tuple(grads)

@@ -12,6 +12,15 @@ The forward can start its online softmax from a finished sequence-attention
 result (o_seq, lse_seq): that is the exact lse merge of SPEC section 4, fused.
 The backward takes the MERGED o and lse, so its probabilities are those of the
 one MoDA softmax.
+
+Deferred slot gradients (a model's depth stream): a slot written by one layer is
+read by every later layer. Instead of each reader adding its share into a float32
+gradient buffer (a read-modify-write of 4x the bf16 K/V bytes per reader), readers
+compute only dq (``depth_backward(..., slot_grads=False)``, which also stores
+rowsum(dO * o)), and when the backward reaches the producer, one launch of
+``depth_slot_backward`` recomputes p and dS for all of the slot's readers from their
+q, dO, lse and rowsum and sums dK/dV in registers: each slot gradient is written once,
+in the slot's dtype.
 """
 
 from __future__ import annotations
@@ -113,7 +122,7 @@ def _depth_fwd_kernel(
 
 @triton.jit
 def _depth_bwd_kernel(
-    Q, KD, VD, O, DO, LSE, DQ_IN, DQ, DKD, DVD,
+    Q, KD, VD, O, DO, LSE, DQ_IN, DQ, DKD, DVD, DELTA,
     sq_b, sq_t, sq_h,
     skd_b, skd_t, skd_l, skd_h,
     svd_b, svd_t, svd_l, svd_h,
@@ -124,10 +133,11 @@ def _depth_bwd_kernel(
     sdq_b, sdq_t, sdq_h,
     sdk_b, sdk_t, sdk_l, sdk_h,
     sdv_b, sdv_t, sdv_l, sdv_h,
+    sdl_b, sdl_h, sdl_t,
     T, L, HK, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DQ_IN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DQ_IN: tl.constexpr, SLOT_GRADS: tl.constexpr, STORE_DELTA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // G
     pid_t = tl.program_id(0)
@@ -149,6 +159,8 @@ def _depth_bwd_kernel(
     do = tl.load(DO + b * sdo_b + row_tok64[:, None] * sdo_t + row_head[:, None] * sdo_h + dims[None, :], mask=rmask, other=0.0)
     o = tl.load(O + b * so_b + row_tok64[:, None] * so_t + row_head[:, None] * so_h + dims[None, :], mask=rmask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if STORE_DELTA:  # for the deferred slot gradients
+        tl.store(DELTA + b * sdl_b + row_head * sdl_h + row_tok64 * sdl_t, delta, mask=row_ok)
     lse2 = tl.load(LSE + b * sl_b + row_head * sl_h + row_tok64 * sl_t, mask=row_ok, other=0.0).to(tl.float32)
     lse2 = lse2 * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634
@@ -170,15 +182,13 @@ def _depth_bwd_kernel(
         dp = tl.dot(do, tl.trans(vd), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kd.dtype), kd, input_precision=PRECISION)
-        dkd = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        dvd = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dkd_ptr = DKD + b * sdk_b + col_tok64[:, None] * sdk_t + col_slot[:, None] * sdk_l + hk * sdk_h + dims[None, :]
-        dvd_ptr = DVD + b * sdv_b + col_tok64[:, None] * sdv_t + col_slot[:, None] * sdv_l + hk * sdv_h + dims[None, :]
-        if ACCUMULATE:  # add into gradients that other readers of the same slots also feed
-            dkd += tl.load(dkd_ptr, mask=cmask, other=0.0).to(tl.float32)
-            dvd += tl.load(dvd_ptr, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(dkd_ptr, dkd.to(DKD.dtype.element_ty), mask=cmask)
-        tl.store(dvd_ptr, dvd.to(DVD.dtype.element_ty), mask=cmask)
+        if SLOT_GRADS:
+            dkd = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            dvd = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dkd_ptr = DKD + b * sdk_b + col_tok64[:, None] * sdk_t + col_slot[:, None] * sdk_l + hk * sdk_h + dims[None, :]
+            dvd_ptr = DVD + b * sdv_b + col_tok64[:, None] * sdv_t + col_slot[:, None] * sdv_l + hk * sdv_h + dims[None, :]
+            tl.store(dkd_ptr, dkd.to(DKD.dtype.element_ty), mask=cmask)
+            tl.store(dvd_ptr, dvd.to(DVD.dtype.element_ty), mask=cmask)
 
     dq = dq * scale
     if HAS_DQ_IN:
@@ -186,6 +196,88 @@ def _depth_bwd_kernel(
                       mask=rmask, other=0.0).to(tl.float32)
     tl.store(DQ + b * sdq_b + row_tok64[:, None] * sdq_t + row_head[:, None] * sdq_h + dims[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask)
+
+
+
+@triton.jit
+def _slot_grad_reader(q_ptr, do_ptr, lse_ptr, delta_ptr, r, b, head, toks64, tok_ok, dims, rmask,
+                      sq_r, sq_b, sq_t, sq_h, sdo_r, sdo_b, sdo_t, sdo_h, sl_r, sl_b, sl_h, sl_t,
+                      sd_r, sd_b, sd_h, sd_t):
+    """One reader's q, dO (float32 ``[BLOCK_T, BLOCK_D]``), lse (log2 units) and rowsum for one head."""
+    r64 = b * 0 + r  # 64-bit reader offset (b is int64; the loop index is int32, or an int when interpreted)
+    q = tl.load(q_ptr + r64 * sq_r + b * sq_b + toks64[:, None] * sq_t + head * sq_h + dims[None, :],
+                mask=rmask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + r64 * sdo_r + b * sdo_b + toks64[:, None] * sdo_t + head * sdo_h + dims[None, :],
+                 mask=rmask, other=0.0).to(tl.float32)
+    lse2 = tl.load(lse_ptr + r64 * sl_r + b * sl_b + head * sl_h + toks64 * sl_t, mask=tok_ok, other=0.0)
+    delta = tl.load(delta_ptr + r64 * sd_r + b * sd_b + head * sd_h + toks64 * sd_t, mask=tok_ok, other=0.0)
+    return q, do, lse2 * 1.4426950408889634, delta
+
+
+@triton.jit
+def _slot_grad_step(q, do, lse2, delta, k, v, dk, dv, qk_scale):
+    """Adds one reader head's share to one slot's dK (unscaled) and dV: p and dS from one query row per token."""
+    p = tl.exp2(tl.sum(q * k, 1) * qk_scale - lse2)
+    ds = p * (tl.sum(do * v, 1) - delta)
+    return dk + ds[:, None] * q, dv + p[:, None] * do
+
+
+@triton.jit
+def _depth_slot_grad_kernel(
+    Q, DO, LSE, DELTA, KD, VD, DKD, DVD,
+    sq_r, sq_b, sq_t, sq_h,
+    sdo_r, sdo_b, sdo_t, sdo_h,
+    sl_r, sl_b, sl_h, sl_t,
+    sd_r, sd_b, sd_h, sd_t,
+    skd_b, skd_t, skd_l, skd_h,
+    svd_b, svd_t, svd_l, svd_h,
+    sdk_b, sdk_t, sdk_l, sdk_h,
+    sdv_b, sdv_t, sdv_l, sdv_h,
+    T, HK, SLOT0, R_START, R_END, scale,
+    G: tl.constexpr, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """dK/dV of depth slots SLOT0 (and SLOT0 + 1 when SLOTS == 2) summed over readers
+    R_START..R_END-1, all of which read both slots. One program: BLOCK_T tokens of one KV head.
+    Each (reader, head, token) touches one K/V row per slot: row-wise products on the CUDA
+    cores (a tensor-core tile would be block-diagonal, mostly masked)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = pid_bh % HK
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = toks < T
+    toks64 = toks.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    rmask = tok_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    qk_scale = scale * 1.4426950408889634
+
+    kv_row = b * skd_b + toks64[:, None] * skd_t + hk * skd_h + dims[None, :]
+    vv_row = b * svd_b + toks64[:, None] * svd_t + hk * svd_h + dims[None, :]
+    k0 = tl.load(KD + kv_row + SLOT0 * skd_l, mask=rmask, other=0.0).to(tl.float32)
+    v0 = tl.load(VD + vv_row + SLOT0 * svd_l, mask=rmask, other=0.0).to(tl.float32)
+    dk0 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if SLOTS == 2:
+        k1 = tl.load(KD + kv_row + (SLOT0 + 1) * skd_l, mask=rmask, other=0.0).to(tl.float32)
+        v1 = tl.load(VD + vv_row + (SLOT0 + 1) * svd_l, mask=rmask, other=0.0).to(tl.float32)
+        dk1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for r in range(R_START, R_END):
+        for g in tl.static_range(G):
+            q, do, lse2, delta = _slot_grad_reader(
+                Q, DO, LSE, DELTA, r, b, hk * G + g, toks64, tok_ok, dims, rmask,
+                sq_r, sq_b, sq_t, sq_h, sdo_r, sdo_b, sdo_t, sdo_h, sl_r, sl_b, sl_h, sl_t, sd_r, sd_b, sd_h, sd_t)
+            dk0, dv0 = _slot_grad_step(q, do, lse2, delta, k0, v0, dk0, dv0, qk_scale)
+            if SLOTS == 2:
+                dk1, dv1 = _slot_grad_step(q, do, lse2, delta, k1, v1, dk1, dv1, qk_scale)
+
+    dk_row = b * sdk_b + toks64[:, None] * sdk_t + hk * sdk_h + dims[None, :]
+    dv_row = b * sdv_b + toks64[:, None] * sdv_t + hk * sdv_h + dims[None, :]
+    tl.store(DKD + dk_row, (dk0 * scale).to(DKD.dtype.element_ty), mask=rmask)
+    tl.store(DVD + dv_row, dv0.to(DVD.dtype.element_ty), mask=rmask)
+    if SLOTS == 2:
+        tl.store(DKD + dk_row + sdk_l, (dk1 * scale).to(DKD.dtype.element_ty), mask=rmask)
+        tl.store(DVD + dv_row + sdv_l, dv1.to(DVD.dtype.element_ty), mask=rmask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,34 +330,32 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
 
 
 def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, tiles=None,
-                   accumulate_into=None):
+                   slot_grads: bool = True, delta_out=None):
     """Gradients of the depth entries given the (merged) o and lse.
 
     Returns dq ``[B, T, Hq, d]`` (dq_in added when given), dk_depth and dv_depth ``[B, T, L, Hk, d]``.
-    With ``accumulate_into=(gk, gv)`` (tensors shaped like the depth K/V, any strides) the depth
-    gradients are added into them in place and returned.
+    With ``slot_grads=False`` only dq is computed (dk_depth, dv_depth are None): the deferred
+    path, where ``depth_slot_backward`` forms the slot gradients later. ``delta_out`` ``[B, Hq, T]``
+    float32 receives rowsum(dO * o) (what that later pass needs).
     """
     B, T, Hq, d = q.shape
     L, Hk = k_depth.shape[2], k_depth.shape[3]
     G = Hq // Hk
     q, k_depth, v_depth, o, do = (last_dim_contiguous(x) for x in (q, k_depth, v_depth, o, do))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if accumulate_into is not None:
-        dkd, dvd = accumulate_into
-        if dkd.shape != k_depth.shape or dvd.shape != v_depth.shape or dkd.stride(-1) != 1 or dvd.stride(-1) != 1:
-            raise ValueError("accumulate_into must match the depth K/V shapes with a contiguous last dim")
-    else:
+    if slot_grads:
         dkd = torch.empty(k_depth.shape, device=q.device, dtype=q.dtype)
         dvd = torch.empty(v_depth.shape, device=q.device, dtype=q.dtype)
-    has_dq_in = dq_in is not None
-    if has_dq_in:
-        dq_in = last_dim_contiguous(dq_in)
     else:
-        dq_in = dq
+        dkd = dvd = None
+    has_dq_in = dq_in is not None
+    dq_in = last_dim_contiguous(dq_in) if has_dq_in else dq
+    dk_arg, dv_arg = (dkd, dvd) if slot_grads else (k_depth, v_depth)  # placeholders: never written
+    delta_arg = delta_out if delta_out is not None else lse
     block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=True)
     grid = (cdiv(T, block_m // G), B * Hk)
     _depth_bwd_kernel[grid](
-        q, k_depth, v_depth, o, do, lse, dq_in, dq, dkd, dvd,
+        q, k_depth, v_depth, o, do, lse, dq_in, dq, dk_arg, dv_arg, delta_arg,
         q.stride(0), q.stride(1), q.stride(2),
         *k_depth.stride()[:4], *v_depth.stride()[:4],
         o.stride(0), o.stride(1), o.stride(2),
@@ -273,11 +363,44 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
         lse.stride(0), lse.stride(1), lse.stride(2),
         dq_in.stride(0), dq_in.stride(1), dq_in.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        *dkd.stride()[:4], *dvd.stride()[:4],
+        *dk_arg.stride()[:4], *dv_arg.stride()[:4],
+        delta_arg.stride(0), delta_arg.stride(1), delta_arg.stride(2),
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_DQ_IN=has_dq_in, ACCUMULATE=accumulate_into is not None, PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_DQ_IN=has_dq_in, SLOT_GRADS=slot_grads, STORE_DELTA=delta_out is not None,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dkd, dvd
 
+
+def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: int, readers: tuple[int, int],
+                        scale: float, out_dtype=None, block_t=None, num_warps=None):
+    """Deferred gradients of depth slots ``slot0 .. slot0 + slots - 1`` (slots 1 or 2).
+
+    q, do ``[R, B, T, Hq, d]``, lse, delta ``[R, B, Hq, T]`` float32: every reader's query,
+    output gradient, merged log-sum-exp and rowsum(dO * o); readers ``readers[0] .. readers[1] - 1``
+    all read these slots. k_depth, v_depth ``[B, T, L, Hk, d]`` (any strides, last dim contiguous).
+    Returns dk, dv ``[slots, B, T, Hk, d]`` in ``out_dtype`` (default the slots' dtype): each
+    slot's gradient contiguous, as the producer's backward receives it.
+    """
+    if slots not in (1, 2):
+        raise ValueError(f"slots must be 1 or 2, got {slots}")
+    _, B, T, Hq, d = q.shape
+    Hk = k_depth.shape[3]
+    k_depth, v_depth = last_dim_contiguous(k_depth), last_dim_contiguous(v_depth)
+    dtype = out_dtype or k_depth.dtype
+    dk = torch.empty((slots, B, T, Hk, d), device=q.device, dtype=dtype)
+    dv = torch.empty((slots, B, T, Hk, d), device=q.device, dtype=dtype)
+    slot_major = (1, 2, 0, 3)  # the kernel takes (batch, token, slot, head) strides
+    block_d = head_dim_tile(d)
+    block_t = block_t or 16
+    grid = (cdiv(T, block_t), B * Hk)
+    _depth_slot_grad_kernel[grid](
+        q, do, lse, delta, k_depth, v_depth, dk, dv,
+        *q.stride()[:4], *do.stride()[:4], *lse.stride(), *delta.stride(),
+        *k_depth.stride()[:4], *v_depth.stride()[:4],
+        *(dk.stride(i) for i in slot_major), *(dv.stride(i) for i in slot_major),
+        T, Hk, slot0, readers[0], readers[1], scale,
+        G=Hq // Hk, SLOTS=slots, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=num_warps or 4,
+    )
+    return dk, dv

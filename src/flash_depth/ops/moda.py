@@ -66,13 +66,14 @@ def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_bac
 
 
 def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: bool, scale: float,
-                   seq_backend: str, depth_grads_into=None):
+                   seq_backend: str, slot_grads: bool = True, delta_out=None):
     """Backward of the fused path: dq, dk, dv, dk_depth, dv_depth (None where an input is None).
 
     Both halves get the MERGED o and lse, so each computes its share of the one softmax's
     gradient. Serial on purpose: the depth backward on a second stream beside cuDNN's measured
-    no faster (cuDNN's kernels hold every SM's registers). ``depth_grads_into=(gk, gv)`` adds the
-    depth gradients into those tensors instead of allocating new ones.
+    no faster (cuDNN's kernels hold every SM's registers). ``slot_grads=False`` leaves the depth
+    gradients to a later ``depth_slot_backward`` (dk_depth, dv_depth None) and stores
+    rowsum(dO * o) into ``delta_out`` ``[B, Hq, T]`` for it.
     """
     from . import depth_triton, flash_triton
 
@@ -85,7 +86,7 @@ def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: boo
             dq, dk, dv = flash_triton.flash_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
     if k_depth is not None:
         dq, dkd, dvd = depth_triton.depth_backward(
-            q, k_depth, v_depth, o, lse, do, scale, dq_in=dq, accumulate_into=depth_grads_into
+            q, k_depth, v_depth, o, lse, do, scale, dq_in=dq, slot_grads=slot_grads, delta_out=delta_out
         )
     return dq, dk, dv, dkd, dvd
 
