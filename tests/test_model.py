@@ -214,6 +214,26 @@ def test_depth_stream_gradients_match_concat(backend, writes, sequence):
     assert all(e < tol for e in errors), errors
 
 
+def test_depth_stream_read_whose_output_is_unused():
+    """A read that feeds nothing never runs its backward; the deferred slot gradients must not
+    take its (never written) q and dO: they equal those of a stream without that read."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    k, v = (torch.randn(1, 5, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    q = torch.randn(1, 5, 4, 16, device=device)
+    grads = []
+    for unused_read in (False, True):
+        stream = DepthStream(2)
+        stream.write(k * 2, v)
+        if unused_read:
+            read_moda(stream, q * 5, k, v, backend="triton")
+        out = read_moda(stream, q, k, v, backend="triton")
+        stream.close()
+        grads.append(torch.autograd.grad(out.square().sum(), (k, v)))
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-6
+
+
 @pytest.mark.parametrize("mech, norm, extra", [
     ("moda", "pre", {}), ("moda", "post", {}), ("moda", "pre", {"ffn_kv": False}),
     ("moda", "post", {"attn_kv_proj": True}), ("depth_attention", "pre", {}), ("depth_attention", "post", {"ffn_kv": False}),

@@ -31,6 +31,7 @@ class DepthStream(SlotStream):
         super().__init__(slots, slot_dim=2, names=("k", "v"))
         self.reader_slots: list[int] = []  # fused reads, in order: how many slots each read
         self.reader_bufs: dict[str, torch.Tensor] | None = None  # q, do [R, B, T, Hq, d]; lse, delta [R, B, Hq, T]
+        self.kept: set[int] = set()  # reads whose backward ran (an unused read's never does)
         self.paired: list[bool] = []  # slot j has the same readers as slot j - 1 (formed together)
         self.reads_since_write = 0
         self.formed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (dk, dv) formed early
@@ -62,6 +63,7 @@ class DepthStream(SlotStream):
         bufs["q"][r].copy_(q)
         bufs["do"][r].copy_(do)
         bufs["lse"][r].copy_(lse)
+        self.kept.add(r)
         return bufs["do"][r], bufs["delta"][r]
 
     def slot_grads(self, slot: int, dtypes):
@@ -82,6 +84,11 @@ class DepthStream(SlotStream):
         pair = self.paired[slot] and slot - 1 not in self.formed
         slot0 = slot - 1 if pair else slot
         bufs = self.reader_bufs
+        for r in range(first, len(self.reader_slots)):
+            if r not in self.kept:  # a read whose output went unused: zeros add nothing (p = 1, dS = 0, dO = 0)
+                for buf in bufs.values():
+                    buf[r].zero_()
+                self.kept.add(r)
         k_depth, v_depth = self.views()
         dk, dv = depth_slot_backward(bufs["q"], bufs["do"], bufs["lse"], bufs["delta"], k_depth, v_depth,
                                      slot0, 2 if pair else 1, (first, len(self.reader_slots)),
