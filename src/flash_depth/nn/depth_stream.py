@@ -104,8 +104,9 @@ class DepthStream(SlotStream):
 
 
 class _Read(torch.autograd.Function):
-    """MoDA (or depth-only attention when k is None) over the stream's first n slots; the depth
-    gradients are added into the stream's gradient buffers."""
+    """MoDA (or depth-only attention when k is None) over the stream's first n slots. Backward:
+    the fused path returns dq and keeps what the slots' writes need to form their gradients;
+    the reference path adds its depth gradients into the stream's gradient buffers."""
 
     @staticmethod
     def forward(ctx, stream, handle, q, k, v, causal, backend):
