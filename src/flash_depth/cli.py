@@ -1,10 +1,11 @@
-"""``flash-depth`` command line: train, eval, compare, tokenize, analyze, demo.
+"""``flash-depth`` command line: train, eval, compare, tokenize, analyze, generate, demo.
 
     flash-depth train [--config FILE] [--out DIR] [--max-steps N] [--resume] [--device DEV] [key=value ...]
     flash-depth eval RUN_OR_CHECKPOINT [--data SOURCE] [--seq-len N] [--mc-task TASK.jsonl]
     flash-depth compare RUN [RUN ...] [--out FILE.png | DIR]
     flash-depth tokenize --data SOURCE --out DIR
     flash-depth analyze RUN_OR_CHECKPOINT [...] [--data SOURCE] [--out DIR]
+    flash-depth generate RUN_OR_CHECKPOINT [--prompt TEXT | -] [--max-new-tokens N] [--temperature T] ...
     flash-depth demo
     flash-depth --version
 
@@ -124,6 +125,39 @@ def _analyze(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import random
+
+    import torch
+
+    from flash_depth.eval.checkpoint import resolve_checkpoint
+    from flash_depth.eval.generation import TextStream, generate_ids, load_for_generation, prompt_ids
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    _no_loading_bars()
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_for_generation(ckpt, args.device)
+    ids = prompt_ids(tokenizer, prompt)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    torch.manual_seed(seed)
+    try:
+        new = generate_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, streamer=TextStream(tokenizer, sys.stdout))
+        print()
+    except BrokenPipeError:  # the reader (head, a pager) stopped reading: so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush fails again
+        return 0
+    if new and new[-1] == tokenizer.eos_id:
+        why = "stopped at <|endoftext|>"
+    elif len(new) < args.max_new_tokens:
+        why = f"stopped at max_position_embeddings={model.config.max_position_embeddings}"
+    else:
+        why = "--max-new-tokens reached"
+    sampled = f", temperature {args.temperature}, seed {seed}" if args.temperature > 0 else ", greedy"
+    print(f"[{len(new)} token{'' if len(new) == 1 else 's'}, {why}{sampled}]", file=sys.stderr)
+    return 0
+
+
 def _demo(args) -> int:
     from flash_depth.demo import main as demo_main
 
@@ -171,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     positive = _number(int, 1)
     parser = _Parser(prog="flash-depth", formatter_class=_HelpFormatter,
-                     description="Depth-retrieval transformers: train, evaluate, compare, analyze.")
+                     description="Depth-retrieval transformers: train, evaluate, compare, analyze, generate.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -222,6 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threshold", type=_number(float, 0), default=0.01,
                    help="1 - cos under which a sublayer counts as identity")
     a.set_defaults(func=_analyze)
+
+    g = command("generate", "continue a prompt with a trained model, streaming the text to stdout")
+    g.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help=where)
+    g.add_argument("--prompt", default="", metavar="TEXT", help="text to continue, or - to read it from stdin; the model sees "
+                                                "it after <|endoftext|>, as a document's start. Checkpoints from "
+                                                "before <|endoftext|> have no such token: they need a non-empty "
+                                                "prompt and do not stop before --max-new-tokens (default: empty)")
+    g.add_argument("--max-new-tokens", type=positive, default=200, metavar="N",
+                   help="tokens to generate at most (fewer if max_position_embeddings ends first)")
+    g.add_argument("--temperature", type=_number(float, 0), default=0.8, metavar="T",
+                   help="softmax temperature of the sampling; 0: greedy, the most likely token every time "
+                        "(--top-k, --top-p and --seed unused)")
+    g.add_argument("--top-k", type=_number(int, 0), default=0, metavar="K", help="sample among the k most likely tokens; 0: all")
+    g.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0, metavar="P",
+                   help="sample among the most likely tokens whose probabilities sum to p (nucleus); 1: all")
+    g.add_argument("--seed", type=_number(int, 0), metavar="N", help="random seed of the sampling, to repeat a sample (default: "
+                                                        "a fresh one, printed on stderr)")
+    g.add_argument("--device", default="auto", help=device)
+    g.set_defaults(func=_generate)
 
     k = command("tokenize", "pre-tokenize a text source into .bin shards for large runs")
     k.add_argument("--data", required=True, help="text source (file, folder, .jsonl, hf:NAME, shakespeare)")
