@@ -1,7 +1,9 @@
 """Text out of a trained run: special tokens, the generate command, run folders in eval /
 analyze / compare, Auto classes after ``import flash_depth``, the CLI's help and errors."""
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -74,8 +76,6 @@ def test_sampling_with_a_seed_is_reproducible(run, capsys):
 
 
 def test_prompt_from_stdin_and_empty_prompt(run, capsys, monkeypatch):
-    import io
-
     monkeypatch.setattr(sys, "stdin", io.StringIO("depth attention"))
     from_stdin = _generate(capsys, run, "--prompt", "-", "--temperature", "0", "--max-new-tokens", "6")
     assert from_stdin == _generate(capsys, run, "--prompt", "depth attention", "--temperature", "0",
@@ -105,18 +105,20 @@ def test_generation_stops_at_eos(run, capsys, monkeypatch):
     assert "[1 token, stopped at <|endoftext|>, greedy]" in capsys.readouterr().err
 
 
+class _Writes(list):
+    """A text file that keeps each write."""
+
+    def write(self, text):
+        self.append(text)
+
+    def flush(self):
+        pass
+
+
 def test_stream_writes_text_as_tokens_arrive():
     """Text is written per token; a character split over byte tokens waits until it is whole."""
-    writes = []
-
-    class Out:
-        def write(self, text):
-            writes.append(text)
-
-        def flush(self):
-            pass
-
-    stream = TextStream(ByteTokenizer(), Out())
+    writes = _Writes()
+    stream = TextStream(ByteTokenizer(), writes)
     stream.put(torch.tensor([[256, 104]]))  # the prompt: skipped
     for b in "hé!".encode():
         stream.put(torch.tensor([b]))
@@ -125,20 +127,13 @@ def test_stream_writes_text_as_tokens_arrive():
     assert [w for w in writes if w] == ["h", "é", "!"]
 
 
-def test_generated_text_is_streamed_to_stdout(run, capsys):
+def test_generated_text_is_streamed_token_by_token(run):
     from flash_depth.eval.generation import generate_ids, load_for_generation
 
     model, tok = load_for_generation(run, "cpu")
-    writes = []
-
-    class Out:
-        def write(self, text):
-            writes.append(text)
-
-        def flush(self):
-            pass
-
-    new = generate_ids(model, tok, [tok.eos_id] + tok.encode("token"), max_new_tokens=8, streamer=TextStream(tok, Out()))
+    writes = _Writes()
+    ids = [tok.eos_id] + tok.encode("token")
+    new = generate_ids(model, tok, ids, max_new_tokens=8, streamer=TextStream(tok, writes))
     assert len([w for w in writes if w]) > 1 and "".join(writes) == tok.decode(new)
 
 
@@ -177,7 +172,8 @@ def test_checkpoint_from_before_special_tokens(tmp_path, capsys):
     from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 
     torch.manual_seed(0)
-    FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", vocab_size=256, num_hidden_layers=1)).save_pretrained(tmp_path)
+    config = FlashDepthConfig.from_preset("tiny", vocab_size=256, num_hidden_layers=1)
+    FlashDepthForCausalLM(config).save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"flash_depth_tokenizer": "bytes"}))
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.vocab_size == 256 and tok.eos_id is None and tok.special_ids() == {}
@@ -246,8 +242,6 @@ def test_eval_analyze_compare_take_run_folders(run, tmp_path, capsys):
     assert cli(["eval", str(run / "checkpoint"), "--device", "cpu", "--seq-len", "16", "--max-tokens", "2000"]) == 0
     assert json.loads(capsys.readouterr().out)["seq_len"] == 16
     copy = tmp_path / "copy"  # written into: a copy keeps the shared run as it was
-    import shutil
-
     shutil.copytree(run, copy)
     assert cli(["analyze", str(copy), "--batches", "1", "--seq-len", "16"]) == 0
     assert (copy / "analysis" / "report.md").exists()

@@ -259,20 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = command("generate", "continue a prompt with a trained model, streaming the text to stdout")
     g.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help=where)
-    g.add_argument("--prompt", default="", metavar="TEXT", help="text to continue, or - to read it from stdin; the model sees "
-                                                "it after <|endoftext|>, as a document's start. Checkpoints from "
-                                                "before <|endoftext|> have no such token: they need a non-empty "
-                                                "prompt and do not stop before --max-new-tokens (default: empty)")
+    g.add_argument("--prompt", default="", metavar="TEXT",
+                   help="text to continue, or - to read it from stdin; the model sees it after <|endoftext|>, as "
+                        "a document's start. Checkpoints from before <|endoftext|> have no such token: they need "
+                        "a non-empty prompt and do not stop before --max-new-tokens (default: empty)")
     g.add_argument("--max-new-tokens", type=positive, default=200, metavar="N",
                    help="tokens to generate at most (fewer if max_position_embeddings ends first)")
     g.add_argument("--temperature", type=_number(float, 0), default=0.8, metavar="T",
                    help="softmax temperature of the sampling; 0: greedy, the most likely token every time "
                         "(--top-k, --top-p and --seed unused)")
-    g.add_argument("--top-k", type=_number(int, 0), default=0, metavar="K", help="sample among the k most likely tokens; 0: all")
+    g.add_argument("--top-k", type=_number(int, 0), default=0, metavar="K",
+                   help="sample among the k most likely tokens; 0: all")
     g.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0, metavar="P",
                    help="sample among the most likely tokens whose probabilities sum to p (nucleus); 1: all")
-    g.add_argument("--seed", type=_number(int, 0), metavar="N", help="random seed of the sampling, to repeat a sample (default: "
-                                                        "a fresh one, printed on stderr)")
+    g.add_argument("--seed", type=_number(int, 0), metavar="N",
+                   help="random seed of the sampling, to repeat a sample (default: a fresh one, printed on stderr)")
     g.add_argument("--device", default="auto", help=device)
     g.set_defaults(func=_generate)
 
