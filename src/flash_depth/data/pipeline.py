@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .sources import DataError, is_token_shards, load_documents, load_token_shards
-from .tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from .tokenizer import EOT, TOKENIZER_VERSION, ByteTokenizer, load_tokenizer, train_bpe
 
 
 @dataclass
@@ -34,8 +34,9 @@ def _split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], l
 
 
 def _encode(tokenizer, docs: list[str]) -> np.ndarray:
-    text = "\n\n".join(docs)
-    ids = tokenizer.encode(text)
+    """Documents -> one 1-D id stream, ``<|endoftext|>`` between documents (a blank line with
+    tokenizers saved before it existed, the stream those checkpoints were trained on)."""
+    ids = tokenizer.encode((EOT if tokenizer.eos_id is not None else "\n\n").join(docs))
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     return np.asarray(ids, dtype=dtype)
 
@@ -71,7 +72,8 @@ def build_token_splits(data, tokenizer_path: str | Path | None = None) -> TokenS
     key = hashlib.sha256()
     for d in docs:
         key.update(d.encode("utf-8"))
-    key.update(repr((tokenizer.vocab_size, data.val_fraction, tokenizer.encode("The quick brown fox"))).encode())
+    key.update(repr((TOKENIZER_VERSION, tokenizer.vocab_size, tokenizer.eos_id, data.val_fraction,
+                     tokenizer.encode("The quick brown fox"))).encode())
     cached = cache / "tokens" / f"{key.hexdigest()[:20]}.npz"
     if cached.exists():
         arrays = np.load(cached)

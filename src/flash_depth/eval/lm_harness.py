@@ -11,17 +11,14 @@ from pathlib import Path
 
 
 def hf_tokenizer(checkpoint: str | Path):
-    """The checkpoint's BPE tokenizer as a ``transformers`` fast tokenizer."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    """The checkpoint's tokenizer as a ``transformers`` fast tokenizer with an EOS."""
+    from flash_depth.data.tokenizer import load_tokenizer
 
-    path = Path(checkpoint) / "tokenizer.json"
-    text = path.read_text()
-    if '"flash_depth_tokenizer": "bytes"' in text:
-        raise ValueError(f"{path} is the bytes tokenizer; the lm-eval adapter needs a BPE checkpoint")
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text))
-    # lm-eval needs an end-of-text id; the last vocabulary id stands in (the models are trained without one)
-    tok.eos_token = tok.convert_ids_to_tokens(tok.vocab_size - 1)
+    tok = load_tokenizer(Path(checkpoint) / "tokenizer.json").to_hf()
+    if tok.eos_token is None:
+        # lm-eval needs an end-of-text id; checkpoints from before <|endoftext|> have none, and
+        # the last vocabulary id stands in
+        tok.eos_token = tok.convert_ids_to_tokens(tok.vocab_size - 1)
     return tok
 
 

@@ -10,17 +10,26 @@ import torch
 
 from flash_depth._device import resolve_device
 from flash_depth.data.pipeline import build_token_splits
+from flash_depth.eval.checkpoint import resolve_checkpoint, run_config
 from flash_depth.models import FlashDepthForCausalLM
 
 from .config import DataConfig
 
+SEQ_LEN = 512  # for a checkpoint saved without a run_config.yaml
 
-def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, *, seq_len: int = 512, max_tokens: int = 200_000,
-                        batch_size: int = 8, device: str = "auto") -> dict:
-    """Mean next-token loss over non-overlapping windows of the held-out split of ``data``."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").exists():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json)")
+
+def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, *, seq_len: int | None = None,
+                        max_tokens: int = 200_000, batch_size: int = 8, device: str = "auto") -> dict:
+    """Mean next-token loss over non-overlapping windows of ``seq_len`` tokens of the held-out split.
+
+    ``checkpoint``: a checkpoint folder or the run folder holding it. ``data`` and ``seq_len``
+    default to the run's own (its run_config.yaml; 512 tokens without one), so the loss compares
+    with the run's validation loss. ``seq_len`` is capped at the model's max_position_embeddings;
+    the result names the one used."""
+    checkpoint = resolve_checkpoint(checkpoint, arg="checkpoint")
+    run = run_config(checkpoint)
+    data = data or DataConfig(**run.get("data", {}))
+    seq_len = seq_len or run.get("train", {}).get("seq_len", SEQ_LEN)
     dev = resolve_device(device)
     model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(dev).eval()
     splits = build_token_splits(data, tokenizer_path=checkpoint / "tokenizer.json")
@@ -28,7 +37,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, *, seq_len: in
     tokens = torch.from_numpy(splits.val[:max_tokens].astype("int64"))
     n_windows = len(tokens) // seq_len
     if n_windows == 0:
-        raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than one window of {seq_len}")
+        raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than one window of seq_len={seq_len}")
     windows = tokens[: n_windows * seq_len].view(n_windows, seq_len)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     nll, count, n_bytes = 0.0, 0, 0
@@ -41,5 +50,5 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, *, seq_len: in
             count += x[:, 1:].numel()
             n_bytes += sum(len(splits.tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in x.cpu())
     loss = nll / count
-    return {"checkpoint": str(checkpoint), "source": splits.source, "tokens": count, "loss": loss,
-            "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(1, n_bytes)}
+    return {"checkpoint": str(checkpoint), "source": splits.source, "seq_len": seq_len, "tokens": count,
+            "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(1, n_bytes)}

@@ -142,7 +142,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
     if model_fields["vocab_size"] < splits.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={model_fields['vocab_size']} < tokenizer vocabulary {splits.tokenizer.vocab_size}")
     model_fields.setdefault("max_position_embeddings", max(t.seq_len, 512))
-    model_cfg = FlashDepthConfig.from_preset(preset, **model_fields)
+    model_cfg = FlashDepthConfig.from_preset(preset, **model_fields, **splits.tokenizer.special_ids())
 
     torch.manual_seed(t.seed)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}

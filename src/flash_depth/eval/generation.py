@@ -1,0 +1,88 @@
+"""Text from a checkpoint: a prompt in, ``model.generate`` samples, the text streamed out as it comes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+from transformers.generation.streamers import BaseStreamer
+
+
+class TextStream(BaseStreamer):
+    """Writes the text of the generated tokens to ``out`` as ``generate`` produces them (the
+    prompt, which ``generate`` puts first, is skipped).
+
+    Each call decodes all generated ids and writes what is new: a byte-level token may carry
+    half of a character's UTF-8 bytes, so a tail that decodes to U+FFFD is held back until the
+    next token completes it (or the stream ends)."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.written = 0
+        self.prompt_skipped = False
+
+    def put(self, value) -> None:
+        """``value``: the prompt ids ``[1, T]`` first, then each new token ``[1]``."""
+        if not self.prompt_skipped:
+            self.prompt_skipped = True
+            return
+        self.ids.extend(value.flatten().tolist())
+        self._write(final=False)
+
+    def end(self) -> None:
+        self._write(final=True)
+
+    def _write(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if final or not text.endswith("\ufffd"):
+            self.out.write(text[self.written :])
+            self.out.flush()
+            self.written = len(text)
+
+
+def load_for_generation(checkpoint: str | Path, device: str = "auto"):
+    """(model in eval mode on ``device``, the run's tokenizer) of a checkpoint or run folder."""
+    from flash_depth._device import resolve_device
+    from flash_depth.data.tokenizer import load_tokenizer
+    from flash_depth.models import FlashDepthForCausalLM
+
+    from .checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint, arg="checkpoint")
+    model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(resolve_device(device)).eval()
+    return model, load_tokenizer(checkpoint / "tokenizer.json")
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids, after ``<|endoftext|>`` as BOS when the tokenizer has it: training streams
+    put it before every document but the first, so the prompt reads as a document's start."""
+    ids = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("prompt is empty and this checkpoint's tokenizer has no BOS token to start from "
+                         "(it predates <|endoftext|>); give some text")
+    return ids
+
+
+def generate_ids(model, tokenizer, ids: list[int], *, max_new_tokens: int = 200, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, streamer: BaseStreamer | None = None) -> list[int]:
+    """New token ids after ``ids`` from ``model.generate``: greedy at ``temperature`` 0, else sampled
+    from the softmax at that temperature, cut to the ``top_k`` most likely (0: all) and to the
+    smallest set of probability >= ``top_p``. Stops at the tokenizer's EOS (included in the
+    result) or after ``max_new_tokens``, fewer where the model's max_position_embeddings ends.
+    Sampling draws from torch's global generator: seed it with ``torch.manual_seed``."""
+    import torch
+
+    limit = model.config.max_position_embeddings
+    if len(ids) >= limit:
+        bos = " with BOS" if tokenizer.eos_id is not None else ""
+        raise ValueError(f"prompt is {len(ids)} tokens{bos}; it must be shorter than the model's "
+                         f"max_position_embeddings={limit} to leave room for generated tokens")
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
+                else dict(do_sample=False))
+    input_ids = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                         max_new_tokens=min(max_new_tokens, limit - len(ids)),
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id, streamer=streamer,
+                         **sampling)
+    return out[0, len(ids) :].tolist()
