@@ -32,8 +32,9 @@ from .configuration_flash_depth import FlashDepthConfig
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
-except ImportError:
+except ImportError:  # transformers 4.x initialises only the weights a checkpoint lacks, with torch's init
     from torch.nn import init
+_init_copy = getattr(init, "copy_", torch.Tensor.copy_)  # torch.nn.init has no copy_
 
 # transformers <= 5.23 hands generate()'s KV cache to forward as past_key_values and reads it back
 # from the output field of that name; 5.24 renamed both to cache. forward takes either name on
@@ -68,7 +69,7 @@ def _check_extras(kwargs: dict) -> None:
     if kwargs:
         raise TypeError(
             f"forward got unexpected keyword arguments {sorted(kwargs)}; it takes input_ids, inputs_embeds, "
-            "attention_mask, position_ids, cache (or past_key_values), use_cache, return_dict "
+            "attention_mask, position_ids, cache (or past_key_values), use_cache, return_dict, token_type_ids "
             "(and on FlashDepthForCausalLM labels, logits_to_keep)"
         )
 
@@ -275,7 +276,7 @@ class FlashDepthPreTrainedModel(PreTrainedModel):
             init.ones_(module.key_norms)
         elif isinstance(module, DenseWeights):
             # identity at start: each block passes on its own output
-            init.copy_(module.weights, DenseWeights.identity(module.weights.shape[0]).to(module.weights.device))
+            _init_copy(module.weights, DenseWeights.identity(module.weights.shape[0]).to(module.weights.device))
 
 
 class FlashDepthModel(FlashDepthPreTrainedModel):
@@ -302,14 +303,19 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, return_dict=None, cache_position=None, **kwargs):
+                use_cache=None, past_key_values=None, return_dict=None, token_type_ids=None, cache_position=None,
+                **kwargs):
         """input_ids ``[B, T]`` (or inputs_embeds ``[B, T, D]``) -> last_hidden_state ``[B, T, D]``.
 
         The KV cache comes in as ``cache`` (transformers >= 5.24) or ``past_key_values``; with
         ``use_cache`` a new one is made if none is given, and it is returned. ``position_ids`` and
-        ``cache_position`` (4.x generate) are only checked: positions follow the cache's length."""
+        ``cache_position`` (4.x generate) are only checked: positions follow the cache's length.
+        ``token_type_ids`` (4.x tokenizers return them) must be zeros: there is one segment type."""
         cache = _resolve_cache(cache, past_key_values)
         _check_extras(kwargs)
+        if token_type_ids is not None and bool(token_type_ids.any()):
+            got = token_type_ids.unique().tolist()
+            raise ValueError(f"token_type_ids must be all zeros (one segment type), got values {got}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
         if input_ids is not None:
@@ -449,12 +455,14 @@ class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, return_dict=None, **kwargs):
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, return_dict=None,
+                token_type_ids=None, **kwargs):
         """input_ids ``[B, T]`` -> logits ``[B, T, vocab]``; with labels ``[B, T]`` also the next-token loss.
         ``logits_to_keep``: an int k keeps the last k positions (0: all), a 1-D tensor the positions it
         lists. Cache and extra keywords: as :meth:`FlashDepthModel.forward`."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, past_key_values=past_key_values, **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, past_key_values=past_key_values,
+                         token_type_ids=token_type_ids, **kwargs)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
             h = h[:, logits_to_keep]
