@@ -80,7 +80,7 @@ def _check_positions(name: str, positions, start: int, length: int) -> None:
     if positions is None:
         return
     want = torch.arange(start, start + length, device=positions.device)
-    if positions.shape[-1] != length or positions.dim() > 2 or not bool((positions == want).all()):
+    if positions.dim() not in (1, 2) or positions.shape[-1] != length or not bool((positions == want).all()):
         raise ValueError(
             f"{name} must be {start}..{start + length - 1} in each row (unpadded sequences after {start} "
             f"cached tokens), got shape {tuple(positions.shape)} starting {positions.flatten()[:4].tolist()}"
