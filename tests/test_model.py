@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from flash_depth.models import DEPTH_MECHANISMS, FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.accounting import flops_per_token, parameter_count
@@ -95,6 +95,73 @@ def test_cached_decoding_equals_full_forward(mech):
     with torch.no_grad():
         logits = model(generated[:, :-1]).logits
     assert torch.equal(logits[:, 3:].argmax(-1), generated[:, 4:])
+
+
+@pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
+def test_generate_with_defaults_equals_greedy_full_forwards(mech):
+    """generate() as a user calls it (KV cache on, whatever name this transformers release passes
+    it under) picks, token for token, what a greedy loop of uncached full forwards picks. A cache
+    dropped on the way makes each step see one token and fails here."""
+    torch.manual_seed(0)
+    model = _model(mech).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    generated = model.generate(prompt, max_new_tokens=8)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, seq), (generated, seq)
+
+
+def test_cache_is_taken_under_either_name_and_unknown_keywords_raise():
+    """transformers <= 5.23 passes the cache as past_key_values, 5.24 as cache: both are used.
+    A keyword the model does not know raises instead of vanishing into **kwargs."""
+    from transformers.cache_utils import DynamicCache
+
+    model = _model("moda").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = DynamicCache()
+            model(ids[:, :6], use_cache=True, **{name: cache})
+            step = model(ids[:, 6:], use_cache=True, position_ids=torch.tensor([[6]]), **{name: cache})
+            assert rel_err(step.logits[:, -1], full) < 1e-5, name
+            assert cache.get_seq_length() == 7
+        keep = model(ids, logits_to_keep=torch.tensor([0, 6]), return_dict=False, token_type_ids=torch.zeros_like(ids))
+        assert isinstance(keep, tuple) and torch.equal(keep[0], model(ids).logits[:, [0, 6]])
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['kv_cache'\]"):
+        model(ids, kv_cache=DynamicCache())
+    with pytest.raises(ValueError, match="two different KV caches"):
+        model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="cache must be a DynamicCache, got Fixed"):
+        model(ids, cache=type("Fixed", (), {"is_compileable": True})())
+    with pytest.raises(ValueError, match=r"position_ids must be 0..6"):
+        model(ids, position_ids=torch.arange(1, 8)[None])
+    with pytest.raises(ValueError, match="output_hidden_states=True is not supported"):
+        model(ids, output_hidden_states=True)
+    with pytest.raises(ValueError, match="token_type_ids must be all zeros"):
+        model(ids, token_type_ids=torch.ones_like(ids))
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        model(ids, logits_to_keep=-1)
+
+
+def test_auto_tokenizer_and_generate_from_a_checkpoint_folder(tmp_path):
+    """A checkpoint folder as training writes it (config, weights, a bare tokenizer.json) loads
+    through the Auto classes, and generate() takes the tokenizer's output as it comes."""
+    from flash_depth.data.tokenizer import train_bpe
+
+    words = "depth attention layer token residual stream softmax query key value".split()
+    bpe = train_bpe([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, 300)
+    bpe.save(tmp_path / "tokenizer.json")
+    _model("moda").save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "query key value depth"
+    assert tok(text)["input_ids"] == bpe.encode(text)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    inputs = tok([text, text], return_tensors="pt")  # 4.x adds token_type_ids
+    out = model.generate(**inputs, max_new_tokens=4)
+    assert out.shape == (2, len(bpe.encode(text)) + 4) and torch.equal(out[0], out[1])
 
 
 @pytest.mark.parametrize("mech", ["residual", "moda", "attnres_block"])

@@ -12,6 +12,8 @@ depth mechanism is ``config.depth_mechanism``:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +32,59 @@ from .configuration_flash_depth import FlashDepthConfig
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
-except ImportError:
+except ImportError:  # transformers 4.x initialises only the weights a checkpoint lacks, with torch's init
     from torch.nn import init
+_init_copy = getattr(init, "copy_", torch.Tensor.copy_)  # torch.nn.init has no copy_
+
+# transformers <= 5.23 hands generate()'s KV cache to forward as past_key_values and reads it back
+# from the output field of that name; 5.24 renamed both to cache. forward takes either name on
+# every release, and outputs use the field this release declares.
+_CACHE_FIELD = next(f.name for f in dataclasses.fields(BaseModelOutputWithPast)
+                    if f.name in ("cache", "past_key_values"))
+
+
+def _resolve_cache(cache, past_key_values):
+    """The KV cache passed under either name (None if neither)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("got two different KV caches as cache= and past_key_values=; pass one (the same argument)")
+    cache = cache if cache is not None else past_key_values
+    if getattr(cache, "is_compileable", False):
+        raise ValueError(
+            f"cache must be a DynamicCache, got {type(cache).__name__}: a fixed-length cache would hand the "
+            "attention its unwritten slots (generate(cache_implementation=...) must stay unset)"
+        )
+    return cache
+
+
+def _check_extras(kwargs: dict) -> None:
+    """Keywords forward takes only so that transformers can call it: the output flags, only off
+    (no attentions or per-layer states are returned). Anything else raises TypeError, so that a
+    cache or input under a name this model does not know is never dropped silently."""
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(name, None):
+            raise ValueError(
+                f"{name}=True is not supported: the model returns no attentions or per-layer hidden "
+                "states (flash_depth.analysis records them)"
+            )
+    if kwargs:
+        raise TypeError(
+            f"forward got unexpected keyword arguments {sorted(kwargs)}; it takes input_ids, inputs_embeds, "
+            "attention_mask, position_ids, cache (or past_key_values), use_cache, return_dict, token_type_ids "
+            "(and on FlashDepthForCausalLM labels, logits_to_keep)"
+        )
+
+
+def _check_positions(name: str, positions, start: int, length: int) -> None:
+    """position_ids / cache_position ``[T]`` or ``[B, T]``: must be start .. start+T-1 (the only
+    positions an unpadded batch after ``start`` cached tokens has)."""
+    if positions is None:
+        return
+    want = torch.arange(start, start + length, device=positions.device)
+    if positions.dim() not in (1, 2) or positions.shape[-1] != length or not bool((positions == want).all()):
+        raise ValueError(
+            f"{name} must be {start}..{start + length - 1} in each row (unpadded sequences after {start} "
+            f"cached tokens), got shape {tuple(positions.shape)} starting {positions.flatten()[:4].tolist()}"
+        )
 
 
 def _record(module: nn.Module, event: str, *args) -> None:
@@ -207,7 +260,9 @@ class FlashDepthPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["FlashDepthBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    # the loss is a mean over the batch's tokens; Trainer must not pass num_items_in_batch
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -221,7 +276,7 @@ class FlashDepthPreTrainedModel(PreTrainedModel):
             init.ones_(module.key_norms)
         elif isinstance(module, DenseWeights):
             # identity at start: each block passes on its own output
-            init.copy_(module.weights, DenseWeights.identity(module.weights.shape[0]).to(module.weights.device))
+            _init_copy(module.weights, DenseWeights.identity(module.weights.shape[0]).to(module.weights.device))
 
 
 class FlashDepthModel(FlashDepthPreTrainedModel):
@@ -247,8 +302,20 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, return_dict=None, token_type_ids=None, cache_position=None,
+                **kwargs):
+        """input_ids ``[B, T]`` (or inputs_embeds ``[B, T, D]``) -> last_hidden_state ``[B, T, D]``.
+
+        The KV cache comes in as ``cache`` (transformers >= 5.24) or ``past_key_values``; with
+        ``use_cache`` a new one is made if none is given, and it is returned. ``position_ids`` and
+        ``cache_position`` (4.x generate) are only checked: positions follow the cache's length.
+        ``token_type_ids`` (4.x tokenizers return them) must be zeros: there is one segment type."""
+        cache = _resolve_cache(cache, past_key_values)
+        _check_extras(kwargs)
+        if token_type_ids is not None and bool(token_type_ids.any()):
+            got = token_type_ids.unique().tolist()
+            raise ValueError(f"token_type_ids must be all zeros (one segment type), got values {got}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
         if input_ids is not None:
@@ -256,13 +323,17 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             x = self.embed_tokens(input_ids)
         else:
             x = inputs_embeds
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches (attention_mask with zeros) are not supported; pass unpadded sequences")
+        if attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
+            raise ValueError(
+                "padded batches (attention_mask with zeros) are not supported; pass unpadded sequences and an "
+                f"attention_mask [B, T] of ones or none, got shape {tuple(attention_mask.shape)}"
+            )
         B, T, _ = x.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = DynamicCache()
         start = cache.get_seq_length() if cache is not None else 0
+        _check_positions("position_ids", position_ids, start, T)
+        _check_positions("cache_position", cache_position, start, T)
         cos, sin = self.rotary(start, T, x.device)
         cfg = self.config
         stream = DepthStream(cfg.depth_slots) if cfg.depth_slots else None
@@ -281,7 +352,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         if stream is not None:
             stream.close()
         x = self.norm(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None)
+        out = BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+        return out if return_dict is not False else out.to_tuple()
 
     def _run(self, fn, *args):
         """fn(*args), recomputed in backward instead of stored when activation checkpointing is on."""
@@ -382,18 +454,29 @@ class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        """input_ids ``[B, T]`` -> logits ``[B, T, vocab]``; with labels ``[B, T]`` also the next-token loss."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, return_dict=None,
+                token_type_ids=None, **kwargs):
+        """input_ids ``[B, T]`` -> logits ``[B, T, vocab]``; with labels ``[B, T]`` also the next-token loss.
+        ``logits_to_keep``: an int k keeps the last k positions (0: all), a 1-D tensor the positions it
+        lists. Cache and extra keywords: as :meth:`FlashDepthModel.forward`."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, past_key_values=past_key_values,
+                         token_type_ids=token_type_ids, **kwargs)
         h = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            h = h[:, -logits_to_keep:]
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
+            h = h[:, logits_to_keep]
+        elif isinstance(logits_to_keep, int) and logits_to_keep >= 0:
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
+        else:
+            got = logits_to_keep
+            got = f"a tensor of shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else repr(got)
+            raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D tensor of positions, got {got}")
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+        return result if return_dict is not False else result.to_tuple()
