@@ -10,8 +10,8 @@ import torch
 
 from flash_depth._device import resolve_device
 from flash_depth.data.pipeline import build_token_splits
-from flash_depth.models import FlashDepthForCausalLM
 
+from .checkpoint import CheckpointError, load_model
 from .config import DataConfig
 
 
@@ -19,10 +19,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, *, seq_len: in
                         batch_size: int = 8, device: str = "auto") -> dict:
     """Mean next-token loss over non-overlapping windows of the held-out split of ``data``."""
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").exists():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json)")
     dev = resolve_device(device)
-    model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(dev).eval()
+    model = load_model(checkpoint).to(dev).eval()
     splits = build_token_splits(data, tokenizer_path=checkpoint / "tokenizer.json")
     seq_len = min(seq_len, model.config.max_position_embeddings)
     tokens = torch.from_numpy(splits.val[:max_tokens].astype("int64"))
@@ -41,5 +39,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, *, seq_len: in
             count += x[:, 1:].numel()
             n_bytes += sum(len(splits.tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in x.cpu())
     loss = nll / count
+    if not math.isfinite(loss):  # finite weights can still overflow (bf16 on a GPU)
+        raise CheckpointError(f"the held-out loss of {checkpoint} is {loss}; try --device cpu (float32)")
     return {"checkpoint": str(checkpoint), "source": splits.source, "tokens": count, "loss": loss,
             "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(1, n_bytes)}
