@@ -57,11 +57,11 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, corpus):
     code = f"""
 import sys, os
 from flash_depth.train import loop
-original = loop._atomic_checkpoint
+original = loop.write_checkpoint
 def crash_after_first(*args, **kwargs):
     original(*args, **kwargs)
     os._exit(9)  # killed right after the first checkpoint
-loop._atomic_checkpoint = crash_after_first
+loop.write_checkpoint = crash_after_first
 from flash_depth.cli import main
 main({["train", "--out", str(out), "--max-steps", "6", "--device", "cpu", f"data.source={corpus}",
        f"data.cache_dir={tmp_path / 'cache'}", *TINY, "train.checkpoint_every=2"]!r})
