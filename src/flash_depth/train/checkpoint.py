@@ -119,19 +119,23 @@ def _discard(folder: Path) -> None:
 
 
 def _settle(out: Path) -> None:
-    """Leave the newest complete checkpoint under ``checkpoint`` and nothing else, after a swap
-    that a kill interrupted; each rename keeps the newest one findable."""
-    best = find_checkpoint(out)
+    """Leave the newest complete checkpoint under ``checkpoint`` and no other folder, after a
+    swap that a kill interrupted; at every step the newest one stays findable."""
     final, tmp, old = out / CHECKPOINT, out / TMP, out / OLD
-    for folder in (tmp, old, final):
-        if folder.exists() and folder != best and not (folder == final and best == tmp):
+    best = find_checkpoint(out)
+    for folder in (tmp, old):
+        if folder != best and folder.exists():
             _discard(folder)
-    if best == tmp:
+    if best == old:
+        if final.exists():
+            _discard(final)
+        os.rename(old, final)
+    elif best == tmp:
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
-    elif best == old:
-        os.rename(old, final)
+    else:
+        return
     _fsync(out)
     if old.exists():
         _discard(old)

@@ -342,8 +342,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
             x = torch.stack([torch.from_numpy(sample_batch(splits.train, t.batch_size, t.seq_len,
                                                            (t.seed, step - 1, micro, rank)))
                              for micro in range(t.grad_accum)]).to(dev)
-            total, grad_norm, skipped = run_step(x)
-            total, grad_norm, skipped = float(total), float(grad_norm), bool(skipped)  # the step's one host sync
+            total, grad_norm, skipped = torch.stack([v.float() for v in run_step(x)]).tolist()  # one host sync
             if skipped:
                 in_a_row += 1
                 what = (f"step {step} had a non-finite {'loss' if not math.isfinite(total) else 'gradient'} "
