@@ -145,10 +145,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 # What a resumed run may change: when it logs, evaluates, saves, reports and stops, what it does
-# on a non-finite step, and where caches go. Any other setting shapes the model, the data or the
+# on a non-finite step, how the same step executes (compiled, graphed, recomputed: the GPU tests
+# resume across them) and where caches go. Any other setting shapes the model, the data or the
 # optimisation, and a run resumed with another value would silently be a different run.
 RESUMABLE = ("train.max_steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
-             "train.nonfinite", "train.max_skips", "train.progress_every", "data.cache_dir")
+             "train.nonfinite", "train.max_skips", "train.progress_every", "train.compile", "train.cuda_graph",
+             "train.activation_checkpointing", "data.cache_dir")
 
 
 def setting_keys(cfg: RunConfig) -> list[str]:
