@@ -671,6 +671,9 @@ def test_user_faults_are_one_line_errors(tmp_path, finished, monkeypatch, capsys
         assert line.startswith("flash-depth train: error: ") and expected in line, (expected, line)
         assert not (tmp_path / "run").exists(), expected  # nothing written for a refused command
 
+    assert cli(["eval", str(finished), "--device", "cpu"]) == 2
+    assert f"{finished} is a run folder; its checkpoint is {finished / 'checkpoint'}" in _error_line(capsys)
+
     datasets = pytest.importorskip("datasets")
 
     def offline(*args, **kwargs):

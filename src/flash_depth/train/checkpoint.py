@@ -227,6 +227,8 @@ def check_checkpoint_files(ckpt: Path) -> None:
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} is not a checkpoint folder")
+    if not (ckpt / "config.json").exists() and find_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} is a run folder; its checkpoint is {find_checkpoint(ckpt)}")
     for name in ("config.json", "tokenizer.json"):
         path = ckpt / name
         try:
