@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -200,6 +199,8 @@ def main(argv=None) -> int:
 
 
 def _os_error(err: OSError) -> str:
+    import errno
+
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full while writing {err.filename or 'a file'}"
     if err.filename and err.strerror:
