@@ -1,5 +1,6 @@
 """Training CLI: a few steps, resume equality, bad input, eval, compare."""
 
+import io
 import json
 import subprocess
 import sys
@@ -51,26 +52,37 @@ def test_resume_continues_the_same_loss_curve(tmp_path, corpus):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
 
 
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, corpus):
-    """A process killed mid-run leaves a whole checkpoint; --resume picks it up."""
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_run_resumes_with_each_step_logged_once(tmp_path, corpus):
+    """A process killed (SIGKILL) after logging step 3, past its step-2 checkpoint, and resumed:
+    metrics.jsonl holds every step once, and the summary counts all 6 steps."""
     out = tmp_path / "killed"
     code = f"""
-import sys, os
+import os, signal
 from flash_depth.train import loop
-original = loop._atomic_checkpoint
-def crash_after_first(*args, **kwargs):
-    original(*args, **kwargs)
-    os._exit(9)  # killed right after the first checkpoint
-loop._atomic_checkpoint = crash_after_first
+real, calls = loop.set_lr, []
+def set_lr(*args):
+    calls.append(1)
+    if len(calls) == 4:  # the start of step 4: steps 1-3 are logged, the checkpoint is step 2's
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args)
+loop.set_lr = set_lr
 from flash_depth.cli import main
 main({["train", "--out", str(out), "--max-steps", "6", "--device", "cpu", f"data.source={corpus}",
-       f"data.cache_dir={tmp_path / 'cache'}", *TINY, "train.checkpoint_every=2"]!r})
+       f"data.cache_dir={tmp_path / 'cache'}", *TINY, "train.checkpoint_every=2", "train.eval_every=1"]!r})
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 9, proc.stderr[-2000:]
-    assert (out / "checkpoint" / "trainer_state.pt").exists()
-    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "6", "--device", "cpu",
-                f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3]
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "lo')  # a record the kill cut short
+    assert cli(["train", "--out", str(out), "--resume", "--device", "cpu"]) == 0
+    records = _records(out)
+    for kind in ("loss", "val_loss"):
+        assert [r["step"] for r in records if kind in r] == [1, 2, 3, 4, 5, 6], kind
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
 
 
@@ -103,7 +115,7 @@ def test_resume_with_another_architecture_is_refused(tmp_path, corpus, capsys):
     assert _train(out, corpus, steps=2) == 0
     code = cli(["train", "--out", str(out), "--resume", "--max-steps", "4", "--device", "cpu",
                 f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "model.depth_mechanism=residual"])
-    assert code == 2 and "depth_mechanism" in capsys.readouterr().err
+    assert code == 2 and "model.depth_mechanism is 'moda' in the run but 'residual'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content,msg", [
@@ -343,3 +355,422 @@ def test_study_script_smoke(tmp_path, corpus):
     assert (out / "val_curves_small-48.png").exists() and "final val loss" in (out / "results.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "== " not in again.stderr  # nothing retrained
+
+
+# ---------------------------------------------------------------- a training CLI that never silently does the wrong thing
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step run (checkpoints at steps 2 and 4) that tests copy; its corpus and
+    tokenizer cache are shared, so resuming a copy trains no tokenizer."""
+    import numpy as np
+
+    base = tmp_path_factory.mktemp("finished")
+    docs = base / "docs"
+    docs.mkdir()
+    words = np.array(["depth", "attention", "layer", "token", "residual", "stream", "softmax", "query", "key"])
+    for i in range(4):
+        (docs / f"d{i}.txt").write_text(" ".join(np.random.default_rng(i).choice(words, 800)) + "\n")
+    assert _train(base / "run", docs, "train.checkpoint_every=2", "train.eval_every=2", steps=4) == 0
+    return base / "run"
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def _error_line(capsys) -> str:
+    """The one line a user fault prints: nothing else on stderr, no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "past_key_values" not in line]  # transformers 5.24's own warning
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_readme_resume_pair(tmp_path, finished, monkeypatch, capsys):
+    """The README's two commands, the first interrupted after its first checkpoint: the second
+    (no --config) continues the run as the first set it up."""
+    from flash_depth.train import loop
+
+    data = load_config(finished / "run_config.yaml").data
+    small = ["model.num_hidden_layers=2", "model.hidden_size=96", "model.intermediate_size=64", "train.compile=false",
+             "train.cuda_graph=false", "train.seq_len=32", "train.batch_size=2", "train.max_steps=4",
+             "train.checkpoint_every=2", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",
+             f"data.source={data.source}", f"data.cache_dir={data.cache_dir}", "data.vocab_size=300"]
+    real = loop.write_checkpoint
+
+    def interrupted_after_saving(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "write_checkpoint", interrupted_after_saving)
+    assert cli(["train", "--config", str(ROOT / "configs/small-48-moda-post.yaml"), "--out", "runs/moda",
+                "model.norm_position=pre", *small]) == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    saved = (tmp_path / "runs/moda/run_config.yaml").read_bytes()
+    assert cli(["train", "--out", "runs/moda", "--resume"]) == 0
+    summary = json.loads((tmp_path / "runs/moda/summary.json").read_text())
+    assert (summary["steps"], summary["norm_position"], summary["layers"]) == (4, "pre", 2)
+    assert (tmp_path / "runs/moda/run_config.yaml").read_bytes() == saved
+    assert [r["step"] for r in _records(tmp_path / "runs/moda") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_changed_setting(tmp_path, finished, capsys):
+    out = _copy(finished, tmp_path)
+    saved = (out / "run_config.yaml").read_bytes()
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "6", "train.seq_len=64", "train.lr=1e-3"]) == 2
+    line = _error_line(capsys)
+    assert "train.seq_len is 32 in the run but 64 was given" in line and "train.lr is 0.002 in the run but 0.001" in line
+    other = tmp_path / "other.yaml"
+    other.write_text("model:\n  depth_mechanism: residual\n")
+    assert cli(["train", "--out", str(out), "--resume", "--config", str(other), "--max-steps", "6"]) == 2
+    assert "model.depth_mechanism is 'moda' in the run but 'residual'" in _error_line(capsys)
+    assert (out / "run_config.yaml").read_bytes() == saved and not (out / "resumes.jsonl").exists()
+
+
+def test_resume_extends_max_steps(tmp_path, finished, capsys):
+    """--max-steps (and settings a resume may change) apply; the same value of any other is fine;
+    run_config.yaml keeps the start's config and resumes.jsonl records the change."""
+    out = _copy(finished, tmp_path)
+    saved = (out / "run_config.yaml").read_bytes()
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "6", "train.seq_len=32", "train.eval_every=3",
+                "--device", "cpu"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert (out / "run_config.yaml").read_bytes() == saved
+    assert load_config(out / "checkpoint" / "run_config.yaml").train.max_steps == 6
+    resumed = json.loads((out / "resumes.jsonl").read_text())
+    assert resumed["step"] == 4 and resumed["changes"] == {"train.max_steps": [4, 6], "train.eval_every": [2, 3]}
+    assert [r["step"] for r in _records(out) if "val_loss" in r] == [2, 4, 6]
+    capsys.readouterr()
+    assert cli(["train", "--out", str(out), "--resume"]) == 2
+    assert "at step 6 of train.max_steps=6; pass --max-steps N (N > 6)" in _error_line(capsys)
+
+
+def _poison_gradients(monkeypatch, bad_backward):
+    """An inf gradient (finite loss) in lm_head at the backward passes ``bad_backward(i)`` picks
+    (1-based); returns the list that receives the model."""
+    from flash_depth.train import loop
+
+    real, models, calls = loop._wrap, [], []
+
+    def wrap(model, *args):
+        def hook(grad):
+            calls.append(1)
+            return torch.full_like(grad, float("inf")) if bad_backward(len(calls)) else grad
+
+        model.lm_head.weight.register_hook(hook)
+        models.append(model)
+        return real(model, *args)
+
+    monkeypatch.setattr(loop, "_wrap", wrap)
+    return models
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal (tqdm draws its bar)."""
+
+    def isatty(self):
+        return True
+
+
+def test_nonfinite_gradient_stops_the_run_below_the_progress_bar(tmp_path, corpus, monkeypatch):
+    """train.nonfinite=stop (the default): the step with an inf gradient is not applied (the
+    weights in memory equal the step-2 checkpoint's), nothing is saved, one line names the step
+    and the checkpoint, printed below the closed progress bar."""
+    from flash_depth.train.checkpoint import load_model
+
+    models = _poison_gradients(monkeypatch, lambda i: i == 3)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    out = tmp_path / "run"
+    assert _train(out, corpus, "train.checkpoint_every=2") == 2
+    err = terminal.getvalue()
+    assert "| 2/6 [" in err and "Traceback" not in err  # the bar was drawn
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("flash-depth train: error: step 3 had a non-finite gradient (loss ") and "\r" not in last
+    assert f"the last good checkpoint is {out / 'checkpoint'}" in last
+    assert json.loads((out / "checkpoint" / "complete.json").read_text())["step"] == 2
+    saved = load_model(out / "checkpoint").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in models[0].state_dict().items())
+    assert [step for step, _ in _losses(out)] == [1, 2]
+
+
+def test_nonfinite_gradient_skipped(tmp_path, corpus, monkeypatch, capsys):
+    """train.nonfinite=skip: the step is skipped and counted; train.max_skips in a row stop the run."""
+    _poison_gradients(monkeypatch, lambda i: i == 3)
+    out = tmp_path / "skip"
+    assert _train(out, corpus, "train.nonfinite=skip") == 0
+    assert "step 3 had a non-finite gradient" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+    records = [r for r in _records(out) if "loss" in r]
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 0), (4, 1), (5, 1), (6, 1)]
+    monkeypatch.undo()
+    _poison_gradients(monkeypatch, lambda i: i >= 2)
+    assert _train(tmp_path / "stuck", corpus, "train.nonfinite=skip", "train.max_skips=2") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2].startswith("step 2 had a non-finite gradient") and err[-2].endswith("; update skipped")
+    assert err[-1].startswith("flash-depth train: error: step 3 had a non-finite gradient")
+    assert err[-1].endswith("after 2 skipped steps in a row (train.max_skips=2), the last good checkpoint is "
+                            "none (no checkpoint yet)")
+
+
+def test_nonfinite_tensors_are_never_saved_nor_evaluated(tmp_path, finished, monkeypatch, capsys):
+    """A NaN reaching a checkpoint write is refused (the last good one stays); a checkpoint with a
+    NaN weight fails eval and resume with one line naming the file and the weight."""
+    from safetensors.torch import load_file, save_file
+
+    from flash_depth.train import loop
+    from flash_depth.train.checkpoint import find_checkpoint
+
+    out = _copy(finished, tmp_path)
+    real = loop._full_state
+
+    def nan_weight(*args):
+        model_state, opt_state = real(*args)
+        model_state = dict(model_state, **{"lm_head.weight": model_state["lm_head.weight"] * float("nan")})
+        return model_state, opt_state
+
+    monkeypatch.setattr(loop, "_full_state", nan_weight)
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "5", "--device", "cpu"]) == 2
+    assert "not writing the checkpoint of step 5: weight lm_head.weight holds NaN or inf" in _error_line(capsys)
+    assert find_checkpoint(out) == out / "checkpoint" and not (out / ".checkpoint-tmp").exists()
+    monkeypatch.undo()
+    weights = out / "checkpoint" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert cli(["eval", str(out / "checkpoint"), "--seq-len", "32", "--device", "cpu"]) == 2
+    assert f"{weights}: weight model.norm.weight holds NaN or inf" in _error_line(capsys)
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "5", "--device", "cpu"]) == 2
+    assert "model.norm.weight holds NaN or inf" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("kill_point,found", [
+    ("writing the temporary folder", ".checkpoint-tmp"),  # incomplete: the step-4 checkpoint holds
+    ("before the renames", ".checkpoint-tmp"),
+    ("between the renames", ".checkpoint-tmp"),
+    ("before removing the old one", "checkpoint"),
+])
+def test_checkpoint_survives_a_kill_at_every_point_of_the_swap(tmp_path, finished, monkeypatch, kill_point, found):
+    """Killed at each point of the step-5 checkpoint's swap, the run has a complete checkpoint
+    (the new one once its temporary folder is whole), and --resume finishes it."""
+    import os
+
+    from flash_depth.train import checkpoint
+    from flash_depth.train.checkpoint import find_checkpoint, load_trainer_state
+
+    out = _copy(finished, tmp_path)
+    real_rename, real_discard, real_fsync = os.rename, checkpoint._discard, checkpoint._fsync
+
+    def rename(src, dst):
+        if (kill_point, Path(src).name) in (("before the renames", "checkpoint"),
+                                            ("between the renames", ".checkpoint-tmp")):
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    def discard(folder):
+        if kill_point == "before removing the old one" and folder.name == ".checkpoint-old":
+            raise KeyboardInterrupt
+        real_discard(folder)
+
+    def fsync(path):
+        if kill_point == "writing the temporary folder" and path.name == "trainer_state.pt":
+            raise KeyboardInterrupt
+        real_fsync(path)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(checkpoint, "_discard", discard)
+    monkeypatch.setattr(checkpoint, "_fsync", fsync)
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "5", "--device", "cpu"]) == 130
+    monkeypatch.undo()
+    assert (out / found).exists()
+    ckpt = find_checkpoint(out)
+    expected = 4 if kill_point == "writing the temporary folder" else 5
+    assert load_trainer_state(ckpt)["step"] == expected and ckpt.name in ("checkpoint", found)
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "6", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint"]
+    assert load_trainer_state(out / "checkpoint")["step"] == 6
+    assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("error,message", [
+    (OSError(28, "No space left on device"), "disk full while writing {tmp}/trainer_state.pt"),
+    (OSError(30, "Read-only file system"), "cannot write {tmp}/trainer_state.pt: read-only file system"),
+    (PermissionError(13, "Permission denied"), "cannot write {tmp}/trainer_state.pt: permission denied"),
+    # safetensors and tokenizers (Rust) name the errno only in their message
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     "disk full while writing {tmp}/model.safetensors"),
+])
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_last_one(tmp_path, finished, monkeypatch, capsys,
+                                                                    error, message):
+    from flash_depth.models import FlashDepthForCausalLM
+    from flash_depth.train.checkpoint import find_checkpoint, load_model, load_trainer_state
+
+    out = _copy(finished, tmp_path)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(FlashDepthForCausalLM if "safetensors" in message else torch,
+                        "save_pretrained" if "safetensors" in message else "save", fail)
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "5", "--device", "cpu"]) == 2
+    monkeypatch.undo()
+    assert _error_line(capsys) == "flash-depth train: error: " + message.format(tmp=out / ".checkpoint-tmp")
+    assert not (out / ".checkpoint-tmp").exists() and find_checkpoint(out) == out / "checkpoint"
+    assert load_trainer_state(out / "checkpoint")["step"] == 4 and load_model(out / "checkpoint") is not None
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt", "config.json"])
+def test_truncated_checkpoint_file_is_named(tmp_path, finished, capsys, name):
+    out = _copy(finished, tmp_path)
+    path = out / "checkpoint" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "5", "--device", "cpu"]) == 2
+    assert f"{path} is corrupt or truncated" in _error_line(capsys)
+    if name != "trainer_state.pt":  # eval reads the model only
+        assert cli(["eval", str(out / "checkpoint"), "--device", "cpu"]) == 2
+        assert f"{path} is corrupt or truncated" in _error_line(capsys)
+
+
+def test_user_faults_are_one_line_errors(tmp_path, finished, monkeypatch, capsys):
+    """Each fault a user can cause: exit status 2 and one line on stderr, no traceback."""
+    import builtins
+    import errno
+
+    data = load_config(finished / "run_config.yaml").data
+    fast = ["--device", "cpu", f"data.source={data.source}", f"data.cache_dir={data.cache_dir}", *TINY]
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: [1\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        "--max-steps must be >= 1, got -3": ["train", "--max-steps", "-3", *fast],
+        "--device 'gpu0' is not a device": ["train", *fast, "--device", "gpu0"],
+        "config file nope.yaml does not exist": ["train", "--config", "nope.yaml"],
+        "bad.yaml is not valid YAML at line 3, column 1": ["train", "--config", str(tmp_path / "bad.yaml")],
+        f"{tmp_path / 'empty'}: Is a directory": ["train", "--config", str(tmp_path / "empty")],  # an OSError
+        "has no .txt, .md or .jsonl files": ["train", *fast, f"data.source={tmp_path / 'empty'}"],
+        "train.seq_len=100000 needs 100001 tokens per window": ["train", *fast, "train.seq_len=100000"],
+        "--resume needs --out RUN_DIR": ["train", "--resume"],
+        "--resume: no checkpoint in": ["train", "--out", str(tmp_path / "none"), "--resume"],
+        "is a file, not a run folder": ["train", "--out", str(tmp_path / "a-file"), *fast],
+        "train.nonfinite must be 'stop' or 'skip'": ["train", *fast, "train.nonfinite=never"],
+        "train.lr must be >= 0": ["train", *fast, "train.lr=-1"],
+    }
+    if not torch.cuda.is_available():
+        cases["--device cuda: no CUDA GPU is visible"] = ["train", *fast, "--device", "cuda"]
+    for expected, argv in cases.items():
+        out = [] if "--out" in argv or "--resume" in argv else ["--out", str(tmp_path / "run")]
+        assert cli([*argv, *out]) == 2, expected
+        line = _error_line(capsys)
+        assert line.startswith("flash-depth train: error: ") and expected in line, (expected, line)
+        assert not (tmp_path / "run").exists(), expected  # nothing written for a refused command
+
+    assert cli(["eval", str(finished), "--device", "cpu"]) == 2
+    assert f"{finished} is a run folder; its checkpoint is {finished / 'checkpoint'}" in _error_line(capsys)
+
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert cli(["train", "--out", str(tmp_path / "run"), "data.source=hf:someone/corpus"]) == 2
+    assert "cannot read Hugging Face dataset hf:someone/corpus (Couldn't reach" in _error_line(capsys)
+    monkeypatch.undo()
+
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *args, **kwargs):  # root ignores chmod: refuse writes under the folder here
+        if str(file).startswith(str(tmp_path / "ro")) and any(c in mode for c in "wax"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    assert cli(["train", "--out", str(tmp_path / "ro"), *fast]) == 2
+    assert "cannot write " + str(tmp_path / "ro" / ".run_config.yaml.tmp") + ": read-only file system" in _error_line(capsys)
+
+
+def test_progress_lines_off_a_terminal(tmp_path, finished, capsys):
+    """stderr not a terminal: plain progress lines (here every step), no bar redraws."""
+    out = _copy(finished, tmp_path)
+    assert cli(["train", "--out", str(out), "--resume", "--max-steps", "6", "train.progress_every=0",
+                "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train: ")]
+    assert [line.split()[2] for line in lines] == ["5/6", "6/6"] and "\r" not in err
+    assert lines[-1].startswith("train: step 6/6 loss ") and " val " in lines[-1]
+
+
+def test_tidying_an_interrupted_swap_survives_a_kill_at_every_point(tmp_path, monkeypatch):
+    """Each state a swap can leave (each of the three folders absent, complete, or cut short),
+    then a kill after every rename or removal while the next write tidies it up: the newest
+    complete checkpoint stays findable, and once tidied it is `checkpoint` alone."""
+    import itertools
+    import os
+    import shutil
+
+    from flash_depth.train import checkpoint
+
+    steps = {"checkpoint": 2, ".checkpoint-tmp": 3, ".checkpoint-old": 1}
+
+    class Killed(BaseException):
+        pass
+
+    for case, states in enumerate(itertools.product([None, "complete", "cut short"], repeat=3)):
+        start = tmp_path / f"case{case}"
+        start.mkdir()
+        for (name, step), state in zip(steps.items(), states):
+            if state:
+                (start / name).mkdir()
+                (start / name / "trainer_state.pt").write_text("")
+                if state == "complete":
+                    (start / name / checkpoint.MARKER).write_text(json.dumps({"step": step}))
+        newest = checkpoint.find_checkpoint(start)
+        expected = checkpoint._complete_step(newest) if newest else None
+        for kill_at in range(5):
+            run = Path(shutil.copytree(start, tmp_path / f"case{case}-{kill_at}"))
+            calls = []
+
+            def counted(real):
+                def call(*args):
+                    calls.append(1)
+                    if len(calls) > kill_at:
+                        raise Killed
+                    return real(*args)
+                return call
+
+            with monkeypatch.context() as m:
+                m.setattr(os, "rename", counted(os.rename))
+                m.setattr(checkpoint, "_discard", counted(checkpoint._discard))
+                try:
+                    checkpoint._settle(run)
+                except Killed:
+                    pass
+            found = checkpoint.find_checkpoint(run)
+            assert (checkpoint._complete_step(found) if found else None) == expected, (states, kill_at)
+        checkpoint._settle(start)
+        assert sorted(p.name for p in start.iterdir()) == (["checkpoint"] if newest else []), states
+
+
+def test_checkpoint_files_and_folders_are_synced(tmp_path, monkeypatch):
+    from flash_depth.data.tokenizer import ByteTokenizer
+    from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+    from flash_depth.train import checkpoint
+
+    model = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", num_hidden_layers=1, vocab_size=256))
+    opt = torch.optim.AdamW(model.parameters())
+    synced, real = [], checkpoint._fsync
+    monkeypatch.setattr(checkpoint, "_fsync", lambda path: synced.append(path.name) or real(path))
+    for step in (1, 2):
+        checkpoint.write_checkpoint(tmp_path, model, model.state_dict(), opt.state_dict(),
+                                    {"step": step, "torch_rng": torch.get_rng_state()}, ByteTokenizer(), {})
+    files = {p.name for p in (tmp_path / "checkpoint").iterdir()} - {checkpoint.MARKER}
+    assert files <= set(synced) and {".checkpoint-tmp", tmp_path.name} <= set(synced)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert checkpoint.load_trainer_state(tmp_path / "checkpoint")["step"] == 2

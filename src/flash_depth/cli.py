@@ -24,10 +24,15 @@ from pathlib import Path
 
 
 def _train(args) -> int:
-    from flash_depth.train.config import load_config
-    from flash_depth.train.loop import train
+    from flash_depth.train.config import ConfigError, given_keys, load_config, resume_config
+    from flash_depth.train.loop import run_checkpoint, saved_run_config, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.resume:  # the run's saved config holds; the command line may change what a resume can
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+        saved, model_defaults, where = saved_run_config(run_checkpoint(Path(args.out)))
+        cfg, _ = resume_config(saved, cfg, given_keys(args.config, args.overrides), model_defaults, where)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     summary = train(cfg, out, resume=args.resume, device=args.device, max_steps=args.max_steps)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
@@ -43,7 +48,7 @@ def _no_loading_bars() -> None:
 
 
 def _eval(args) -> int:
-    from flash_depth.eval.checkpoint import resolve_checkpoint, run_config
+    from flash_depth.train.checkpoint import resolve_checkpoint, run_config
     from flash_depth.train.config import DataConfig
     from flash_depth.train.evaluate import evaluate_checkpoint
 
@@ -105,7 +110,7 @@ def _analyze(args) -> int:
 
     from flash_depth.analysis import analyze_model, write_outputs
     from flash_depth.data.pipeline import build_token_splits, sample_batch
-    from flash_depth.eval.checkpoint import resolve_checkpoint, run_config, run_folder
+    from flash_depth.train.checkpoint import resolve_checkpoint, run_config, run_folder
     from flash_depth.models import FlashDepthForCausalLM
     from flash_depth.train.config import DataConfig
 
@@ -130,7 +135,7 @@ def _generate(args) -> int:
 
     import torch
 
-    from flash_depth.eval.checkpoint import resolve_checkpoint
+    from flash_depth.train.checkpoint import resolve_checkpoint
     from flash_depth.eval.generation import TextStream, generate_ids, load_for_generation, prompt_ids
 
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -299,18 +304,42 @@ def main(argv=None) -> int:
         args.overrides += rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    import torch
+
     from flash_depth.data.sources import DataError
+    from flash_depth.train.checkpoint import CheckpointError
     from flash_depth.train.config import ConfigError
     from flash_depth.train.loop import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError) as err:
-        print(f"flash-depth {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, TrainingError, CheckpointError, ValueError) as err:
+        return _fail(args.command, str(err))
+    except OSError as err:
+        return _fail(args.command, _os_error(err))
+    except torch.cuda.OutOfMemoryError as err:
+        return _fail(args.command, f"out of GPU memory ({str(err).splitlines()[0]}); lower train.batch_size or "
+                                   "train.seq_len, or set train.activation_checkpointing=true")
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+
+
+def _os_error(err: OSError) -> str:
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing {err.filename or 'a file'}"
+    if err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def _fail(command: str, message: str) -> int:
+    """A user-caused fault: one line on stderr, exit status 2."""
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"flash-depth {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -83,14 +83,20 @@ def _hf_documents(spec: str, split: str, field: str, limit: int | None) -> list[
     except ImportError:
         raise DataError("hf: sources need the 'datasets' package: pip install datasets") from None
     name, _, config = spec.partition(":")
-    stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
     docs = []
-    for record in stream:
-        if field not in record:
-            raise DataError(f"dataset {name} has no field {field!r}; fields: {sorted(record)}")
-        docs.append(record[field])
-        if limit and len(docs) >= limit:
-            break
+    try:
+        for record in datasets.load_dataset(name, config or None, split=split, streaming=True):
+            if field not in record:
+                raise DataError(f"dataset {name} has no field {field!r}; fields: {sorted(record)}")
+            docs.append(record[field])
+            if limit and len(docs) >= limit:
+                break
+    except DataError:
+        raise
+    except Exception as err:  # offline, no such dataset/config/split: datasets raises many types for these
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot read Hugging Face dataset hf:{spec} ({reason}); without a network only "
+                        "datasets already in the local cache can be read") from None
     return docs
 
 

@@ -47,7 +47,7 @@ def load_for_generation(checkpoint: str | Path, device: str = "auto"):
     from flash_depth.data.tokenizer import load_tokenizer
     from flash_depth.models import FlashDepthForCausalLM
 
-    from .checkpoint import resolve_checkpoint
+    from flash_depth.train.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint, arg="checkpoint")
     model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(resolve_device(device)).eval()

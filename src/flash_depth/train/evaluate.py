@@ -10,9 +10,8 @@ import torch
 
 from flash_depth._device import resolve_device
 from flash_depth.data.pipeline import build_token_splits
-from flash_depth.eval.checkpoint import resolve_checkpoint, run_config
-from flash_depth.models import FlashDepthForCausalLM
 
+from .checkpoint import CheckpointError, load_model, resolve_checkpoint, run_config
 from .config import DataConfig
 
 SEQ_LEN = 512  # for a checkpoint saved without a run_config.yaml
@@ -31,7 +30,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
     data = data or DataConfig(**run.get("data", {}))
     seq_len = seq_len or run.get("train", {}).get("seq_len", SEQ_LEN)
     dev = resolve_device(device)
-    model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(dev).eval()
+    model = load_model(checkpoint).to(dev).eval()
     splits = build_token_splits(data, tokenizer_path=checkpoint / "tokenizer.json")
     seq_len = min(seq_len, model.config.max_position_embeddings)
     tokens = torch.from_numpy(splits.val[:max_tokens].astype("int64"))
@@ -50,5 +49,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
             count += x[:, 1:].numel()
             n_bytes += sum(len(splits.tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in x.cpu())
     loss = nll / count
+    if not math.isfinite(loss):  # finite weights can still overflow (bf16 on a GPU)
+        raise CheckpointError(f"the held-out loss of {checkpoint} is {loss}; try --device cpu (float32)")
     return {"checkpoint": str(checkpoint), "source": splits.source, "seq_len": seq_len, "tokens": count,
             "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(1, n_bytes)}
