@@ -3,8 +3,13 @@
 Full AttnRes writes every sublayer output as a source; block AttnRes writes each finished
 block sum and passes the running partial sum to the read as an extra source. A read takes
 the slice ``[:n]`` in place, so the source list grows by reference, never by restacking;
-:mod:`flash_depth.nn.slot_stream` routes the gradients, and the fused backward adds each
-read's source gradients straight into the stream's float32 gradient buffer.
+:mod:`flash_depth.nn.slot_stream` routes the gradients.
+
+On the fused path the source gradients are deferred: a read's backward computes the gradients
+of its query, norm weight and partial sum and keeps its u, dO, lse and rowsum(dO * o) in stacked
+buffers; a source's write, whose backward autograd runs after every read of it, forms the
+source's gradient over all of its readers in one kernel and writes it once (no float32 buffer
+that every read adds into). The reference path adds into the stream's gradient buffer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from flash_depth.ops.attnres import attention_residual, fused_backward, fused_forward, select_attnres_backend
+from flash_depth.ops.attnres_triton import attnres_source_backward
 
 from .slot_stream import SlotStream
 
@@ -22,6 +28,51 @@ class SourceStream(SlotStream):
     def __init__(self, slots: int, backend: str = "auto", dtype: torch.dtype | None = None):
         super().__init__(slots, slot_dim=0, names=("sources",), dtype=dtype)
         self.backend = backend
+        self.reader_sources: list[int] = []  # fused reads, in order: how many sources each read
+        self.reader_bufs: dict[str, torch.Tensor] | None = None  # u [R, D]; do [R, M, D]; lse, delta [R, M]
+        self.kept: set[int] = set()  # reads whose backward ran (an unused read's never does)
+        self.eps: float | None = None
+
+    def register_reader(self, eps: float) -> int:
+        """Index of a new fused read of the current sources (its buffers are filled in backward)."""
+        if self.eps is not None and eps != self.eps:
+            raise ValueError(f"every read of one source stream needs one eps; got {eps} after {self.eps}")
+        self.eps = eps
+        self.reader_sources.append(self.count)
+        return len(self.reader_sources) - 1
+
+    def keep_reader(self, r: int, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor):
+        """Stores read r's u ``[1, D]``, dO ``[1, M, D]`` and lse ``[1, M]``; returns its rowsum buffer ``[M]``."""
+        if self.reader_bufs is None:  # the first read backward: every read is known by now
+            R, (_, M, D) = len(self.reader_sources), do.shape
+            self.reader_bufs = {"u": u.new_empty((R, D)), "do": do.new_empty((R, M, D)),
+                                "lse": lse.new_empty((R, M)), "delta": lse.new_empty((R, M))}
+        bufs = self.reader_bufs
+        if do.shape[1:] != bufs["do"].shape[1:] or do.dtype != bufs["do"].dtype:
+            raise ValueError(f"every read of one source stream needs outputs of one shape and dtype; got "
+                             f"{tuple(do.shape[1:])} {do.dtype} after {tuple(bufs['do'].shape[1:])} {bufs['do'].dtype}")
+        bufs["u"][r].copy_(u[0])
+        bufs["do"][r].copy_(do[0])
+        bufs["lse"][r].copy_(lse[0])
+        self.kept.add(r)
+        return bufs["delta"][r]
+
+    def slot_grads(self, slot: int, dtypes):
+        grads = super().slot_grads(slot, dtypes)  # reads on the reference path
+        first = next((r for r, n in enumerate(self.reader_sources) if n > slot), None)
+        if first is None or self.reader_bufs is None:
+            return grads
+        bufs = self.reader_bufs
+        for r in range(first, len(self.reader_sources)):
+            if r not in self.kept:  # a read whose output went unused: zeros add nothing (alpha = 1, dO = 0)
+                for buf in bufs.values():
+                    buf[r].zero_()
+                self.kept.add(r)
+        source = self.buffers[0][slot]
+        dv = attnres_source_backward(source.reshape(-1, source.shape[-1]), bufs["u"], bufs["do"], bufs["lse"],
+                                     bufs["delta"], (first, len(self.reader_sources)), self.eps,
+                                     out_dtype=dtypes[0]).view(source.shape)
+        return (dv,) if grads is None else (grads[0] + dv,)
 
     def sources(self, n: int | None = None) -> torch.Tensor:
         """The first n (default: all written) sources ``[n, B, T, D]`` (a view, no gradient)."""
@@ -69,6 +120,7 @@ class _Read(torch.autograd.Function):
         ctx.graph = None
         out, _, saved, ctx.source_shape = fused_forward(sources, query, norm_weight, partial, eps)
         ctx.save_for_backward(*saved)
+        ctx.reader = stream.register_reader(eps) if query.dim() == 1 else None
         weights = out.new_empty(0)
         ctx.mark_non_differentiable(weights)
         return out, weights
@@ -76,12 +128,19 @@ class _Read(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dweights):
         stream, n = ctx.stream, ctx.n
-        (grad_sources,) = stream.grad_views(n)
         if ctx.graph is not None:
+            (grad_sources,) = stream.grad_views(n)
             out, inputs = ctx.graph
             d_sources, dq, dg, *dp = torch.autograd.grad(out, inputs, dout)
             ctx.graph = None
             grad_sources += d_sources
             return None, torch.zeros((), device=dout.device), dq, dg, (dp[0] if dp else None), None, None
-        _, dq, dg, dp = fused_backward(dout, ctx.saved_tensors, ctx.source_shape, ctx.eps, grad_sources=grad_sources)
+        saved = ctx.saved_tensors
+        if ctx.reader is None:  # several queries at once: add into the float32 buffer
+            (grad_sources,) = stream.grad_views(n)
+            _, dq, dg, dp = fused_backward(dout, saved, ctx.source_shape, ctx.eps, grad_sources=grad_sources)
+        else:
+            out, lse, u = saved[4:]
+            delta = stream.keep_reader(ctx.reader, u, dout.reshape(out.shape), lse)
+            _, dq, dg, dp = fused_backward(dout, saved, ctx.source_shape, ctx.eps, delta_out=delta)
         return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None

@@ -195,18 +195,21 @@ def fused_forward(sources, query, norm_weight, partial, eps: float):
     return out.view(*lead, D), lse.view(lead), (rows, query, norm_weight, p_rows, out, lse, u), sources.shape
 
 
-def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None):
+def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None, delta_out=None):
     """Gradients of :func:`fused_forward`: (sources, query, norm_weight, partial), None where an
     input was None. With ``grad_sources`` (``[N, ..., D]``, any float dtype) the source gradients
-    are added into it in place instead."""
+    are added into it in place instead; with ``delta_out`` (``[M]`` float32, one query) they are
+    left to ``attnres_source_backward`` (None) and rowsum(dO * o) is stored there for it."""
     from ._triton_common import last_dim_contiguous
     from .attnres_triton import attnres_backward
 
     rows, query, norm_weight, p_rows, out, lse, u = saved
     into = None if grad_sources is None else grad_sources.view(rows.shape)
     d_rows, d_partial, dq, dg = attnres_backward(last_dim_contiguous(dout.reshape(out.shape)), rows, query,
-                                                 norm_weight, p_rows, out, lse, u, eps, grad_sources=into)
-    return d_rows.view(source_shape), dq, dg, None if d_partial is None else d_partial.view(source_shape[1:])
+                                                 norm_weight, p_rows, out, lse, u, eps, grad_sources=into,
+                                                 delta_out=delta_out)
+    d_sources = None if d_rows is None else d_rows.view(source_shape)
+    return d_sources, dq, dg, None if d_partial is None else d_partial.view(source_shape[1:])
 
 
 class _AttnResFunction(torch.autograd.Function):

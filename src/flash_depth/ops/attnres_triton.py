@@ -12,6 +12,12 @@ backward. The query gradient sums over all rows: each persistent backward progra
 own partial du in registers and writes it to ``DU[program]``; a small second kernel sums those
 rows in a fixed order and writes dw = du * g and dg = du * w, so the result does not depend
 on scheduling (deterministic, no atomics). Every gradient is written in its input's dtype.
+
+Deferred source gradients (a model's source stream, where every later read reads a source):
+the read's backward can skip the source gradients (``source_grads=False``; it stores
+rowsum(dO * o) instead), and ``attnres_source_backward`` later forms one source's gradient over
+all of its readers from their u, dO, lse and rowsum, written once: no float32 buffer that every
+read adds into.
 """
 
 from __future__ import annotations
@@ -89,11 +95,11 @@ def _grad_step(v, u, do, delta, lse, D, eps):
 
 @triton.jit
 def _attnres_bwd_kernel(
-    V, P, U, O, DO, LSE, DV, DP, DU,
+    V, P, U, O, DO, LSE, DV, DP, DU, DELTA,
     sv_n, sv_m, sp_m, so_m, sdo_m, sdv_n, sdv_m, sdp_m,
     M, N, D, eps, num_blocks,
     HAS_PARTIAL: tl.constexpr, ACCUMULATE_V: tl.constexpr, ACCUMULATE_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOURCE_GRADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One query per launch, at its tensors' own base pointers, u read as the forward formed it.
     # Variants that offset by a query index here or formed u = w * g here measured 14-27%
@@ -115,11 +121,14 @@ def _attnres_bwd_kernel(
             v = tl.load(v_ptrs, mask=mask, other=0.0)
             dv, du_i = _grad_step(v.to(tl.float32), u, do, delta, lse, D, eps)
             du += du_i
-            if ACCUMULATE_V:
-                dv += tl.load(dv_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+            if SOURCE_GRADS:
+                if ACCUMULATE_V:
+                    dv += tl.load(dv_ptrs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
             v_ptrs += sv_n
             dv_ptrs += sdv_n
+        if not SOURCE_GRADS:  # what attnres_source_backward needs
+            tl.store(DELTA + rows, delta, mask=rows < M)
         if HAS_PARTIAL:
             v = tl.load(P + rows[:, None] * sp_m + dims[None, :], mask=mask, other=0.0)
             dp, du_p = _grad_step(v.to(tl.float32), u, do, delta, lse, D, eps)
@@ -129,6 +138,41 @@ def _attnres_bwd_kernel(
                 dp += tl.load(dp_ptr, mask=mask, other=0.0).to(tl.float32)
             tl.store(dp_ptr, dp.to(DP.dtype.element_ty), mask=mask)
     tl.store(DU + pid * D + dims, du, mask=dims < D)
+
+
+@triton.jit
+def _attnres_source_grad_kernel(
+    V, U, DO, LSE, DELTA, DV,
+    sv_m, su_r, sdo_r, sdo_m, sl_r, sd_r, sdv_m,
+    M, D, eps, R_START, R_END,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One source's gradient ``[M, D]`` summed over reads R_START..R_END-1 (each read's u, dO, lse
+    and rowsum stacked on a leading reader axis). dv = sum_r alpha_r dO_r + c_r u_r - (c_r logit_r
+    rstd / D) v: the last term is a per-row scalar times v, summed before the one multiply."""
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (dims < D)[None, :]
+    v = tl.load(V + rows[:, None] * sv_m + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    coef = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r in range(R_START, R_END):
+        r64 = rows * 0 + r  # 64-bit reader offsets (the loop index is int32, or an int when interpreted)
+        u = tl.load(U + r * su_r + dims, mask=dims < D, other=0.0)
+        do = tl.load(DO + r64[:, None] * sdo_r + rows[:, None] * sdo_m + dims[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        lse = tl.load(LSE + r64 * sl_r + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + r64 * sd_r + rows, mask=row_ok, other=0.0)
+        logit = tl.sum(v * u[None, :], 1) * rstd
+        alpha = tl.exp(logit - lse)
+        c = alpha * (tl.sum(do * v, 1) - delta) * rstd
+        acc += alpha[:, None] * do + c[:, None] * u[None, :]
+        coef += c * logit
+    dv = acc - (coef * rstd / D)[:, None] * v
+    tl.store(DV + rows[:, None] * sdv_m + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -222,18 +266,25 @@ def _num_programs(device: torch.device, num_blocks: int) -> tuple[int, int]:
 def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
                      partial: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, u: torch.Tensor,
                      eps: float, *, grad_sources: torch.Tensor | None = None,
-                     tiles: tuple[int, int] | None = None):
+                     tiles: tuple[int, int] | None = None, delta_out: torch.Tensor | None = None):
     """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``; u ``[S, D]``;
     query and norm_weight as there; all with unit stride in D.
 
     Returns (d_sources ``[N, M, D]``, d_partial ``[M, D]`` or None, d_query, d_norm_weight or
     None), each gradient in its input's dtype and shape. With ``grad_sources`` (any float dtype,
     ``[N, M, D]``) the source gradients are added into it in place and it is returned as d_sources.
+    With ``delta_out`` ``[M]`` float32 (one query) the source gradients are left to
+    :func:`attnres_source_backward` (d_sources is None) and rowsum(dO * o) is stored there for it.
     """
     N, M, D = sources.shape
     S = query.shape[0] if query.dim() == 2 else 1
+    source_grads = delta_out is None
+    if not source_grads and (S != 1 or grad_sources is not None):
+        raise ValueError("delta_out (deferred source gradients) takes one query and no grad_sources")
     accumulate_v = grad_sources is not None
-    if grad_sources is None:
+    if not source_grads:
+        grad_sources = sources  # placeholder: never written
+    elif grad_sources is None:
         # Several queries add into one gradient: keep the running sum in float32 until the end.
         grad_dtype = sources.dtype if S == 1 else torch.promote_types(sources.dtype, torch.float32)
         grad_sources = torch.empty((N, M, D), dtype=grad_dtype, device=sources.device)
@@ -256,12 +307,12 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
         per_query = (u, out, do, lse, du) if S == 1 else (u[s], out[s], do[s], lse[s], du[s])
         u_s, o_s, do_s, lse_s, du_s = per_query
         _attnres_bwd_kernel[(programs,)](
-            sources, p, u_s, o_s, do_s, lse_s, grad_sources, dp, du_s,
+            sources, p, u_s, o_s, do_s, lse_s, grad_sources, dp, du_s, lse_s if source_grads else delta_out,
             sources.stride(0), sources.stride(1), p.stride(-2), out.stride(1), do.stride(1),
             grad_sources.stride(0), grad_sources.stride(1), dp.stride(-2),
             M, N, D, eps, num_blocks,
             HAS_PARTIAL=partial is not None, ACCUMULATE_V=accumulate_v or s > 0, ACCUMULATE_P=s > 0,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            SOURCE_GRADS=source_grads, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
     d_query = torch.empty_like(query)
     d_norm = None if norm_weight is None else torch.empty_like(norm_weight)
@@ -272,8 +323,29 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
         HAS_NORM_WEIGHT=norm_weight is not None, SHARED_NORM_WEIGHT=sg == 0 and norm_weight is not None,
         BLOCK_P=block_p, BLOCK_D=16, num_warps=8 if block_p == 256 else 4,
     )
-    if grad_sources.dtype != sources.dtype and not accumulate_v:
+    if not source_grads:
+        grad_sources = None
+    elif grad_sources.dtype != sources.dtype and not accumulate_v:
         grad_sources = grad_sources.to(sources.dtype)
     if d_partial is not None and d_partial.dtype != partial.dtype:
         d_partial = d_partial.to(partial.dtype)
     return grad_sources, d_partial, d_query, d_norm
+
+
+def attnres_source_backward(source: torch.Tensor, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                            delta: torch.Tensor, readers: tuple[int, int], eps: float,
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Deferred gradient of one source ``[M, D]`` (unit stride in D) over the reads
+    ``readers[0] .. readers[1] - 1``, all of which read it. u ``[R, D]`` float32, do ``[R, M, D]``,
+    lse and delta ``[R, M]`` float32: each read's effective query, output gradient, log-sum-exp and
+    rowsum(dO * o). Returns ``[M, D]`` in ``out_dtype`` (default the source's dtype)."""
+    M, D = source.shape
+    dv = torch.empty((M, D), dtype=out_dtype or source.dtype, device=source.device)
+    block_m, block_d, num_warps = _tiles(D, backward=True)
+    _attnres_source_grad_kernel[(cdiv(M, block_m),)](
+        source, u, do, lse, delta, dv,
+        source.stride(0), u.stride(0), do.stride(0), do.stride(1), lse.stride(0), delta.stride(0), dv.stride(0),
+        M, D, eps, readers[0], readers[1],
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return dv
