@@ -170,7 +170,7 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, q: torch.Tensor, kv_len: int | None
     if first != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {first}")
     if last != total:
-        raise ValueError(f"cu_seqlens must end at the total token count {total} (q.shape[1]), got {last}")
+        raise ValueError(f"cu_seqlens must end at the total token count {total}, got {last}")
     if shortest < 0:
         raise ValueError(f"cu_seqlens must be non-decreasing (document lengths >= 0), got "
                          f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
