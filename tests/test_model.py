@@ -138,7 +138,7 @@ def test_cache_is_taken_under_either_name_and_unknown_keywords_raise():
         model(ids, cache=type("Fixed", (), {"is_compileable": True})())
     with pytest.raises(ValueError, match=r"position_ids must have shape \[B=2, T=7\] or \[T=7\], got \(2, 6\)"):
         model(ids, position_ids=torch.arange(6).expand(2, 6))
-    with pytest.raises(ValueError, match=r"positions must lie in \[0, max_position_embeddings=512\), got values from 600"):
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, max_position_embeddings=512\), got values from"):
         model(ids, position_ids=torch.arange(600, 607))
     with pytest.raises(ValueError, match=r"cache_position must be 0..6"):
         model(ids, cache_position=torch.arange(1, 8))

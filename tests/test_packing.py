@@ -43,7 +43,8 @@ def test_packed_documents_give_each_documents_logits(mech, backend):
     assert rel_err(flat, torch.cat(alone[:2], 1)) < 1e-5
 
 
-@pytest.mark.parametrize("mech,backend", [("moda", "triton"), ("attnres_block", "reference"), ("residual", "reference")])
+@pytest.mark.parametrize("mech,backend", [("moda", "triton"), ("attnres_block", "reference"),
+                                          ("residual", "reference")])
 def test_packed_training_gradients_are_the_documents_own(mech, backend):
     """The packed loss (each document's next-token terms) has the gradients of the documents'
     losses computed apart: nothing flows across a boundary, through the depth stream included."""

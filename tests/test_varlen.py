@@ -43,15 +43,21 @@ def test_packed_equals_each_document_alone(case, backend, dtype, tol):
     cu = _cu(lengths)
     o, lse = moda_attention(*inputs, causal=causal, backend=backend, cu_seqlens=cu, max_seqlen=max(lengths),
                             return_lse=True)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    alone = _float64(inputs)
+    _check_against_documents_alone(inputs, cu, causal, o, lse, tol)
+
+
+def _check_against_documents_alone(inputs, cu, causal, o, lse, tol):
+    """o, lse and every gradient of a packed call against the float64 formula on each document."""
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(o.device)
+    alone = _float64([None if x is None else x.cpu() for x in inputs])
+    bounds = cu.tolist()
     pieces = [naive_moda(*(None if x is None else x[:, s:e] for x in alone), causal=causal)
-              for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+              for s, e in zip(bounds[:-1], bounds[1:])]
     o_ref, lse_ref = torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], -1)
-    assert rel_err(o, o_ref) < tol and rel_err(lse, lse_ref) < tol
+    assert rel_err(o.cpu(), o_ref) < tol and rel_err(lse.cpu(), lse_ref) < tol
     names = [n for n, x in zip(("dq", "dk", "dv", "dk_depth", "dv_depth"), inputs) if x is not None]
-    for name, g, g_ref in zip(names, _grads(o, inputs, do), _grads(o_ref, alone, do)):
-        assert rel_err(g, g_ref) < tol, (name, rel_err(g, g_ref))
+    for name, g, g_ref in zip(names, _grads(o, inputs, do), _grads(o_ref, alone, do.cpu())):
+        assert rel_err(g.cpu(), g_ref) < tol, (name, rel_err(g, g_ref))
 
 
 @pytest.mark.parametrize("backend,dtype,tol", BACKENDS, ids=[b[0] for b in BACKENDS])
@@ -147,3 +153,25 @@ def test_cu_seqlens_changed_in_place_is_checked_again():
     kw["cu_seqlens"][1] = 9
     with pytest.raises(ValueError, match="non-decreasing"):
         moda_attention(q, k, v, **kw)
+
+
+@pytest.mark.gpu
+def test_masked_calls_run_on_the_triton_kernels_on_cuda():
+    """On CUDA, backend "auto" sends packed and padded calls to the Triton sequence kernels (cuDNN
+    takes no masks here), compiled (not interpreted), bf16, against the float64 formula."""
+    from flash_depth.ops.moda import select_backend
+
+    lengths = [70, 1, 33, 190, 2]
+    total = sum(lengths)
+    inputs = make_inputs(1, total, total, 8, 2, 64, 4, torch.bfloat16, device="cuda", seed=0)
+    assert select_backend("auto", inputs[0], inputs[1], True, masked=True) == "triton"
+    cu = _cu(lengths).cuda()
+    o, lse = moda_attention(*inputs, cu_seqlens=cu, max_seqlen=190, return_lse=True)
+    _check_against_documents_alone(inputs, cu.cpu(), True, o, lse, 2e-2)
+    inputs = make_inputs(2, 150, 150, 8, 2, 64, 0, torch.bfloat16, device="cuda", seed=1)
+    kv_start = torch.tensor([0, 77], dtype=torch.int32, device="cuda")
+    o = moda_attention(*inputs, kv_start=kv_start)
+    mask = (torch.arange(150)[None, None, :] >= kv_start.cpu()[:, None, None]).expand(2, 150, 150)
+    ref = _float64([None if x is None else x.cpu() for x in inputs])
+    o_ref, _ = naive_moda(*ref, causal=True, key_mask=mask)
+    assert rel_err(o.cpu(), o_ref) < 2e-2

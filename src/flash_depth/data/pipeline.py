@@ -105,7 +105,8 @@ def document_positions(windows: torch.Tensor, eos_id: int) -> torch.Tensor:
     import torch
 
     if not isinstance(windows, torch.Tensor) or windows.is_floating_point() or windows.dim() < 1:
-        got = f"{windows.dtype} of shape {tuple(windows.shape)}" if isinstance(windows, torch.Tensor) else type(windows).__name__
+        got = (f"{windows.dtype} of shape {tuple(windows.shape)}" if isinstance(windows, torch.Tensor)
+               else type(windows).__name__)
         raise TypeError(f"windows must be an integer tensor [..., T] of token ids, got {got}")
     if isinstance(eos_id, bool) or not isinstance(eos_id, int):
         raise TypeError(f"eos_id must be an int (the tokenizer's <|endoftext|> id), got {type(eos_id).__name__}")

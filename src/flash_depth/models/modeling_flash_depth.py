@@ -106,9 +106,10 @@ def _padding(attention_mask, batch: int, length: int):
     """attention_mask ``[B, past + T]`` (1: token, 0: padding; the cached tokens' columns first,
     as generate() passes it) -> (kv_start int32 ``[B]``, positions ``[B, past + T]``, padded): the
     first two None when there is nothing to mask, padded whether the mask has zeros. kv_start
-    counts a row's leading zeros (left padding); positions are transformers' ``cumsum - 1`` (padding at 0), so a row's tokens are
-    at 0, 1, ... whatever padding precedes them. Right padding (zeros after the last token)
-    changes nothing in a causal model: no token attends to a later one."""
+    counts a row's leading zeros (left padding); positions are transformers' ``cumsum - 1``
+    (padding at 0), so a row's tokens are at 0, 1, ... whatever padding precedes them. Right
+    padding (zeros after the last token) changes nothing in a causal model: no token attends to
+    a later one."""
     if attention_mask is None:
         return None, None, False
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, length):
