@@ -137,6 +137,8 @@ def _documents_from_positions(positions: torch.Tensor):
     """position_ids ``[B, T]`` that restart at 0 inside a row (packed documents, as Hugging Face's
     flattening collators make them) -> (cu_seqlens int32 over the B*T flattened tokens,
     max_seqlen); None when no row restarts. Each row also starts a document."""
+    if positions.shape[1] < 2:  # a decoding step: no sync for a question with one answer
+        return None
     starts = positions == 0
     starts[:, 0] = True
     if not bool(starts[:, 1:].any()):
