@@ -3,8 +3,10 @@
 import torch
 
 
-def naive_moda(q, k, v, k_depth, v_depth, *, causal, scale=None):
-    """Same contract as flash_depth.moda_attention (k=None: depth only). Returns o, lse in float64."""
+def naive_moda(q, k, v, k_depth, v_depth, *, causal, scale=None, key_mask=None):
+    """Same contract as flash_depth.moda_attention (k=None: depth only). Returns o, lse in float64.
+    key_mask ``[B, Tq, Tk]`` bool: False hides a key from a query (on top of causal); a query
+    with no entry left gets o = 0 and lse = -inf."""
     q = q.double()
     B, Tq, Hq, d = q.shape
     Hk = (k if k is not None else k_depth).shape[-2]
@@ -24,13 +26,19 @@ def naive_moda(q, k, v, k_depth, v_depth, *, causal, scale=None):
                     i = torch.arange(Tq)[:, None] + (Tk - Tq)
                     j = torch.arange(Tk)[None, :]
                     s = s.masked_fill(j > i, float("-inf"))
+                if key_mask is not None:
+                    s = s.masked_fill(~key_mask[b], float("-inf"))
                 parts.append(s)
             if k_depth is not None:
                 kd = k_depth[b, :, :, hk].double()  # [T, L, d]
                 parts.append((q[b, :, h, None, :] * kd).sum(-1) * scale)
             s = torch.cat(parts, dim=1)
             lse = torch.logsumexp(s, dim=1)
-            p = torch.softmax(s, dim=1)
+            if key_mask is None:
+                p = torch.softmax(s, dim=1)
+            else:  # rows with nothing to attend to: p = 0 (no NaN)
+                empty = torch.isinf(lse)[:, None]
+                p = torch.where(empty, 0.0, torch.exp(s - torch.where(empty, 0.0, lse[:, None])))
             o = 0
             n = 0
             if k is not None:

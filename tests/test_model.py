@@ -136,8 +136,12 @@ def test_cache_is_taken_under_either_name_and_unknown_keywords_raise():
         model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="cache must be a DynamicCache, got Fixed"):
         model(ids, cache=type("Fixed", (), {"is_compileable": True})())
-    with pytest.raises(ValueError, match=r"position_ids must be 0..6"):
-        model(ids, position_ids=torch.arange(1, 8)[None])
+    with pytest.raises(ValueError, match=r"position_ids must have shape \[B=2, T=7\] or \[T=7\], got \(2, 6\)"):
+        model(ids, position_ids=torch.arange(6).expand(2, 6))
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, max_position_embeddings=512\), got values from"):
+        model(ids, position_ids=torch.arange(600, 607))
+    with pytest.raises(ValueError, match=r"cache_position must be 0..6"):
+        model(ids, cache_position=torch.arange(1, 8))
     with pytest.raises(ValueError, match="output_hidden_states=True is not supported"):
         model(ids, output_hidden_states=True)
     with pytest.raises(ValueError, match="token_type_ids must be all zeros"):
@@ -397,8 +401,10 @@ def test_bad_calls():
         model(torch.rand(1, 5))
     with pytest.raises(ValueError, match="rotary limit"):
         model(torch.zeros(1, model.config.max_position_embeddings + 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="padded batches"):
-        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"left-padded .* row 1 is \[0, 1, 0, 1\]"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1]]))
+    with pytest.raises(ValueError, match=r"attention_mask must be a 2-D tensor \[B=2, cached \+ new tokens=4\]"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="labels must have shape"):
         model(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 3, dtype=torch.long))
 

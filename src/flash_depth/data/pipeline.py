@@ -94,3 +94,23 @@ def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: tuple) -> n
     rng = np.random.default_rng(list(seed))
     starts = rng.integers(0, len(tokens) - seq_len, size=batch)
     return np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts])
+
+
+def document_positions(windows: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per-document positions of token windows ``[..., T]`` cut from an ``<|endoftext|>``-separated
+    stream: 0 at the window's first token and at every ``eos_id`` (which opens the next document,
+    as it opens a prompt in generation), counting up in between. Passed to the model as
+    ``position_ids``, these make attention stay within documents (``data.document_masking``).
+    Tensor ops only (no host sync), on the windows' device."""
+    import torch
+
+    if not isinstance(windows, torch.Tensor) or windows.is_floating_point() or windows.dim() < 1:
+        got = (f"{windows.dtype} of shape {tuple(windows.shape)}" if isinstance(windows, torch.Tensor)
+               else type(windows).__name__)
+        raise TypeError(f"windows must be an integer tensor [..., T] of token ids, got {got}")
+    if isinstance(eos_id, bool) or not isinstance(eos_id, int):
+        raise TypeError(f"eos_id must be an int (the tokenizer's <|endoftext|> id), got {type(eos_id).__name__}")
+    index = torch.arange(windows.shape[-1], device=windows.device).expand(windows.shape)
+    # the latest document start at or before each token (the window's start counts as one)
+    start = torch.where(windows == eos_id, index, torch.zeros_like(index)).cummax(-1).values
+    return index - start

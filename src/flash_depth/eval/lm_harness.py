@@ -23,7 +23,9 @@ def hf_tokenizer(checkpoint: str | Path):
 
 
 def harness_model(checkpoint: str | Path, *, device: str = "auto", batch_size: int = 8):
-    """An ``lm_eval`` ``HFLM`` wrapping the checkpoint's model and tokenizer."""
+    """An ``lm_eval`` ``HFLM`` wrapping the checkpoint's model and tokenizer. ``batch_size`` does not
+    change a result: lm-eval pads loglikelihood batches on the right (no token sees a later one)
+    and generate_until prompts on the left with an attention_mask, which the model masks."""
     from lm_eval.models.huggingface import HFLM
 
     from flash_depth.models import FlashDepthForCausalLM

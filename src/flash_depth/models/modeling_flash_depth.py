@@ -26,6 +26,7 @@ from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.nn.depth_stream import DepthStream, read_depth, read_moda
 from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
 from flash_depth.ops import moda_attention
+from flash_depth.ops._checks import check_cu_seqlens
 from flash_depth.ops.attnres import attention_residual_merge
 
 from .configuration_flash_depth import FlashDepthConfig
@@ -69,22 +70,82 @@ def _check_extras(kwargs: dict) -> None:
     if kwargs:
         raise TypeError(
             f"forward got unexpected keyword arguments {sorted(kwargs)}; it takes input_ids, inputs_embeds, "
-            "attention_mask, position_ids, cache (or past_key_values), use_cache, return_dict, token_type_ids "
-            "(and on FlashDepthForCausalLM labels, logits_to_keep)"
+            "attention_mask, position_ids, cu_seqlens, max_seqlen, cache (or past_key_values), use_cache, "
+            "return_dict, token_type_ids (and on FlashDepthForCausalLM labels, logits_to_keep)"
         )
 
 
-def _check_positions(name: str, positions, start: int, length: int) -> None:
-    """position_ids / cache_position ``[T]`` or ``[B, T]``: must be start .. start+T-1 (the only
-    positions an unpadded batch after ``start`` cached tokens has)."""
-    if positions is None:
+def _check_cache_position(cache_position, start: int, length: int) -> None:
+    """cache_position ``[T]`` (transformers 4.x generate): the cache slots of the new tokens, which
+    must be start .. start+T-1 (they follow the cache; RoPE positions come from position_ids)."""
+    if cache_position is None:
         return
-    want = torch.arange(start, start + length, device=positions.device)
-    if positions.dim() not in (1, 2) or positions.shape[-1] != length or not bool((positions == want).all()):
+    want = torch.arange(start, start + length, device=cache_position.device)
+    if cache_position.dim() != 1 or cache_position.shape[0] != length or not bool((cache_position == want).all()):
         raise ValueError(
-            f"{name} must be {start}..{start + length - 1} in each row (unpadded sequences after {start} "
-            f"cached tokens), got shape {tuple(positions.shape)} starting {positions.flatten()[:4].tolist()}"
+            f"cache_position must be {start}..{start + length - 1} (the slots after {start} cached tokens), got "
+            f"shape {tuple(cache_position.shape)} starting {cache_position.flatten()[:4].tolist()}"
         )
+
+
+def _check_position_ids(position_ids, batch: int, length: int) -> torch.Tensor:
+    """position_ids ``[T]``, ``[1, T]`` or ``[B, T]`` (integers) -> ``[B or 1, T]``; their range is
+    checked where the rotary tables are made."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
+        got = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise TypeError(f"position_ids must be an integer tensor [B, T] or [T], got {got}")
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must have shape [B={batch}, T={length}] or [T={length}], got "
+                         f"{tuple(position_ids.shape)}")
+    return position_ids
+
+
+def _padding(attention_mask, batch: int, length: int):
+    """attention_mask ``[B, past + T]`` (1: token, 0: padding; the cached tokens' columns first,
+    as generate() passes it) -> (kv_start int32 ``[B]``, positions ``[B, past + T]``, padded): the
+    first two None when there is nothing to mask, padded whether the mask has zeros. kv_start
+    counts a row's leading zeros (left padding); positions are transformers' ``cumsum - 1``
+    (padding at 0), so a row's tokens are at 0, 1, ... whatever padding precedes them. Right
+    padding (zeros after the last token) changes nothing in a causal model: no token attends to
+    a later one."""
+    if attention_mask is None:
+        return None, None, False
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, length):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a 2-D tensor [B={batch}, cached + new tokens={length}] of 1 "
+                         f"(token) and 0 (padding), got {got}")
+    mask = attention_mask != 0
+    if bool(mask.all()):
+        return None, None, False
+    tokens = mask.sum(1)
+    first = torch.where(tokens > 0, mask.int().argmax(1), length)
+    cols = torch.arange(length, device=mask.device)
+    bad = (mask != ((cols >= first[:, None]) & (cols < (first + tokens)[:, None]))).any(1)
+    if bool(bad.any()):
+        row = int(bad.int().argmax())
+        raise ValueError("attention_mask rows must be left-padded (zeros, then ones) or right-padded (ones, then "
+                         "zeros), with no padding between tokens (decoding after right padding makes such a gap); "
+                         f"row {row} is {attention_mask[row, :32].tolist()}{' ...' if length > 32 else ''}")
+    if not bool(first.any()):  # right padding only: every token keeps the position and keys it has unpadded
+        return None, None, True
+    return first.to(torch.int32), (mask.long().cumsum(1) - 1).clamp(min=0), True
+
+
+def _documents_from_positions(positions: torch.Tensor):
+    """position_ids ``[B, T]`` that restart at 0 inside a row (packed documents, as Hugging Face's
+    flattening collators make them) -> (cu_seqlens int32 over the B*T flattened tokens,
+    max_seqlen); None when no row restarts. Each row also starts a document."""
+    if positions.shape[1] < 2:  # a decoding step: no sync for a question with one answer
+        return None
+    starts = positions == 0
+    starts[:, 0] = True
+    if not bool(starts[:, 1:].any()):
+        return None
+    bounds = torch.nonzero(starts.flatten()).flatten()
+    cu_seqlens = torch.cat([bounds, bounds.new_tensor([positions.numel()])]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 def _record(module: nn.Module, event: str, *args) -> None:
@@ -139,7 +200,9 @@ class Attention(nn.Module):
         self.depth_kv = DepthKV(config) if writes and config.attn_kv_proj else None
         self.writes_depth = writes
 
-    def forward(self, x, cos, sin, stream: DepthStream | None, cache: Cache | None):
+    def forward(self, x, cos, sin, stream: DepthStream | None, cache: Cache | None, masks: dict | None = None):
+        """``masks``: packed documents (cu_seqlens, max_seqlen) or padding (kv_start) for the sequence
+        attention, as the ops take them; None for none."""
         B, T, _ = x.shape
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
         k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
@@ -150,9 +213,9 @@ class Attention(nn.Module):
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
         _record_layer(self, "attention", q, k_all, stream if self.reads_depth else None)
         if self.reads_depth:
-            o = read_moda(stream, q, k_all, v_all, backend=self.backend)
+            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **(masks or {}))
         else:
-            o = moda_attention(q, k_all, v_all, backend=self.backend)
+            o = moda_attention(q, k_all, v_all, backend=self.backend, **(masks or {}))
         if self.writes_depth:
             # the attention's own K/V joins the stream for later layers (it is already in its sequence set)
             stream.write(*(self.depth_kv(x, cos, sin) if self.depth_kv is not None else (k, v)))
@@ -218,8 +281,8 @@ class FlashDepthBlock(nn.Module):
         self.depth_read = DepthRead(config, layer_idx) if has_read else None
         self.depth_norm = RMSNorm(config.hidden_size, eps) if has_read else None
 
-    def attn_sublayer(self, h, cos, sin, stream, cache):
-        return self.attn(self.attn_norm(h), cos, sin, stream, cache)
+    def attn_sublayer(self, h, cos, sin, stream, cache, masks=None):
+        return self.attn(self.attn_norm(h), cos, sin, stream, cache, masks)
 
     def ffn_sublayer(self, h, cos, sin, stream):
         h = self.ffn_norm(h)
@@ -227,18 +290,18 @@ class FlashDepthBlock(nn.Module):
             stream.write(*self.ffn_kv(h, cos, sin))
         return self.ffn(h)
 
-    def forward(self, x, cos, sin, stream, cache, sublayer: str | None = None):
+    def forward(self, x, cos, sin, stream, cache, masks=None, sublayer: str | None = None):
         """The block's output; with ``sublayer`` ("attn"/"ffn", for AttnRes) only that sublayer's
-        output, without the residual."""
+        output, without the residual. ``masks``: as :meth:`Attention.forward`."""
         if sublayer == "attn":
-            return self.attn_sublayer(x, cos, sin, stream, cache)
+            return self.attn_sublayer(x, cos, sin, stream, cache, masks)
         if sublayer == "ffn":
             return self.ffn_sublayer(x, cos, sin, stream)
         if self.post_norm:
             if self.depth_read is not None:
                 x, x_in = self.depth_norm(x + self.depth_read(x, cos, sin, stream)), x
                 _record_layer(self, "sublayer", "depth_read", x_in, x)
-            x, x_in = self.attn_norm(x + self.attn(x, cos, sin, stream, cache)), x
+            x, x_in = self.attn_norm(x + self.attn(x, cos, sin, stream, cache, masks)), x
             _record_layer(self, "sublayer", "attn", x_in, x)
             if self.ffn_kv is not None:
                 stream.write(*self.ffn_kv(x, cos, sin))
@@ -248,7 +311,7 @@ class FlashDepthBlock(nn.Module):
         if self.depth_read is not None:
             x, x_in = x + self.depth_read(self.depth_norm(x), cos, sin, stream), x
             _record_layer(self, "sublayer", "depth_read", x_in, x)
-        x, x_in = x + self.attn_sublayer(x, cos, sin, stream, cache), x
+        x, x_in = x + self.attn_sublayer(x, cos, sin, stream, cache, masks), x
         _record_layer(self, "sublayer", "attn", x_in, x)
         x, x_in = x + self.ffn_sublayer(x, cos, sin, stream), x
         _record_layer(self, "sublayer", "ffn", x_in, x)
@@ -304,13 +367,24 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, past_key_values=None, return_dict=None, token_type_ids=None, cache_position=None,
-                **kwargs):
+                cu_seqlens=None, max_seqlen=None, **kwargs):
         """input_ids ``[B, T]`` (or inputs_embeds ``[B, T, D]``) -> last_hidden_state ``[B, T, D]``.
 
         The KV cache comes in as ``cache`` (transformers >= 5.24) or ``past_key_values``; with
-        ``use_cache`` a new one is made if none is given, and it is returned. ``position_ids`` and
-        ``cache_position`` (4.x generate) are only checked: positions follow the cache's length.
-        ``token_type_ids`` (4.x tokenizers return them) must be zeros: there is one segment type."""
+        ``use_cache`` a new one is made if none is given, and it is returned. ``cache_position``
+        (4.x generate) is checked against the cache's length. ``token_type_ids`` (4.x tokenizers
+        return them) must be zeros: there is one segment type.
+
+        Padding: ``attention_mask`` ``[B, cached + T]`` (1 token, 0 padding; what generate()
+        passes at every step) may pad rows on the left (or on the right). Padding is masked as
+        keys, and a row's tokens get positions 0, 1, ... after its padding.
+
+        Positions and packed documents: ``position_ids`` ``[B, T]`` (or ``[T]``) are the RoPE
+        positions (default: after the cache, or from the padding). Where they restart at 0
+        inside a row (Hugging Face's packing collators), a document starts there and attention
+        stays within documents; so it does with ``cu_seqlens`` int32 ``[num_docs + 1]`` and
+        ``max_seqlen`` on input_ids ``[1, total]`` (flash-attn's convention; positions then
+        restart per document unless given). Neither takes a KV cache or a padded mask."""
         cache = _resolve_cache(cache, past_key_values)
         _check_extras(kwargs)
         if token_type_ids is not None and bool(token_type_ids.any()):
@@ -323,37 +397,66 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             x = self.embed_tokens(input_ids)
         else:
             x = inputs_embeds
-        if attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
-            raise ValueError(
-                "padded batches (attention_mask with zeros) are not supported; pass unpadded sequences and an "
-                f"attention_mask [B, T] of ones or none, got shape {tuple(attention_mask.shape)}"
-            )
-        B, T, _ = x.shape
+        B, T, D = x.shape
         if use_cache and cache is None:
             cache = DynamicCache()
         start = cache.get_seq_length() if cache is not None else 0
-        _check_positions("position_ids", position_ids, start, T)
-        _check_positions("cache_position", cache_position, start, T)
-        cos, sin = self.rotary(start, T, x.device)
+        _check_cache_position(cache_position, start, T)
+        kv_start, positions, padded = _padding(attention_mask, B, start + T)
+        if positions is not None:
+            positions = positions[:, start:]
+        if position_ids is not None:
+            positions = _check_position_ids(position_ids, B, T)
+        # with padding, position_ids are transformers' (padding at 0 or 1), not document starts
+        docs = self._documents(cu_seqlens, max_seqlen, None if padded or position_ids is None else positions, x)
+        masks = None
+        if docs is not None:
+            if padded or cache is not None:
+                raise ValueError(
+                    "packed documents (cu_seqlens, or position_ids restarting at 0 inside a row) take no KV cache "
+                    "(later tokens would attend across documents) and no padded attention_mask; got "
+                    + ("a cache" if cache is not None else "an attention_mask with padding")
+                )
+            masks = {"cu_seqlens": docs[0], "max_seqlen": docs[1]}
+            if positions is None:  # each document from position 0
+                tokens = torch.arange(T, device=x.device, dtype=torch.int32)
+                positions = tokens - docs[0][torch.searchsorted(docs[0][1:], tokens, right=True)]
+            # the rows' documents one after another on [1, B*T]: every other part is per token
+            x, positions = x.reshape(1, B * T, D), positions.expand(B, T).reshape(1, B * T)
+        elif kv_start is not None:
+            masks = {"kv_start": kv_start}
+        cos, sin = self.rotary.at(positions) if positions is not None else self.rotary(start, T, x.device)
         cfg = self.config
         stream = DepthStream(cfg.depth_slots) if cfg.depth_slots else None
         if cfg.depth_mechanism.startswith("attnres"):
-            x = self._attnres(x, cos, sin, cache)
+            x = self._attnres(x, cos, sin, cache, masks)
         elif cfg.depth_mechanism == "denseformer":
             outputs = [x]
             for i, layer in enumerate(self.layers):
-                outputs.append(self._run(layer, x, cos, sin, stream, cache))
+                outputs.append(self._run(layer, x, cos, sin, stream, cache, masks))
                 x = sum(a * o for a, o in zip(self.dense.weights[i, : i + 2], outputs))
                 _record(self, "hidden", i, x)
         else:
             for i, layer in enumerate(self.layers):
-                x = self._run(layer, x, cos, sin, stream, cache)
+                x = self._run(layer, x, cos, sin, stream, cache, masks)
                 _record(self, "hidden", i, x)
         if stream is not None:
             stream.close()
-        x = self.norm(x)
+        x = self.norm(x).reshape(B, T, D)
         out = BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
+
+    @staticmethod
+    def _documents(cu_seqlens, max_seqlen, position_ids, x):
+        """(cu_seqlens, max_seqlen) of packed documents, given or found where position_ids restart;
+        None for unpacked rows."""
+        if cu_seqlens is None and max_seqlen is None:
+            return None if position_ids is None else _documents_from_positions(position_ids.expand(x.shape[:2]))
+        if x.shape[0] != 1:
+            raise ValueError(f"cu_seqlens (packed documents) needs input_ids of shape [1, total tokens] (the documents "
+                             f"one after another), got batch size {x.shape[0]}")
+        check_cu_seqlens(cu_seqlens, max_seqlen, x, None)
+        return cu_seqlens, max_seqlen
 
     def _run(self, fn, *args):
         """fn(*args), recomputed in backward instead of stored when activation checkpointing is on."""
@@ -382,7 +485,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         sublayers = 2 * self.config.num_hidden_layers
         return 1 if self.config.depth_mechanism == "attnres_full" else sublayers // self.config.attnres_blocks
 
-    def _attnres(self, emb, cos, sin, cache):
+    def _attnres(self, emb, cos, sin, cache, masks):
         """Attention Residuals: each sublayer's input is a softmax read over finished block sums
         (block 0 = the embedding) plus the current block's partial sum; full = blocks of one.
 
@@ -426,7 +529,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                 h = read(index)
                 if sub == "attn":
                     _record(self, "hidden", layer_idx, h)
-                out = self._run(layer, h, cos, sin, None, cache, sub)
+                out = self._run(layer, h, cos, sin, None, cache, masks, sub)
                 if recording:
                     _record(self, "sublayer", layer_idx, sub, h, h + out)
                 partial = out.to(partial_dtype) if partial is None else partial + out
@@ -456,13 +559,13 @@ class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, return_dict=None,
-                token_type_ids=None, **kwargs):
+                token_type_ids=None, cu_seqlens=None, max_seqlen=None, **kwargs):
         """input_ids ``[B, T]`` -> logits ``[B, T, vocab]``; with labels ``[B, T]`` also the next-token loss.
         ``logits_to_keep``: an int k keeps the last k positions (0: all), a 1-D tensor the positions it
-        lists. Cache and extra keywords: as :meth:`FlashDepthModel.forward`."""
+        lists. Cache, padding, packed documents and extra keywords: as :meth:`FlashDepthModel.forward`."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, past_key_values=past_key_values,
-                         token_type_ids=token_type_ids, **kwargs)
+                         token_type_ids=token_type_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kwargs)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
             h = h[:, logits_to_keep]

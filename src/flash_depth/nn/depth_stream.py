@@ -18,7 +18,7 @@ import torch
 
 from flash_depth.ops import depth_attention, moda_attention
 from flash_depth.ops.depth_triton import depth_slot_backward
-from flash_depth.ops.moda import fused_backward, fused_forward, select_backend
+from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
 from .slot_stream import SlotStream
@@ -106,23 +106,26 @@ class DepthStream(SlotStream):
 class _Read(torch.autograd.Function):
     """MoDA (or depth-only attention when k is None) over the stream's first n slots. Backward:
     the fused path returns dq and keeps what the slots' writes need to form their gradients;
-    the reference path adds its depth gradients into the stream's gradient buffers."""
+    the reference path adds its depth gradients into the stream's gradient buffers. ``masks``
+    (packed documents or padding, as ``check_masks`` returns them) reach the sequence backward
+    as the Triton kernels' state."""
 
     @staticmethod
-    def forward(ctx, stream, handle, q, k, v, causal, backend):
+    def forward(ctx, stream, handle, q, k, v, causal, backend, masks):
         k_depth, v_depth = stream.slots()
         ctx.stream, ctx.n, ctx.has_seq = stream, stream.count, k is not None
-        chosen = select_backend(backend, q, k, causal)
+        chosen = select_backend(backend, q, k, causal, masked=bool(masks))
         if chosen == "reference":  # plain PyTorch: let autograd differentiate it
             with torch.enable_grad():
                 leaves = [x.detach().requires_grad_() for x in (q, k, v) if x is not None]
                 kd, vd = k_depth.detach().requires_grad_(), v_depth.detach().requires_grad_()
                 o, _ = attention_reference(leaves[0], *(leaves[1:] or (None, None)), kd, vd,
-                                           causal=causal, scale=q.shape[-1] ** -0.5)
+                                           causal=causal, scale=q.shape[-1] ** -0.5, **masks)
             ctx.graph = (o, leaves + [kd, vd])
             return o.detach()
         ctx.graph = None
-        o, lse, state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, chosen)
+        o, lse, state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, chosen,
+                                                 masks)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.fused = (state, causal, chosen)
         ctx.reader = stream.register_reader()
@@ -148,33 +151,38 @@ class _Read(torch.autograd.Function):
                 do, q, k, v, k_depth, v_depth, o, lse, state, causal, q.shape[-1] ** -0.5, seq_backend,
                 slot_grads=False, delta_out=delta,
             )
-        return None, torch.zeros((), device=do.device), dq, dk, dv, None, None
+        return None, torch.zeros((), device=do.device), dq, dk, dv, None, None, None
 
 
 # The reads run eagerly under torch.compile (graph breaks): they route gradients into the in-place
 # buffer by hand, and branching on the slot count inside a graph would specialise it per layer.
 @torch.compiler.disable
-def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str = "auto") -> torch.Tensor:
-    """MoDA of q ``[B, Tq, Hq, d]`` over sequence k/v and the stream's written depth slots."""
+def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str = "auto", cu_seqlens=None,
+              max_seqlen: int | None = None, kv_start=None) -> torch.Tensor:
+    """MoDA of q ``[B, Tq, Hq, d]`` over sequence k/v and the stream's written depth slots.
+    cu_seqlens/max_seqlen (packed documents) and kv_start (left padding): as ``moda_attention``."""
+    masks = check_masks(q, k, cu_seqlens, max_seqlen, kv_start)
     if stream.count == 0:
-        return moda_attention(q, k, v, causal=causal, backend=backend)
-    return _read(stream, q, k, v, causal, backend)
+        return moda_attention(q, k, v, causal=causal, backend=backend, **masks)
+    return _read(stream, q, k, v, causal, backend, masks)
 
 
 @torch.compiler.disable
-def read_depth(stream: DepthStream, q, *, backend: str = "auto") -> torch.Tensor:
-    """Flash Depth Attention of q ``[B, T, Hq, d]`` over the stream's written slots."""
+def read_depth(stream: DepthStream, q, *, backend: str = "auto", cu_seqlens=None,
+               max_seqlen: int | None = None) -> torch.Tensor:
+    """Flash Depth Attention of q ``[B, T, Hq, d]`` over the stream's written slots (cu_seqlens,
+    max_seqlen: as ``depth_attention``; depth is per token, so documents need no mask)."""
     if stream.count == 0:
         raise ValueError("read_depth needs at least one written depth slot")
-    return _read(stream, q, None, None, False, backend)
+    return _read(stream, q, None, None, False, backend, check_masks(q, None, cu_seqlens, max_seqlen, None))
 
 
-def _read(stream: DepthStream, q, k, v, causal: bool, backend: str) -> torch.Tensor:
+def _read(stream: DepthStream, q, k, v, causal: bool, backend: str, masks: dict) -> torch.Tensor:
     stream.reads_since_write += 1
     handle = stream.read_handle()
     if handle is not None:
-        return _Read.apply(stream, handle, q, k, v, causal, backend)
+        return _Read.apply(stream, handle, q, k, v, causal, backend, masks)
     kd, vd = stream.slots()  # nothing to differentiate through the stream: the plain ops
     if k is None:
-        return depth_attention(q, kd, vd, backend=backend)
-    return moda_attention(q, k, v, kd, vd, causal=causal, backend=backend)
+        return depth_attention(q, kd, vd, backend=backend, **masks)
+    return moda_attention(q, k, v, kd, vd, causal=causal, backend=backend, **masks)

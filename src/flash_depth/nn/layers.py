@@ -39,10 +39,25 @@ class Rotary(nn.Module):
                 f"positions up to {start + length - 1} are past the rotary limit max_position_embeddings="
                 f"{self.max_positions}; use shorter sequences or a config with a larger limit"
             )
-        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
-        positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
-        angles = positions[:, None] / (self.theta**exponent)[None, :]
-        return angles.cos()[:, None, :], angles.sin()[:, None, :]
+        return self._tables(torch.arange(start, start + length, device=device))
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit positions, an integer tensor ``[T]`` or ``[B, T]`` (e.g. restarting at each
+        document) -> cos, sin ``[..., T, 1, head_dim/2]`` float32. Reads the smallest and largest
+        position to check them (one device sync)."""
+        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex():
+            got = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise TypeError(f"positions must be an integer tensor [T] or [B, T], got {got}")
+        low, high = torch.stack([positions.min(), positions.max()]).tolist()
+        if low < 0 or high >= self.max_positions:
+            raise ValueError(f"positions must lie in [0, max_position_embeddings={self.max_positions}), got "
+                             f"values from {low} to {high}")
+        return self._tables(positions)
+
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
+        angles = positions.to(torch.float32)[..., None] / (self.theta**exponent)
+        return angles.cos()[..., None, :], angles.sin()[..., None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -127,3 +128,65 @@ def check_depth_inputs(q, k_depth, v_depth) -> AttentionDims:
     if Hq % Hk != 0:
         raise ValueError(f"the query heads Hq={Hq} must be a multiple of the depth key/value heads Hk={Hk}")
     return AttentionDims(B, T, 0, Hq, Hk, d, L)
+
+
+# The last cu_seqlens whose values passed (weak reference, version counter, total, max_seqlen). A
+# model hands every layer the same tensor; checking its values needs a device sync, and a sync
+# per layer would stall the host behind the GPU, so one check per tensor (until it is modified).
+_checked_cu_seqlens: tuple | None = None
+
+
+def check_cu_seqlens(cu_seqlens, max_seqlen, q: torch.Tensor, kv_len: int | None) -> None:
+    """Validate packed-sequence inputs (flash-attn convention): cu_seqlens int32 ``[num_docs + 1]``
+    (0, len_0, len_0 + len_1, ..., total), max_seqlen an int >= the longest document, q
+    ``[1, total, Hq, d]`` and, when there is a sequence part, as many keys as queries."""
+    global _checked_cu_seqlens
+    if (cu_seqlens is None) != (max_seqlen is None):
+        missing = "max_seqlen" if max_seqlen is None else "cu_seqlens"
+        raise ValueError(f"cu_seqlens and max_seqlen must be given together, {missing} is None")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor [num_docs + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32 (the flash-attn convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [num_docs + 1] with at least 2 entries, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; all inputs need one device")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    B, total = q.shape[0], q.shape[1]
+    if B != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need q of shape [1, total, Hq, d] (the documents "
+                         f"concatenated on dim 1), got batch size {B}")
+    if kv_len is not None and kv_len != total:
+        raise ValueError(f"packed sequences need as many keys as queries (one token set), got Tq={total} "
+                         f"and Tk={kv_len}")
+    seen = _checked_cu_seqlens
+    if seen is not None and seen[0]() is cu_seqlens and seen[1:] == (cu_seqlens._version, total, max_seqlen):
+        return
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at the total token count {total}, got {last}")
+    if shortest < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing (document lengths >= 0), got "
+                         f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen must be at least the longest document ({longest} tokens), got {max_seqlen}")
+    _checked_cu_seqlens = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
+
+
+def check_kv_start(kv_start, q: torch.Tensor) -> None:
+    """kv_start int32 ``[B]``: keys before kv_start[b] of batch row b are padding (any value is
+    valid: <= 0 masks nothing, >= Tk masks every key)."""
+    if not isinstance(kv_start, torch.Tensor):
+        raise TypeError(f"kv_start must be an int32 torch.Tensor [B], got {type(kv_start).__name__}")
+    if kv_start.dtype != torch.int32:
+        raise TypeError(f"kv_start must be int32, got {kv_start.dtype}")
+    if kv_start.shape != (q.shape[0],):
+        raise ValueError(f"kv_start must have shape [B={q.shape[0]}], got {tuple(kv_start.shape)}")
+    if kv_start.device != q.device:
+        raise ValueError(f"kv_start is on {kv_start.device} but q is on {q.device}; all inputs need one device")

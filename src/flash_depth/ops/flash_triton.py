@@ -5,6 +5,13 @@ The causal mask is aligned at the end (query i sits at position i + Tk - Tq), so
 the same kernels serve training (Tq == Tk) and cached decoding (Tq < Tk).
 The backward takes o and lse as inputs; MoDA passes the MERGED ones, which makes
 the sequence gradients those of the joint softmax.
+
+Two optional masks, each a constexpr flag (off, the kernels are the unmasked ones):
+- VARLEN, packed documents (B = 1, cu_seqlens): a per-token document id ``DOC`` keeps a score
+  only within one document, and each tile's loop runs over the keys (queries) of the documents
+  its rows span, found from ``CU`` (cu_seqlens): tile pairs that share no document are skipped.
+- KV_START, left padding: keys before ``KVS[b]`` are padding. The forward and dq loops start at
+  that key; a query with no valid key (a padded one) gets o = 0 and lse = -inf.
 """
 
 from __future__ import annotations
@@ -17,12 +24,31 @@ from ._triton_common import cdiv, dot_precision, head_dim_tile, last_dim_contigu
 
 
 @triton.jit
+def _key_range(pid_m, DOC, CU, KVS, b, TQ, TK, shift, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+               VARLEN: tl.constexpr, KV_START: tl.constexpr):
+    """[lo, hi): the keys query tile pid_m can see (the forward's and dq's loop bounds)."""
+    lo = 0
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + shift)
+    if VARLEN:
+        # from the start of the tile's first document to the end of its last (causal: its last row)
+        lo = tl.load(CU + tl.load(DOC + pid_m * BLOCK_M))
+        if not CAUSAL:
+            hi = tl.load(CU + tl.load(DOC + tl.minimum((pid_m + 1) * BLOCK_M, TQ) - 1) + 1)
+    if KV_START:
+        lo = tl.maximum(tl.load(KVS + b), 0)
+    return lo, hi
+
+
+@triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, DOC, CU, KVS,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_h, sl_t,
     TQ, TK, HQ, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, KV_START: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -41,10 +67,10 @@ def _flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + shift)
-    for n0 in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(pid_m, DOC, CU, KVS, b, TQ, TK, shift, BLOCK_M, CAUSAL, VARLEN, KV_START)
+    if VARLEN:
+        q_doc = tl.load(DOC + offs_m, mask=m_ok, other=-1)
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < TK
         offs_n64 = offs_n.to(tl.int64)
@@ -54,6 +80,8 @@ def _flash_fwd_kernel(
         keep = n_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+        if VARLEN:
+            keep = keep & (q_doc[:, None] == tl.load(DOC + offs_n, mask=n_ok, other=-2)[None, :])
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -73,12 +101,13 @@ def _flash_fwd_kernel(
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, CU, KVS,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     sl_b, sl_h, sl_t, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
     TQ, TK, HK, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, KV_START: tl.constexpr,
 ):
     # One program per (key block, KV head): it visits all G query heads of its group, so dK/dV
     # need no atomics.
@@ -99,11 +128,23 @@ def _flash_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
+    hi = TQ
     if CAUSAL:
         lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+    n_live = n_ok
+    if VARLEN:
+        # the queries of the documents this key tile spans
+        if not CAUSAL:
+            lo = tl.load(CU + tl.load(DOC + pid_n * BLOCK_N))
+        hi = tl.load(CU + tl.load(DOC + tl.minimum((pid_n + 1) * BLOCK_N, TK) - 1) + 1)
+        k_doc = tl.load(DOC + offs_n, mask=n_ok, other=-2)
+    if KV_START:
+        kv0 = tl.load(KVS + b)
+        n_live = n_live & (offs_n >= kv0)
+        hi = tl.where((pid_n + 1) * BLOCK_N <= kv0, lo, hi)  # a tile of padding only: dK = dV = 0
     for g in range(G):
         h = hk * G + g
-        for m0 in range(lo, TQ, BLOCK_M):
+        for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < TQ
             offs_m64 = offs_m.to(tl.int64)
@@ -113,9 +154,11 @@ def _flash_bwd_dkdv_kernel(
             lse2 = tl.load(LSE + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [N, M]
-            keep = n_ok[:, None] & m_ok[None, :]
+            keep = n_live[:, None] & m_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= offs_m[None, :] + shift)
+            if VARLEN:
+                keep = keep & (k_doc[:, None] == tl.load(DOC + offs_m, mask=m_ok, other=-1)[None, :])
             p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -129,12 +172,13 @@ def _flash_bwd_dkdv_kernel(
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, DOC, CU, KVS,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     sl_b, sl_h, sl_t, sdq_b, sdq_t, sdq_h,
     TQ, TK, HQ, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, KV_START: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -154,10 +198,10 @@ def _flash_bwd_dq_kernel(
     qk_scale = scale * 1.4426950408889634
     shift = TK - TQ
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + shift)
-    for n0 in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(pid_m, DOC, CU, KVS, b, TQ, TK, shift, BLOCK_M, CAUSAL, VARLEN, KV_START)
+    if VARLEN:
+        q_doc = tl.load(DOC + offs_m, mask=m_ok, other=-1)
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < TK
         offs_n64 = offs_n.to(tl.int64)
@@ -168,6 +212,8 @@ def _flash_bwd_dq_kernel(
         keep = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+        if VARLEN:
+            keep = keep & (q_doc[:, None] == tl.load(DOC + offs_n, mask=n_ok, other=-2)[None, :])
         p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -192,8 +238,25 @@ def _bwd_tiles(block_d: int) -> tuple[int, int, int]:
     return 32, 32, 8
 
 
-def flash_forward(q, k, v, *, causal: bool, scale: float):
-    """q ``[B, Tq, Hq, d]``, k/v ``[B, Tk, Hk, d]`` -> o ``[B, Tq, Hq, d]``, lse ``[B, Hq, Tq]`` float32."""
+def _mask_args(q, cu_seqlens, kv_start):
+    """(DOC, CU, KVS) kernel arguments and the constexpr flags; unused pointers get a placeholder."""
+    doc = cu = kvs = q
+    if cu_seqlens is not None:
+        tokens = torch.arange(q.shape[1], device=q.device, dtype=torch.int32)
+        doc = torch.searchsorted(cu_seqlens[1:], tokens, right=True).to(torch.int32)  # document of each token
+        cu = cu_seqlens
+    if kv_start is not None:
+        kvs = kv_start
+    return (doc, cu, kvs), dict(VARLEN=cu_seqlens is not None, KV_START=kv_start is not None)
+
+
+def flash_forward(q, k, v, *, causal: bool, scale: float, cu_seqlens=None, max_seqlen=None, kv_start=None):
+    """q ``[B, Tq, Hq, d]``, k/v ``[B, Tk, Hk, d]`` -> o ``[B, Tq, Hq, d]``, lse ``[B, Hq, Tq]`` float32.
+
+    cu_seqlens int32 ``[num_docs + 1]`` (B = 1, Tq = Tk): packed documents, attention within each.
+    kv_start int32 ``[B]``: keys before it are padding. max_seqlen is not needed by these kernels
+    (their grid covers all tokens); it is taken so that callers pass the flash-attn set unchanged.
+    """
     B, Tq, Hq, d = q.shape
     Tk, Hk = k.shape[1], k.shape[2]
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
@@ -201,19 +264,22 @@ def flash_forward(q, k, v, *, causal: bool, scale: float):
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     block_d = head_dim_tile(d)
     block_m, block_n, num_warps = _fwd_tiles(block_d)
+    masks, flags = _mask_args(q, cu_seqlens, kv_start)
     grid = (cdiv(Tq, block_m), B * Hq)
     _flash_fwd_kernel[grid](
-        q, k, v, o, lse,
+        q, k, v, o, lse, *masks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride(),
         Tq, Tk, Hq, scale,
         G=Hq // Hk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=3,
+        CAUSAL=causal, PRECISION=dot_precision(q.dtype), **flags, num_warps=num_warps, num_stages=3,
     )
     return o, lse
 
 
-def flash_backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
-    """Gradients of sequence attention given the (possibly merged) o and lse ``[B, Hq, Tq]``."""
+def flash_backward(do, q, k, v, o, lse, *, causal: bool, scale: float, cu_seqlens=None, max_seqlen=None,
+                   kv_start=None):
+    """Gradients of sequence attention given the (possibly merged) o and lse ``[B, Hq, Tq]``; masks
+    as :func:`flash_forward`."""
     B, Tq, Hq, d = q.shape
     Tk, Hk = k.shape[1], k.shape[2]
     q, k, v, do = (last_dim_contiguous(x) for x in (q, k, v, do))
@@ -225,15 +291,16 @@ def flash_backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
     dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
     block_d = head_dim_tile(d)
     block_m, block_n, num_warps = _bwd_tiles(block_d)
+    masks, flags = _mask_args(q, cu_seqlens, kv_start)
     common = dict(G=Hq // Hk, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                  CAUSAL=causal, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
+                  CAUSAL=causal, PRECISION=dot_precision(q.dtype), **flags, num_warps=num_warps, num_stages=2)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride())
     _flash_bwd_dkdv_kernel[(cdiv(Tk, block_n), B * Hk)](
-        q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        q, k, v, do, lse, delta, dk, dv, *masks, *strides, *dk.stride()[:3], *dv.stride()[:3],
         Tq, Tk, Hk, scale, **common,
     )
     _flash_bwd_dq_kernel[(cdiv(Tq, block_m), B * Hq)](
-        q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3],
+        q, k, v, do, lse, delta, dq, *masks, *strides, *dq.stride()[:3],
         Tq, Tk, Hq, scale, **common,
     )
     return dq, dk, dv

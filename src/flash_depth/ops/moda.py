@@ -5,6 +5,13 @@ Backends:
 - ``"triton"``: Triton sequence attention + Triton depth kernel with the lse merge fused.
 - ``"cudnn"``: cuDNN SDPA sequence attention + the same Triton depth kernel.
 - ``"auto"`` (default): reference on CPU; on CUDA cuDNN where it applies, else Triton.
+
+Masks: ``cu_seqlens``/``max_seqlen`` (packed documents, flash-attn's convention) and ``kv_start``
+(left padding) run on the reference or the Triton sequence kernels; on CUDA ``"auto"`` picks
+Triton for them. torch's varlen flash op (``aten._flash_attention_forward`` with cum_seq_q/k) has
+the right signature for the merged-lse backward (its backward takes out and logsumexp; its meta
+gives the varlen lse as ``[Hq, total]``), but the Python sources do not show how its kernel uses
+them and it has not been run here against the reference, so it is not used.
 """
 
 from __future__ import annotations
@@ -12,20 +19,28 @@ from __future__ import annotations
 import torch
 
 from . import cudnn_sdpa
-from ._checks import check_depth_inputs, check_moda_inputs, resolve_scale, triton_usable
+from ._checks import (
+    check_cu_seqlens,
+    check_depth_inputs,
+    check_kv_start,
+    check_moda_inputs,
+    resolve_scale,
+    triton_usable,
+)
 from .reference import attention_reference
 
 BACKENDS = ("auto", "reference", "triton", "cudnn")
 
 
-def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
-    """The backend ``backend`` resolves to for these inputs ("reference", "triton" or "cudnn")."""
+def select_backend(backend: str, q: torch.Tensor, k, causal: bool, masked: bool = False) -> str:
+    """The backend ``backend`` resolves to for these inputs ("reference", "triton" or "cudnn").
+    ``masked``: packed documents or padding (cu_seqlens / kv_start), which cuDNN is not used for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if not q.is_cuda or q.dtype == torch.float64:
             return "reference"
-        if k is not None and cudnn_sdpa.supports(q, k, causal):
+        if k is not None and not masked and cudnn_sdpa.supports(q, k, causal):
             return "cudnn"
         return "triton"
     if backend in ("triton", "cudnn"):
@@ -35,6 +50,9 @@ def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
             raise ValueError(
                 f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {q.device}"
             )
+    if backend == "cudnn" and masked:
+        raise ValueError("backend='cudnn' takes no cu_seqlens or kv_start (packed documents and padding run on "
+                         "the Triton sequence kernels); use backend='auto' or 'triton'")
     if backend == "cudnn" and (k is None or not cudnn_sdpa.supports(q, k, causal)):
         raise ValueError(
             "backend='cudnn' needs CUDA float16/bfloat16 inputs, a head dim that is a multiple of 8 and <= 128, "
@@ -45,10 +63,24 @@ def select_backend(backend: str, q: torch.Tensor, k, causal: bool) -> str:
     return backend
 
 
-def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str):
+def check_masks(q, k, cu_seqlens, max_seqlen, kv_start) -> dict:
+    """Validate the optional masks; returns them as keywords for the kernels ({} when none)."""
+    if kv_start is not None and cu_seqlens is not None:
+        raise ValueError("pass cu_seqlens (packed documents) or kv_start (padded rows), not both")
+    if cu_seqlens is not None or max_seqlen is not None:
+        check_cu_seqlens(cu_seqlens, max_seqlen, q, None if k is None else k.shape[1])
+        return {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+    if kv_start is not None:
+        check_kv_start(kv_start, q)
+        return {"kv_start": kv_start}
+    return {}
+
+
+def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str, masks=None):
     """Forward of the fused path. Returns o, lse, the sequence backend's state for backward, and
     (q, k, v) as the backward must receive them (cuDNN takes copies of inputs whose layout it
-    refuses)."""
+    refuses). ``masks``: as :func:`check_masks` returns them (Triton only); they are the Triton
+    sequence kernels' state."""
     from . import depth_triton, flash_triton
 
     seq_state = None
@@ -59,7 +91,8 @@ def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_bac
             q, k, v = cudnn_sdpa.conform(q), cudnn_sdpa.conform(k), cudnn_sdpa.conform(v)
             o, lse, seq_state = cudnn_sdpa.forward(q, k, v, causal=causal, scale=scale)
         else:
-            o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale)
+            seq_state = masks or None
+            o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale, **(masks or {}))
         if k_depth is not None:
             o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
     return o.contiguous(), lse, seq_state, (q, k, v)
@@ -83,7 +116,8 @@ def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: boo
         if seq_backend == "cudnn":
             dq, dk, dv = cudnn_sdpa.backward(do, q, k, v, o, lse, seq_state, causal=causal, scale=scale)
         else:
-            dq, dk, dv = flash_triton.flash_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
+            dq, dk, dv = flash_triton.flash_backward(do, q, k, v, o, lse, causal=causal, scale=scale,
+                                                     **(seq_state or {}))
     if k_depth is not None:
         dq, dkd, dvd = depth_triton.depth_backward(
             q, k_depth, v_depth, o, lse, do, scale, dq_in=dq, slot_grads=slot_grads, delta_out=delta_out
@@ -93,8 +127,8 @@ def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: boo
 
 class _MoDAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend):
-        o, lse, seq_state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, scale, seq_backend)
+    def forward(ctx, q, k, v, k_depth, v_depth, causal, scale, seq_backend, masks):
+        o, lse, seq_state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, scale, seq_backend, masks)
         ctx.save_for_backward(q, k, v, k_depth, v_depth, o, lse)
         ctx.causal, ctx.scale, ctx.seq_backend, ctx.seq_state = causal, scale, seq_backend, seq_state
         ctx.mark_non_differentiable(lse)
@@ -105,7 +139,7 @@ class _MoDAFunction(torch.autograd.Function):
         q, k, v, k_depth, v_depth, o, lse = ctx.saved_tensors
         grads = fused_backward(do, q, k, v, k_depth, v_depth, o, lse, ctx.seq_state, ctx.causal, ctx.scale,
                                ctx.seq_backend)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def moda_attention(
@@ -119,6 +153,9 @@ def moda_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    kv_start: torch.Tensor | None = None,
 ):
     """Mixture-of-Depths Attention: sequence and depth attention under one softmax.
 
@@ -133,17 +170,24 @@ def moda_attention(
         scale: logit scale, default ``d ** -0.5``.
         return_lse: also return the log-sum-exp ``[B, Hq, Tq]`` (float32; no gradient flows through it).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cudnn"`` (see module doc).
+        cu_seqlens, max_seqlen: packed documents (flash-attn's convention): q, k, v ``[1, total, H, d]``
+            hold the documents' tokens one after another, cu_seqlens int32 ``[num_docs + 1]`` is
+            (0, len_0, len_0 + len_1, ..., total) and max_seqlen an int >= the longest document.
+            Sequence attention stays within each document; the depth part is per token anyway.
+        kv_start: int32 ``[B]``, left padding: keys before ``kv_start[b]`` of row b are masked. A
+            query left with no key at all (a padded one, no depth slots) gets o = 0, lse = -inf.
 
     Returns:
         o ``[B, Tq, Hq, d]`` in q's dtype, and lse if ``return_lse``.
     """
     dims = check_moda_inputs(q, k, v, k_depth, v_depth, causal)
     scale = resolve_scale(scale, dims.head_dim)
-    chosen = select_backend(backend, q, k, causal)
+    masks = check_masks(q, k, cu_seqlens, max_seqlen, kv_start)
+    chosen = select_backend(backend, q, k, causal, masked=bool(masks))
     if chosen == "reference":
-        o, lse = attention_reference(q, k, v, k_depth, v_depth, causal=causal, scale=scale)
+        o, lse = attention_reference(q, k, v, k_depth, v_depth, causal=causal, scale=scale, **masks)
     else:
-        o, lse = _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, chosen)
+        o, lse = _MoDAFunction.apply(q, k, v, k_depth, v_depth, causal, scale, chosen, masks)
     return (o, lse) if return_lse else o
 
 
@@ -155,6 +199,8 @@ def depth_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ):
     """Flash Depth Attention: each token's query attends only to its own L depth slots.
 
@@ -164,17 +210,20 @@ def depth_attention(
         scale: logit scale, default ``d ** -0.5``.
         return_lse: also return the log-sum-exp ``[B, Hq, T]`` (float32, no gradient).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        cu_seqlens, max_seqlen: packed documents as in :func:`moda_attention` (B = 1). Checked and
+            otherwise unused: a token's depth slots are its own, so documents need no mask.
 
     Returns:
         o ``[B, T, Hq, d]`` in q's dtype, and lse if ``return_lse``.
     """
     dims = check_depth_inputs(q, k_depth, v_depth)
     scale = resolve_scale(scale, dims.head_dim)
+    check_masks(q, None, cu_seqlens, max_seqlen, None)
     if backend == "cudnn":
         raise ValueError("backend='cudnn' has no depth-only kernel; use 'auto', 'triton' or 'reference'")
     chosen = select_backend(backend, q, None, False)
     if chosen == "reference":
         o, lse = attention_reference(q, None, None, k_depth, v_depth, causal=False, scale=scale)
     else:
-        o, lse = _MoDAFunction.apply(q, None, None, k_depth, v_depth, False, scale, "triton")
+        o, lse = _MoDAFunction.apply(q, None, None, k_depth, v_depth, False, scale, "triton", None)
     return (o, lse) if return_lse else o

@@ -19,33 +19,51 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_probabilities(q, k, k_depth, q_start: int, causal: bool, scale: float):
+def _chunk_probabilities(q, k, k_depth, q_start: int, causal: bool, scale: float, kv_start=None):
     """Softmax over [sequence keys | depth slots] for one query chunk.
 
-    q ``[B, C, Hk, G, d]``; k ``[B, Tk, Hk, d]`` or None; k_depth ``[B, C, L, Hk, d]`` or None.
-    Returns p ``[B, Hk, G, C, Tk + L]`` and lse ``[B, Hk, G, C]``.
+    q ``[B, C, Hk, G, d]``; k ``[B, Tk, Hk, d]`` or None; k_depth ``[B, C, L, Hk, d]`` or None;
+    kv_start ``[B]`` or None (keys before it are padding). Returns p ``[B, Hk, G, C, Tk + L]`` and
+    lse ``[B, Hk, G, C]``. A row with no key at all (a padded query with no depth slots) gets
+    p = 0 and lse = -inf, as the kernels give.
     """
     logits = []
+    empty = None
     if k is not None:
         s_seq = torch.einsum("bchgd,bjhd->bhgcj", q, k) * scale
+        C, Tk = q.shape[1], k.shape[1]
+        cols = torch.arange(Tk, device=q.device)
+        keep = torch.ones(1, C, Tk, dtype=torch.bool, device=q.device)  # [B or 1, C, Tk]
         if causal:
-            C, Tk = q.shape[1], k.shape[1]
             # query row i sits at absolute position q_start + i of a Tk-long sequence
-            rows = torch.arange(q_start, q_start + C, device=q.device)[:, None]
-            cols = torch.arange(Tk, device=q.device)[None, :]
-            s_seq = s_seq.masked_fill(cols > rows, float("-inf"))
+            rows = torch.arange(q_start, q_start + C, device=q.device)
+            keep = (cols[None, :] <= rows[:, None])[None]
+        if kv_start is not None:
+            keep = keep & (cols >= kv_start[:, None, None])
+            if k_depth is None:
+                # rows with no key are filled with 0 before the softmax and zeroed after it:
+                # all -inf would give NaN, in the output and in every gradient
+                empty = ~keep.any(-1)[:, None, None, :]  # [B, 1, 1, C]
+        if causal or kv_start is not None:
+            s_seq = s_seq.masked_fill(~keep[:, None, None], float("-inf"))
+        if empty is not None:
+            s_seq = s_seq.masked_fill(empty[..., None], 0.0)
         logits.append(s_seq)
     if k_depth is not None:
         logits.append(torch.einsum("bchgd,bclhd->bhgcl", q, k_depth) * scale)
     s = torch.cat(logits, dim=-1)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse[..., None]), lse
+    p = torch.exp(s - lse[..., None])
+    if empty is not None:
+        p = p.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return p, lse
 
 
-def _chunk_attention(q, k, v, k_depth, v_depth, q_start: int, causal: bool, scale: float):
+def _chunk_attention(q, k, v, k_depth, v_depth, q_start: int, causal: bool, scale: float, kv_start=None):
     """One query chunk. q ``[B, C, Hk, G, d]``; k/v ``[B, Tk, Hk, d]`` or None;
     k_depth/v_depth ``[B, C, L, Hk, d]`` or None. Returns o ``[B, C, Hk, G, d]``, lse ``[B, Hk, G, C]``."""
-    p, lse = _chunk_probabilities(q, k, k_depth, q_start, causal, scale)
+    p, lse = _chunk_probabilities(q, k, k_depth, q_start, causal, scale, kv_start)
     o = 0
     n_seq = 0
     if k is not None:
@@ -69,13 +87,25 @@ def attention_probabilities(q, k, k_depth, *, causal: bool, scale: float) -> tor
     return p.reshape(B, Hq, Tq, -1)
 
 
-def attention_reference(q, k, v, k_depth, v_depth, *, causal: bool, scale: float, chunk_size: int | None = None):
+def attention_reference(q, k, v, k_depth, v_depth, *, causal: bool, scale: float, chunk_size: int | None = None,
+                        cu_seqlens=None, kv_start=None, max_seqlen=None):
     """MoDA (or depth-only when k is None) in plain PyTorch.
 
     q ``[B, Tq, Hq, d]``, k/v ``[B, Tk, Hk, d]`` or None, k_depth/v_depth ``[B, Tq, L, Hk, d]`` or None.
-    Returns o ``[B, Tq, Hq, d]`` (q's dtype) and lse ``[B, Hq, Tq]`` (float32, or float64 for float64 inputs).
-    Inputs are assumed validated.
+    cu_seqlens int32 ``[num_docs + 1]`` (B = 1, Tq = Tk): packed documents, each attended alone.
+    kv_start ``[B]``: keys before kv_start[b] are padding. max_seqlen is unused (taken for the
+    kernels' signature). Returns o ``[B, Tq, Hq, d]`` (q's dtype) and lse ``[B, Hq, Tq]``
+    (float32, or float64 for float64 inputs). Inputs are assumed validated.
     """
+    if cu_seqlens is not None and k is not None:
+        # one document at a time: exact, and no [T, T] document mask is built
+        bounds = cu_seqlens.tolist()
+        parts = [attention_reference(q[:, s:e], k[:, s:e], v[:, s:e],
+                                     None if k_depth is None else k_depth[:, s:e],
+                                     None if v_depth is None else v_depth[:, s:e],
+                                     causal=causal, scale=scale, chunk_size=chunk_size)
+                 for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=-1)
     B, Tq, Hq, d = q.shape
     Hk = (k if k is not None else k_depth).shape[-2]
     G = Hq // Hk
@@ -91,6 +121,7 @@ def attention_reference(q, k, v, k_depth, v_depth, *, causal: bool, scale: float
     use_ckpt = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, k_depth, v_depth)
     )
+    kv_start = None if k is None else kv_start
     outs, lses = [], []
     for c0 in range(0, Tq, chunk_size):
         c1 = min(Tq, c0 + chunk_size)
@@ -103,6 +134,7 @@ def attention_reference(q, k, v, k_depth, v_depth, *, causal: bool, scale: float
             c0 + offset,
             causal,
             scale,
+            kv_start,
         )
         if use_ckpt and c1 - c0 < Tq:
             o, lse = checkpoint(_chunk_attention, *args, use_reentrant=False)

@@ -24,6 +24,9 @@ class DataConfig:
     val_fraction: float = 0.05  # the last documents (or tokens, for shards) held out
     max_documents: int | None = None
     cache_dir: str | None = None  # tokenizer + tokenized cache; default ~/.cache/flash-depth
+    # attend only within documents (the <|endoftext|>-separated ones a window holds); off: across
+    # them, as most pretraining runs do (faster; see docs/model.md, "Packed documents")
+    document_masking: bool = False
 
 
 @dataclass
@@ -141,6 +144,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         raise ConfigError(f"train.progress_every must be >= 0 seconds, got {t.progress_every}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.document_masking and t.cuda_graph:
+        raise ConfigError("data.document_masking=true cannot run under train.cuda_graph=true: each batch's "
+                          "documents set the attention's shapes, which a captured step cannot change")
     return cfg
 
 

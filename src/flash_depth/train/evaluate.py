@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from flash_depth._device import resolve_device
-from flash_depth.data.pipeline import build_token_splits
+from flash_depth.data.pipeline import build_token_splits, document_positions
 
 from .checkpoint import CheckpointError, load_model, resolve_checkpoint, run_config
 from .config import DataConfig
@@ -24,7 +24,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
     ``checkpoint``: a checkpoint folder or the run folder holding it. ``data`` and ``seq_len``
     default to the run's own (its run_config.yaml; 512 tokens without one), so the loss compares
     with the run's validation loss. ``seq_len`` is capped at the model's max_position_embeddings;
-    the result names the one used."""
+    the result names the one used. A run trained with ``data.document_masking`` is scored with it."""
     checkpoint = resolve_checkpoint(checkpoint, arg="checkpoint")
     run = run_config(checkpoint)
     data = data or DataConfig(**run.get("data", {}))
@@ -39,11 +39,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig | None = None, 
         raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than one window of seq_len={seq_len}")
     windows = tokens[: n_windows * seq_len].view(n_windows, seq_len)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    eos_id = splits.tokenizer.eos_id
+    masked = data.document_masking and eos_id is not None
     nll, count, n_bytes = 0.0, 0, 0
     with torch.no_grad(), autocast:
         for i in range(0, n_windows, batch_size):
             x = windows[i : i + batch_size].to(dev)
-            logits = model(x).logits.float()
+            kw = {"position_ids": document_positions(x, eos_id)} if masked else {}
+            logits = model(x, **kw).logits.float()
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
             nll += loss.item()
             count += x[:, 1:].numel()

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from flash_depth._device import resolve_device
-from flash_depth.data.pipeline import build_token_splits, sample_batch
+from flash_depth.data.pipeline import build_token_splits, document_positions, sample_batch
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 
 from .checkpoint import (CheckpointError, check_checkpoint_files, find_checkpoint, load_model, load_trainer_state,
@@ -196,6 +196,14 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         raise ConfigError(f"model.vocab_size={model_fields['vocab_size']} < tokenizer vocabulary {splits.tokenizer.vocab_size}")
     model_fields.setdefault("max_position_embeddings", max(t.seq_len, 512))
     model_cfg = FlashDepthConfig.from_preset(preset, **model_fields, **splits.tokenizer.special_ids())
+    eos_id = splits.tokenizer.eos_id
+    if cfg.data.document_masking and eos_id is None:
+        raise ConfigError("data.document_masking=true needs <|endoftext|> between documents; this run's tokenizer "
+                          "predates it")
+
+    def documents(x):
+        """Keywords that keep attention within documents under data.document_masking."""
+        return {"position_ids": document_positions(x, eos_id)} if cfg.data.document_masking else {}
 
     torch.manual_seed(t.seed)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0, "skipped": 0}
@@ -278,7 +286,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         with torch.no_grad(), autocast:
             for i in range(t.eval_batches):
                 x = torch.from_numpy(sample_batch(splits.val, t.batch_size, t.seq_len, (t.seed, 10**9, i))).to(dev)
-                losses.append(wrapped(x, labels=x).loss.float())
+                losses.append(wrapped(x, labels=x, **documents(x)).loss.float())
         wrapped.train()
         loss = torch.stack(losses).mean()
         if world > 1:
@@ -313,7 +321,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         for micro in range(t.grad_accum):
             sync = nullcontext() if micro == t.grad_accum - 1 or world == 1 or t.distributed == "fsdp" else wrapped.no_sync()
             with sync, autocast:
-                loss = wrapped(x[micro], labels=x[micro]).loss / t.grad_accum
+                loss = wrapped(x[micro], labels=x[micro], **documents(x[micro])).loss / t.grad_accum
             loss.backward()
             total += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip)
