@@ -124,22 +124,29 @@ def _attnres_model(mech, backend, seed):
     return model
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("mech", ["attnres_full", "attnres_block"])
-def test_model_fused_stream_matches_reference_path(mech):
+def test_model_fused_stream_matches_reference_path(mech, seed):
     """The fused stream in float32 (deferred source gradients) against the plain PyTorch path in
-    float64: logits and every parameter's gradient."""
+    float64: logits, and the parameter gradients, together and one by one, within 1e-5 or within
+    a few times the plain PyTorch path's own float32 error (which reaches ~5e-5 on some
+    parameters of this model: float32 rounding, not the kernels)."""
+    torch.manual_seed(seed)
     ids = torch.randint(0, 256, (2, 7), device=DEVICE)
     grads, logits = {}, {}
-    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
-        model = _attnres_model(mech, backend, seed=3).to(dtype)
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32), ("plain32", torch.float32)):
+        model = _attnres_model(mech, "reference" if backend == "plain32" else backend, seed=3).to(dtype)
         out = model(ids, labels=ids)
         out.loss.backward()
         logits[backend] = out.logits
         grads[backend] = {n: p.grad for n, p in model.named_parameters()}
     assert rel_err(logits["triton"], logits["reference"]) < 1e-5
+    flat = {k: torch.cat([g.double().flatten() for g in grads[k].values()]) for k in grads}
+    assert rel_err(flat["triton"], flat["reference"]) < max(1e-5, 2 * rel_err(flat["plain32"], flat["reference"]))
     for name, ref in grads["reference"].items():
         assert ref is not None and ref.abs().sum() > 0, name
-        assert rel_err(grads["triton"][name], ref) < 1e-5, name
+        err, plain = rel_err(grads["triton"][name], ref), rel_err(grads["plain32"][name], ref)
+        assert err < max(1e-5, 4 * plain), (name, err, plain)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
