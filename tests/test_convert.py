@@ -1,5 +1,8 @@
 """Depth retrieval added to transformers decoders (flash_depth.models.convert) and the layers it uses."""
 
+import copy
+import io
+
 import pytest
 import torch
 import transformers
@@ -145,6 +148,25 @@ def test_saved_model_reloads_with_its_mechanism(tmp_path, variant):
         assert torch.equal(reloaded.eval()(ids).logits, model.eval()(ids).logits)
     with pytest.raises(ValueError, match="no depth_retrieval entry"):
         from_pretrained(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("variant", ["moda+ffn_kv", "attnres_block"])
+def test_copies_and_pickles_keep_the_mechanism(variant):
+    """deepcopy (EMA weights, say) and torch.save of the whole module give an independent model
+    that computes the same; switching the copy off leaves the original on."""
+    model = add_depth_retrieval(_model(FAMILIES[-1]), **VARIANTS[variant])
+    _perturb(model)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+            assert torch.equal(other(ids).logits, want)
+            set_depth_retrieval(other, enabled=False)
+            assert not torch.equal(other(ids).logits, want)
+            assert torch.equal(model(ids).logits, want)
 
 
 @pytest.mark.parametrize("variant", ["moda+ffn_kv", "attnres_block"])

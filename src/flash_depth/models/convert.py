@@ -187,16 +187,31 @@ def from_pretrained(path, **kwargs) -> nn.Module:
 _subclasses: dict[tuple[type, type], type] = {}
 
 
-def _swap(module: nn.Module, mixin: type, state: _State, **attrs) -> None:
-    cls = type(module)
+def _subclass(mixin: type, cls: type) -> type:
     if (mixin, cls) not in _subclasses:
         extra = mixin.class_attrs(cls) if hasattr(mixin, "class_attrs") else {}
         _subclasses[mixin, cls] = type(mixin.prefix + cls.__name__, (mixin, cls), {"__module__": __name__, **extra})
+    return _subclasses[mixin, cls]
+
+
+def _swap(module: nn.Module, mixin: type, state: _State, **attrs) -> None:
     module.__dict__.update(_flash_depth=state, **attrs)
-    module.__class__ = _subclasses[mixin, cls]
+    module.__class__ = _subclass(mixin, type(module))
 
 
-class _DepthModel:
+def _rebuild(mixin: type, cls: type) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__class__ = _subclass(mixin, cls)
+    return module
+
+
+class _Converted:
+    def __reduce_ex__(self, protocol):
+        # pickled as (mixin, original class): the subclass is made anew where it is unpickled
+        return _rebuild, type(self).__bases__, self.__dict__
+
+
+class _DepthModel(_Converted):
     """The decoder's base model: checks the inputs, creates the depth stream, closes it after."""
 
     prefix = "DepthRetrieval"
@@ -209,7 +224,7 @@ class _DepthModel:
             _end(self)
 
 
-class _MoDAAttention:
+class _MoDAAttention(_Converted):
     """An attention layer reading MoDA: the family's projections, q/k norms, RoPE and cache
     update, then one softmax over the sequence K/V and the depth stream instead of the family's
     attention op. Returns what the family's forward returns (4.x: with the cache)."""
@@ -258,7 +273,7 @@ class _MoDAAttention:
         return (out, None, cache) if self._returns_cache else (out, None)
 
 
-class _FFNWriter:
+class _FFNWriter(_Converted):
     """An FFN that first writes a depth K/V slot from its input (its ``depth_kv``)."""
 
     prefix = "DepthKV"
@@ -268,7 +283,7 @@ class _FFNWriter:
         return super().forward(x, *args, **kwargs)
 
 
-class _AttnResReader:
+class _AttnResReader(_Converted):
     """A module whose input (the residual stream) is replaced by an AttnRes read."""
 
     prefix = "AttnResRead"
@@ -278,7 +293,7 @@ class _AttnResReader:
         return super().forward(*args, **kwargs)
 
 
-class _AttnResWriter:
+class _AttnResWriter(_Converted):
     """A module whose output is a sublayer's output: added to the block's partial sum."""
 
     prefix = "AttnResWrite"
