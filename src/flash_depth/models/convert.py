@@ -308,8 +308,8 @@ def _qk_norm_kind(attn: nn.Module) -> str:
     """Where the family normalises q and k: "none", "proj" (OLMo2: the whole projection) or "head"
     (Qwen3: each head). Raises on an attention module this conversion does not know."""
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if not isinstance(getattr(attn, name, None), nn.Linear):
-            raise TypeError(f"{type(attn).__name__} has no nn.Linear {name}; supported families: {FAMILIES}")
+        if not isinstance(getattr(attn, name, None), nn.Module):  # nn.Linear, or an adapter around one
+            raise TypeError(f"{type(attn).__name__} has no {name} module; supported families: {FAMILIES}")
     d, hq = attn.head_dim, attn.config.num_attention_heads
     scaling = getattr(attn, "scaling", d**-0.5)
     if abs(scaling - d**-0.5) > 1e-12 * scaling:
