@@ -2,6 +2,7 @@
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -205,6 +206,7 @@ def test_bf16_weights_and_autocast(variant):
     assert torch.isfinite(loss) and model.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton interpreter on CPU tensors")
 def test_triton_path_gives_the_reference_gradients():
     """The fused kernels (Triton interpreter on CPU) with deferred slot gradients, against the
     PyTorch reference, through a converted model with FFN K/V writers."""

@@ -18,7 +18,7 @@ Mechanisms:
   records; the decoder layer's own residual sums are still computed but feed nothing.
 
 Each converted module becomes an instance of a subclass of its own class whose forward adds the
-depth step. Per forward, the base model's creates the depth stream and checks the inputs (no
+depth step. Per forward, the base model's forward creates the depth stream and checks the inputs (no
 padding, a dynamic KV cache), and closes the stream after. A generation step needs no depth
 cache: a token's depth K/V comes from earlier layers of the same step (SPEC 2).
 """
@@ -63,7 +63,8 @@ class _State:
 def _base(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", model)
     if not hasattr(base, "layers"):
-        raise TypeError(f"expected a transformers decoder with .layers (e.g. LlamaForCausalLM), got {type(model).__name__}")
+        raise TypeError(f"expected a transformers decoder with .layers (e.g. LlamaForCausalLM), "
+                        f"got {type(model).__name__}")
     return base
 
 
@@ -258,16 +259,14 @@ class _MoDAAttention(_Converted):
         rope = kwargs.get("position_embeddings")
         cos, sin = rope if rope is not None else self.rotary_emb(v, kwargs.get("position_ids"))  # 4.x Mistral
         q, k = self._rope(q, k, cos, sin)
-        k_all, v_all = k, v
-        past = 0
-        if cache is not None:
-            past = cache.get_seq_length(self.layer_idx)
-            # the dict is what 4.x caches take; 5.x caches ignore extra arguments
-            k_all, v_all = cache.update(k, v, self.layer_idx,
-                                        {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")})
+        past = cache.get_seq_length(self.layer_idx) if cache is not None and self._window is not None else 0
         if self._window is not None and past + T > self._window:
             raise ValueError(f"sequences longer than the sliding window ({self._window} tokens) are not supported "
                              "with depth retrieval: the depth read attends causally over all keys")
+        k_all, v_all = k, v
+        if cache is not None:  # the dict is what 4.x caches take; 5.x caches ignore extra arguments
+            k_all, v_all = cache.update(k, v, self.layer_idx,
+                                        {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")})
         o = _attend(self, *(t.transpose(1, 2) for t in (q, k_all, v_all, k, v)), cos, sin)
         out = self.o_proj(o.reshape(B, T, -1))
         return (out, None, cache) if self._returns_cache else (out, None)
