@@ -649,7 +649,7 @@ def test_user_faults_are_one_line_errors(tmp_path, finished, monkeypatch, capsys
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")
     cases = {
-        "--max-steps must be >= 1, got -3": ["train", "--max-steps", "-3", *fast],
+        "argument --max-steps: wants an integer >= 1, got -3": ["train", "--max-steps", "-3", *fast],
         "--device 'gpu0' is not a device": ["train", *fast, "--device", "gpu0"],
         "config file nope.yaml does not exist": ["train", "--config", "nope.yaml"],
         "bad.yaml is not valid YAML at line 3, column 1": ["train", "--config", str(tmp_path / "bad.yaml")],
@@ -664,15 +664,21 @@ def test_user_faults_are_one_line_errors(tmp_path, finished, monkeypatch, capsys
     }
     if not torch.cuda.is_available():
         cases["--device cuda: no CUDA GPU is visible"] = ["train", *fast, "--device", "cuda"]
+    def exit_status(argv):  # argparse reports a bad option value through SystemExit
+        try:
+            return cli(argv)
+        except SystemExit as stop:
+            return stop.code
+
     for expected, argv in cases.items():
         out = [] if "--out" in argv or "--resume" in argv else ["--out", str(tmp_path / "run")]
-        assert cli([*argv, *out]) == 2, expected
+        assert exit_status([*argv, *out]) == 2, expected
         line = _error_line(capsys)
         assert line.startswith("flash-depth train: error: ") and expected in line, (expected, line)
         assert not (tmp_path / "run").exists(), expected  # nothing written for a refused command
 
-    assert cli(["eval", str(finished), "--device", "cpu"]) == 2
-    assert f"{finished} is a run folder; its checkpoint is {finished / 'checkpoint'}" in _error_line(capsys)
+    assert cli(["eval", str(tmp_path / "a-file"), "--device", "cpu"]) == 2
+    assert "is a file; give a run folder or its checkpoint/ folder" in _error_line(capsys)
 
     datasets = pytest.importorskip("datasets")
 
