@@ -285,6 +285,70 @@ def test_depth_stream_gradients_match_concat(backend, writes, sequence):
     assert all(e < tol for e in errors), errors
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("window, anchors, writes", [(2, 0, 1), (3, 1, 2), (1, 2, 2), (3, 0, 2)])
+def test_depth_window_matches_concat_of_the_window(backend, window, anchors, writes):
+    """A bounded depth window (the last ``window`` slots plus the first ``anchors``) read in place
+    gives the values and every gradient of MoDA over those slots stacked; slots at a window's edge
+    have different readers and are formed apart, the others in pairs."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, d, layers = 2, 5, 4, 2, 16, 5
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    qs = [torch.randn(B, T, Hq, d, dtype=dtype, device=device, requires_grad=True) for _ in range(layers)]
+    kvs = [torch.randn(B, T, Hk, d, dtype=dtype, device=device, requires_grad=True) for _ in range(2 * layers)]
+    weights = torch.randn(B, T, Hq, d, dtype=dtype, device=device)
+
+    def run(use_stream):
+        stream = DepthStream(layers * writes)
+        slots_k, slots_v, total = [], [], 0
+        for i in range(layers):
+            k, v = kvs[2 * i], kvs[2 * i + 1]
+            if use_stream:
+                o = read_moda(stream, qs[i], k, v, backend=backend, window=window, anchors=anchors)
+            else:
+                n = len(slots_k)
+                keep = list(range(n)) if window >= n else sorted(set(range(min(anchors, n - window))) |
+                                                                set(range(n - window, n)))
+                kd = torch.stack([slots_k[j] for j in keep], 2) if keep else None
+                vd = torch.stack([slots_v[j] for j in keep], 2) if keep else None
+                o = moda_attention(qs[i], k, v, kd, vd, backend=backend)
+            for w in range(writes):
+                kw, vw = k * (2 + w), v * (3 - w) + w
+                if use_stream:
+                    stream.write(kw, vw)
+                else:
+                    slots_k.append(kw)
+                    slots_v.append(vw)
+            total = total + (o * weights).sum()
+        if use_stream:
+            stream.close()
+        return total, torch.autograd.grad(total, qs + kvs, allow_unused=True, materialize_grads=True)
+
+    t1, g1 = run(True)
+    t2, g2 = run(False)
+    assert abs(t1.item() - t2.item()) < tol * max(1.0, abs(t2.item()))
+    errors = [rel_err(a, b) for a, b in zip(g1, g2)]
+    assert all(e < tol for e in errors), errors
+
+
+def test_depth_window_covering_every_slot_is_full_moda():
+    torch.manual_seed(0)
+    stream = DepthStream(4)
+    for _ in range(3):
+        stream.write(torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16))
+    q, k, v = torch.randn(1, 6, 4, 16), torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    full = read_moda(stream, q, k, v, backend="reference")
+    assert torch.equal(read_moda(stream, q, k, v, backend="reference", window=3, anchors=2), full)
+    assert torch.equal(read_moda(stream, q, k, v, backend="reference", window=7), full)
+    assert not torch.equal(read_moda(stream, q, k, v, backend="reference", window=2), full)
+    with pytest.raises(ValueError, match="window must be None"):
+        read_moda(stream, q, k, v, window=0)
+    with pytest.raises(ValueError, match="anchors must be an int"):
+        read_moda(stream, q, k, v, window=2, anchors=-1)
+
+
 def test_depth_stream_read_whose_output_is_unused():
     """A read that feeds nothing never runs its backward; the deferred slot gradients must not
     take its (never written) q and dO: they equal those of a stream without that read."""

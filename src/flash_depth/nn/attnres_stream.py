@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from flash_depth.ops.attnres import attention_residual, fused_backward, fused_forward, select_attnres_backend
-from flash_depth.ops.attnres_triton import attnres_source_backward
 
 from .slot_stream import SlotStream
 
@@ -68,6 +67,8 @@ class SourceStream(SlotStream):
                 for buf in bufs.values():
                     buf[r].zero_()
                 self.kept.add(r)
+        from flash_depth.ops.attnres_triton import attnres_source_backward  # triton: imported only where it runs
+
         source = self.buffers[0][slot]
         dv = attnres_source_backward(source.reshape(-1, source.shape[-1]), bufs["u"], bufs["do"], bufs["lse"],
                                      bufs["delta"], (first, len(self.reader_sources)), self.eps,

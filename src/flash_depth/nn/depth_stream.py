@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from flash_depth.ops import depth_attention, moda_attention
-from flash_depth.ops.depth_triton import depth_slot_backward
 from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
@@ -29,29 +28,38 @@ class DepthStream(SlotStream):
 
     def __init__(self, slots: int):
         super().__init__(slots, slot_dim=2, names=("k", "v"))
-        self.reader_slots: list[int] = []  # fused reads, in order: how many slots each read
+        self.reader_spans: list[tuple[tuple[int, int], ...]] = []  # fused reads, in order: the slots each read
         self.reader_bufs: dict[str, torch.Tensor] | None = None  # q, do [R, B, T, Hq, d]; lse, delta [R, B, Hq, T]
         self.kept: set[int] = set()  # reads whose backward ran (an unused read's never does)
-        self.paired: list[bool] = []  # slot j has the same readers as slot j - 1 (formed together)
-        self.reads_since_write = 0
         self.formed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (dk, dv) formed early
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
-        slot = self.count
         super().write(k, v)
-        self.paired.append(slot > 0 and self.reads_since_write == 0 and not self.paired[slot - 1])
-        self.reads_since_write = 0
 
-    def register_reader(self) -> int:
-        """Index of a new fused read of the current slots (its buffers are filled in backward)."""
-        self.reader_slots.append(self.count)
-        return len(self.reader_slots) - 1
+    def spans(self, window: int | None = None, anchors: int = 0) -> tuple[tuple[int, int], ...]:
+        """The slot ranges ``(start, end)`` a read of the written slots takes: all of them, or with
+        ``window`` S the last S plus the first ``anchors`` (a bounded depth window)."""
+        n = self.count
+        if window is None or window >= n:
+            return ((0, n),)
+        lo = n - window
+        first = min(anchors, lo)
+        return ((0, n),) if first == lo else (((0, first),) if first else ()) + ((lo, n),)
+
+    def span_views(self, spans) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(k, v) views ``[B, T, end - start, Hk, d]`` of each span (no copies)."""
+        return [tuple(buf.data.narrow(self.slot_dim, a, b - a) for buf in self.buffers) for a, b in spans]
+
+    def register_reader(self, spans) -> int:
+        """Index of a new fused read of the slots in ``spans`` (its buffers are filled in backward)."""
+        self.reader_spans.append(tuple(spans))
+        return len(self.reader_spans) - 1
 
     def keep_reader(self, r: int, q, do, lse) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores read r's q, dO and lse; returns its dO (stacked copy) and its rowsum buffer."""
         if self.reader_bufs is None:  # the first read backward: every read is known by now
-            R, (B, T, Hq, d) = len(self.reader_slots), q.shape
+            R, (B, T, Hq, d) = len(self.reader_spans), q.shape
             self.reader_bufs = {
                 "q": q.new_empty((R, B, T, Hq, d)), "do": q.new_empty((R, B, T, Hq, d)),
                 "lse": lse.new_empty((R, B, Hq, T)), "delta": lse.new_empty((R, B, Hq, T)),
@@ -74,25 +82,43 @@ class DepthStream(SlotStream):
         deferred = tuple(g.to(dtype) for g, dtype in zip(deferred, dtypes))
         return deferred if grads is None else tuple(a + b for a, b in zip(grads, deferred))
 
+    def _readers(self, slot: int) -> list[range]:
+        """The fused reads of ``slot`` as runs of consecutive read indices (one run unless reads
+        with different windows interleave)."""
+        runs: list[range] = []
+        for r, spans in enumerate(self.reader_spans):
+            if any(a <= slot < b for a, b in spans):
+                if runs and runs[-1].stop == r:
+                    runs[-1] = range(runs[-1].start, r + 1)
+                else:
+                    runs.append(range(r, r + 1))
+        return runs
+
     def _deferred_grads(self, slot: int):
         """dk, dv ``[B, T, Hk, d]`` of ``slot`` summed over its fused readers (None: it has none)."""
         if slot in self.formed:
             return self.formed.pop(slot)
-        first = next((r for r, n in enumerate(self.reader_slots) if n > slot), None)
-        if first is None or self.reader_bufs is None:
+        runs = self._readers(slot)
+        if not runs or self.reader_bufs is None:
             return None
-        pair = self.paired[slot] and slot - 1 not in self.formed
+        # the slot written just before has the same readers (no read between the two writes, no
+        # window edge between them): both are formed by one launch, reading q and dO once
+        pair = slot > 0 and slot - 1 not in self.formed and self._readers(slot - 1) == runs
         slot0 = slot - 1 if pair else slot
         bufs = self.reader_bufs
-        for r in range(first, len(self.reader_slots)):
+        for r in (r for run in runs for r in run):
             if r not in self.kept:  # a read whose output went unused: zeros add nothing (p = 1, dS = 0, dO = 0)
                 for buf in bufs.values():
                     buf[r].zero_()
                 self.kept.add(r)
+        from flash_depth.ops.depth_triton import depth_slot_backward  # triton: imported only where it runs
+
         k_depth, v_depth = self.views()
-        dk, dv = depth_slot_backward(bufs["q"], bufs["do"], bufs["lse"], bufs["delta"], k_depth, v_depth,
-                                     slot0, 2 if pair else 1, (first, len(self.reader_slots)),
-                                     bufs["q"].shape[-1] ** -0.5)
+        dk = dv = None
+        for run in runs:
+            part = depth_slot_backward(bufs["q"], bufs["do"], bufs["lse"], bufs["delta"], k_depth, v_depth,
+                                       slot0, 2 if pair else 1, (run.start, run.stop), bufs["q"].shape[-1] ** -0.5)
+            dk, dv = part if dk is None else (dk + part[0], dv + part[1])
         if pair:
             self.formed[slot0] = (dk[0], dv[0])
         return dk[-1], dv[-1]
@@ -104,85 +130,111 @@ class DepthStream(SlotStream):
 
 
 class _Read(torch.autograd.Function):
-    """MoDA (or depth-only attention when k is None) over the stream's first n slots. Backward:
+    """MoDA (or depth-only attention when k is None) over the stream's slots in ``spans``. Backward:
     the fused path returns dq and keeps what the slots' writes need to form their gradients;
     the reference path adds its depth gradients into the stream's gradient buffers. ``masks``
     (packed documents or padding, as ``check_masks`` returns them) reach the sequence backward
     as the Triton kernels' state."""
 
     @staticmethod
-    def forward(ctx, stream, handle, q, k, v, causal, backend, masks):
-        k_depth, v_depth = stream.slots()
-        ctx.stream, ctx.n, ctx.has_seq = stream, stream.count, k is not None
+    def forward(ctx, stream, handle, q, k, v, causal, backend, masks, spans):
+        pieces = stream.span_views(spans)
+        ctx.stream, ctx.spans, ctx.has_seq = stream, spans, k is not None
+        scale = q.shape[-1] ** -0.5
         chosen = select_backend(backend, q, k, causal, masked=bool(masks))
         if chosen == "reference":  # plain PyTorch: let autograd differentiate it
             with torch.enable_grad():
                 leaves = [x.detach().requires_grad_() for x in (q, k, v) if x is not None]
-                kd, vd = k_depth.detach().requires_grad_(), v_depth.detach().requires_grad_()
+                kd, vd = (torch.cat([p[i] for p in pieces], 2).detach().requires_grad_() for i in (0, 1))
                 o, _ = attention_reference(leaves[0], *(leaves[1:] or (None, None)), kd, vd,
-                                           causal=causal, scale=q.shape[-1] ** -0.5, **masks)
+                                           causal=causal, scale=scale, **masks)
             ctx.graph = (o, leaves + [kd, vd])
             return o.detach()
+        from flash_depth.ops.depth_triton import depth_forward  # triton: imported only where it runs
+
         ctx.graph = None
-        o, lse, state, (q, k, v) = fused_forward(q, k, v, k_depth, v_depth, causal, q.shape[-1] ** -0.5, chosen,
-                                                 masks)
+        (kd, vd), *more = pieces
+        o, lse, state, (q, k, v) = fused_forward(q, k, v, kd, vd, causal, scale, chosen, masks)
+        for kd, vd in more:  # further spans resume the same online softmax
+            o, lse = depth_forward(q, kd, vd, scale, o_seq=o, lse_seq=lse)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.fused = (state, causal, chosen)
-        ctx.reader = stream.register_reader()
+        ctx.reader = stream.register_reader(spans)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        stream, n = ctx.stream, ctx.n
+        stream, spans = ctx.stream, ctx.spans
         if ctx.graph is not None:
-            grad_k, grad_v = stream.grad_views(n)
+            grad_k, grad_v = stream.grad_views(spans[-1][1])
             o, inputs = ctx.graph
             *grads, dkd, dvd = torch.autograd.grad(o, inputs, do)
             ctx.graph = None
-            grad_k += dkd
-            grad_v += dvd
+            offset = 0
+            for a, b in spans:
+                grad_k[:, :, a:b] += dkd[:, :, offset:offset + b - a]
+                grad_v[:, :, a:b] += dvd[:, :, offset:offset + b - a]
+                offset += b - a
             dq, dk, dv = grads if ctx.has_seq else (grads[0], None, None)
         else:
+            from flash_depth.ops.depth_triton import depth_backward
+
             q, k, v, o, lse = ctx.saved_tensors
             state, causal, seq_backend = ctx.fused
-            k_depth, v_depth = stream.slots(n)
+            scale = q.shape[-1] ** -0.5
+            (kd, vd), *more = stream.span_views(spans)
             do, delta = stream.keep_reader(ctx.reader, q, do, lse)
-            dq, dk, dv, _, _ = fused_backward(
-                do, q, k, v, k_depth, v_depth, o, lse, state, causal, q.shape[-1] ** -0.5, seq_backend,
-                slot_grads=False, delta_out=delta,
-            )
-        return None, torch.zeros((), device=do.device), dq, dk, dv, None, None, None
+            dq, dk, dv, _, _ = fused_backward(do, q, k, v, kd, vd, o, lse, state, causal, scale, seq_backend,
+                                              slot_grads=False, delta_out=delta)
+            for kd, vd in more:
+                dq, _, _ = depth_backward(q, kd, vd, o, lse, do, scale, dq_in=dq, slot_grads=False)
+        return None, torch.zeros((), device=do.device), dq, dk, dv, None, None, None, None
+
+
+def _check_window(window, anchors) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None (every written slot) or an int >= 1, got {window!r}")
+    if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
+        raise ValueError(f"anchors must be an int >= 0, got {anchors!r}")
 
 
 # The reads run eagerly under torch.compile (graph breaks): they route gradients into the in-place
 # buffer by hand, and branching on the slot count inside a graph would specialise it per layer.
 @torch.compiler.disable
 def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str = "auto", cu_seqlens=None,
-              max_seqlen: int | None = None, kv_start=None) -> torch.Tensor:
-    """MoDA of q ``[B, Tq, Hq, d]`` over sequence k/v and the stream's written depth slots.
-    cu_seqlens/max_seqlen (packed documents) and kv_start (left padding): as ``moda_attention``."""
+              max_seqlen: int | None = None, kv_start=None, window: int | None = None,
+              anchors: int = 0) -> torch.Tensor:
+    """MoDA of q ``[B, Tq, Hq, d]`` over sequence k/v and the stream's written depth slots: all of
+    them, or with ``window`` S only the last S plus the first ``anchors`` (a bounded depth window:
+    O(S) per token instead of O(L); S >= the slots written is full MoDA). cu_seqlens/max_seqlen
+    (packed documents) and kv_start (left padding): as ``moda_attention``."""
     masks = check_masks(q, k, cu_seqlens, max_seqlen, kv_start)
+    _check_window(window, anchors)
     if stream.count == 0:
         return moda_attention(q, k, v, causal=causal, backend=backend, **masks)
-    return _read(stream, q, k, v, causal, backend, masks)
+    return _read(stream, q, k, v, causal, backend, masks, stream.spans(window, anchors))
 
 
 @torch.compiler.disable
 def read_depth(stream: DepthStream, q, *, backend: str = "auto", cu_seqlens=None,
-               max_seqlen: int | None = None) -> torch.Tensor:
-    """Flash Depth Attention of q ``[B, T, Hq, d]`` over the stream's written slots (cu_seqlens,
-    max_seqlen: as ``depth_attention``; depth is per token, so documents need no mask)."""
+               max_seqlen: int | None = None, window: int | None = None, anchors: int = 0) -> torch.Tensor:
+    """Flash Depth Attention of q ``[B, T, Hq, d]`` over the stream's written slots (window and
+    anchors: as ``read_moda``; cu_seqlens, max_seqlen: as ``depth_attention``; depth is per token,
+    so documents need no mask)."""
     if stream.count == 0:
         raise ValueError("read_depth needs at least one written depth slot")
-    return _read(stream, q, None, None, False, backend, check_masks(q, None, cu_seqlens, max_seqlen, None))
+    _check_window(window, anchors)
+    masks = check_masks(q, None, cu_seqlens, max_seqlen, None)
+    return _read(stream, q, None, None, False, backend, masks, stream.spans(window, anchors))
 
 
-def _read(stream: DepthStream, q, k, v, causal: bool, backend: str, masks: dict) -> torch.Tensor:
-    stream.reads_since_write += 1
+def _read(stream: DepthStream, q, k, v, causal: bool, backend: str, masks: dict, spans) -> torch.Tensor:
     handle = stream.read_handle()
     if handle is not None:
-        return _Read.apply(stream, handle, q, k, v, causal, backend, masks)
-    kd, vd = stream.slots()  # nothing to differentiate through the stream: the plain ops
+        return _Read.apply(stream, handle, q, k, v, causal, backend, masks, spans)
+    # nothing to differentiate through the stream: the plain ops (several spans: their slots stacked)
+    pieces = stream.span_views(spans)
+    kd, vd = pieces[0] if len(pieces) == 1 else (torch.cat([p[i] for p in pieces], 2) for i in (0, 1))
     if k is None:
         return depth_attention(q, kd, vd, backend=backend, **masks)
     return moda_attention(q, k, v, kd, vd, causal=causal, backend=backend, **masks)
