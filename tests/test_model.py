@@ -448,6 +448,8 @@ BAD_CONFIGS = [
     ({"depth_mechanism": "attnres_block", "attnres_blocks": 3}, "must divide the 8 sublayers"),
     ({"depth_mechanism": "attnres_full", "norm_position": "post"}, "norm_position must be 'pre'"),
     ({"hidden_size": 0}, "hidden_size must be a positive int"),
+    ({"depth_window": 0}, "depth_window must be None"),
+    ({"depth_window": 4, "depth_anchors": -1}, "depth_anchors must be an int >= 0"),
 ]
 
 

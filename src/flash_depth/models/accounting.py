@@ -32,7 +32,9 @@ def flops_per_token(config: FlashDepthConfig, seq_len: int) -> float:
     matmul = 2 * (params["non_embedding"] + config.vocab_size * config.hidden_size)
     per_key = 4 * config.num_attention_heads * config.head_dim
     attention = config.num_hidden_layers * per_key * (seq_len + 1) / 2
-    slots_read = sum(l * (2 if config.ffn_kv else 1) for l in range(config.num_hidden_layers))
+    written = [l * (2 if config.ffn_kv else 1) for l in range(config.num_hidden_layers)]
+    window = config.depth_window
+    slots_read = sum(n if window is None else min(n, window + config.depth_anchors) for n in written)
     mech = config.depth_mechanism
     depth = per_key * slots_read if mech in ("moda", "depth_attention") else 0.0
     if mech.startswith("attnres"):  # each read: a dot and a weighted sum per source

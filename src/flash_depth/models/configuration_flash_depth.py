@@ -36,6 +36,9 @@ class FlashDepthConfig(PreTrainedConfig):
         attn_kv_proj: (moda, depth_attention) attention layers write depth K/V from their own
             projections instead of reusing their sequence K/V.
         attnres_blocks: number of blocks for ``attnres_block``; must divide 2 * num_hidden_layers.
+        depth_window: (moda, depth_attention) None reads every earlier slot; an int S reads only the
+            last S slots (plus the first ``depth_anchors``): O(S) per token and layer instead of O(L).
+        depth_anchors: slots from the start that a windowed read keeps (the embedding-side layers).
     """
 
     model_type = "flash_depth"
@@ -59,6 +62,8 @@ class FlashDepthConfig(PreTrainedConfig):
         ffn_kv: bool = True,
         attn_kv_proj: bool = False,
         attnres_blocks: int = 8,
+        depth_window: int | None = None,
+        depth_anchors: int = 0,
         attention_backend: str = "auto",
         tie_word_embeddings: bool = False,
         **kwargs,
@@ -80,6 +85,8 @@ class FlashDepthConfig(PreTrainedConfig):
         self.ffn_kv = ffn_kv
         self.attn_kv_proj = attn_kv_proj
         self.attnres_blocks = attnres_blocks
+        self.depth_window = depth_window
+        self.depth_anchors = depth_anchors
         self.attention_backend = attention_backend
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_depth()
@@ -111,6 +118,11 @@ class FlashDepthConfig(PreTrainedConfig):
                     f"attnres_blocks={self.attnres_blocks!r} must divide the {sublayers} sublayers "
                     f"(2 x num_hidden_layers={self.num_hidden_layers})"
                 )
+        window, anchors = self.depth_window, self.depth_anchors
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"depth_window must be None (every earlier slot) or an int >= 1, got {window!r}")
+        if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
+            raise ValueError(f"depth_anchors must be an int >= 0, got {anchors!r}")
         if self.attention_backend not in ("auto", "reference", "triton", "cudnn"):
             raise ValueError(f"attention_backend must be auto/reference/triton/cudnn, got {self.attention_backend!r}")
 
