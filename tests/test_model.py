@@ -233,21 +233,33 @@ def test_rms_norm_of_bf16_activations_with_a_float32_weight():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and norm.weight.grad.abs().sum() > 0
 
 
+STREAM_CASES = [  # writes per layer, sequence part, depth window, anchors
+    (1, True, None, 0), (2, True, None, 0), (3, False, None, 0),
+    (1, True, 2, 0), (2, True, 3, 1), (2, True, 1, 2), (2, False, 3, 0),
+]
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("writes, sequence", [(1, True), (2, True), (3, False)],
-                         ids=["moda-1-write", "moda-2-writes", "depth-only-3-writes"])
-def test_depth_stream_gradients_match_concat(backend, writes, sequence):
-    """The in-place stream gives the same values and gradients as re-stacking every slot
-    (reference: autograd through PyTorch; triton: fused kernels, slot gradients deferred to the
-    writes, slots written with no read between them formed together)."""
+@pytest.mark.parametrize("writes, sequence, window, anchors", STREAM_CASES,
+                         ids=lambda x: str(x) if not isinstance(x, bool) else ("moda" if x else "depth-only"))
+def test_depth_stream_gradients_match_concat(backend, writes, sequence, window, anchors):
+    """The in-place stream gives the same values and gradients as re-stacking the slots each read
+    takes: every written slot, or a bounded window (the last ``window`` plus the first ``anchors``).
+    Reference: autograd through PyTorch; triton: fused kernels, slot gradients deferred to the
+    writes, formed in pairs where two slots have the same readers (not across a window's edge)."""
     torch.manual_seed(0)
-    B, T, Hq, Hk, d, layers = 2, 7, 4, 2, 16, 4
+    B, T, Hq, Hk, d, layers = 2, 7, 4, 2, 16, 5
     dtype = torch.float64 if backend == "reference" else torch.float32
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     qs = [torch.randn(B, T, Hq, d, dtype=dtype, device=device, requires_grad=True) for _ in range(layers)]
     kvs = [torch.randn(B, T, Hk, d, dtype=dtype, device=device, requires_grad=True) for _ in range(2 * layers)]
     weights = torch.randn(B, T, Hq, d, dtype=dtype, device=device)
+
+    def window_of(n):
+        if window is None or window >= n:
+            return list(range(n))
+        return sorted(set(range(min(anchors, n - window))) | set(range(n - window, n)))
 
     def run(use_stream):
         stream = DepthStream(layers * writes)
@@ -257,73 +269,27 @@ def test_depth_stream_gradients_match_concat(backend, writes, sequence):
             if not sequence and i == 0:
                 o = qs[0]  # depth-only reads need a written slot
             elif use_stream:
-                o = read_moda(stream, qs[i], k, v, backend=backend) if sequence else read_depth(stream, qs[i], backend=backend)
+                kw = {"backend": backend, "window": window, "anchors": anchors}
+                o = read_moda(stream, qs[i], k, v, **kw) if sequence else read_depth(stream, qs[i], **kw)
             else:
-                kd = torch.stack(slots_k, 2) if slots_k else None
-                vd = torch.stack(slots_v, 2) if slots_v else None
+                keep = window_of(len(slots_k))
+                kd = torch.stack([slots_k[j] for j in keep], 2) if keep else None
+                vd = torch.stack([slots_v[j] for j in keep], 2) if keep else None
                 if sequence:
                     o = moda_attention(qs[i], k, v, kd, vd, backend=backend)
                 else:
                     o = depth_attention(qs[i], kd, vd, backend=backend)
             for w in range(writes):
-                kw, vw = k * (2 + w), v * (3 - w) + w
+                kw_, vw_ = k * (2 + w), v * (3 - w) + w
                 if use_stream:
-                    stream.write(kw, vw)
+                    stream.write(kw_, vw_)
                 else:
-                    slots_k.append(kw)
-                    slots_v.append(vw)
+                    slots_k.append(kw_)
+                    slots_v.append(vw_)
             total = total + (o * weights).sum()
         if use_stream:
             stream.close()
-        # the last layer's slots are never read: zero gradients
-        return total, torch.autograd.grad(total, qs + kvs, allow_unused=True, materialize_grads=True)
-
-    t1, g1 = run(True)
-    t2, g2 = run(False)
-    assert abs(t1.item() - t2.item()) < tol * max(1.0, abs(t2.item()))
-    errors = [rel_err(a, b) for a, b in zip(g1, g2)]
-    assert all(e < tol for e in errors), errors
-
-
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("window, anchors, writes", [(2, 0, 1), (3, 1, 2), (1, 2, 2), (3, 0, 2)])
-def test_depth_window_matches_concat_of_the_window(backend, window, anchors, writes):
-    """A bounded depth window (the last ``window`` slots plus the first ``anchors``) read in place
-    gives the values and every gradient of MoDA over those slots stacked; slots at a window's edge
-    have different readers and are formed apart, the others in pairs."""
-    torch.manual_seed(0)
-    B, T, Hq, Hk, d, layers = 2, 5, 4, 2, 16, 5
-    dtype = torch.float64 if backend == "reference" else torch.float32
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    qs = [torch.randn(B, T, Hq, d, dtype=dtype, device=device, requires_grad=True) for _ in range(layers)]
-    kvs = [torch.randn(B, T, Hk, d, dtype=dtype, device=device, requires_grad=True) for _ in range(2 * layers)]
-    weights = torch.randn(B, T, Hq, d, dtype=dtype, device=device)
-
-    def run(use_stream):
-        stream = DepthStream(layers * writes)
-        slots_k, slots_v, total = [], [], 0
-        for i in range(layers):
-            k, v = kvs[2 * i], kvs[2 * i + 1]
-            if use_stream:
-                o = read_moda(stream, qs[i], k, v, backend=backend, window=window, anchors=anchors)
-            else:
-                n = len(slots_k)
-                keep = list(range(n)) if window >= n else sorted(set(range(min(anchors, n - window))) |
-                                                                set(range(n - window, n)))
-                kd = torch.stack([slots_k[j] for j in keep], 2) if keep else None
-                vd = torch.stack([slots_v[j] for j in keep], 2) if keep else None
-                o = moda_attention(qs[i], k, v, kd, vd, backend=backend)
-            for w in range(writes):
-                kw, vw = k * (2 + w), v * (3 - w) + w
-                if use_stream:
-                    stream.write(kw, vw)
-                else:
-                    slots_k.append(kw)
-                    slots_v.append(vw)
-            total = total + (o * weights).sum()
-        if use_stream:
-            stream.close()
+        # the last layer's slots (and slots no window reaches) are never read: zero gradients
         return total, torch.autograd.grad(total, qs + kvs, allow_unused=True, materialize_grads=True)
 
     t1, g1 = run(True)
