@@ -1,13 +1,16 @@
-"""Hyper-Connections (mHC, static HC) against float64 per-token formulas written from the papers
-formulas written from the papers / SPEC 10; init equals a plain residual stack; gradients; input checks."""
+"""Hyper-Connections (mHC, static HC) and MUDDFormer's dense connections against float64 per-token
+formulas written from the papers and SPEC 10; at init each equals a plain residual stack; every
+parameter's gradient; input checks."""
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from flash_depth.nn.hyper_connections import HyperConnection, collapse_streams, expand_streams, sinkhorn
+from flash_depth.nn.mudd import MuddConnections
 
 
 @pytest.fixture(autouse=True)
@@ -139,6 +142,49 @@ def test_hyper_connections_at_init_are_a_plain_residual(kind):
     assert (X - plain[..., None, :]).abs().max() / plain.abs().max() < 1e-6  # every stream is the residual
 
 
+def _mudd_stack(mudd, blocks, emb):
+    """Toy blocks that use all four inputs: X_i = r + Wq q + Wk k + Wv v."""
+    states, ins = [emb], (emb, emb, emb, emb)
+    for wq, wk, wv in blocks:
+        q, k, v, r = ins
+        states.append(r + wq(q) + wk(k) + wv(v))
+        ins = mudd(states)
+    assert len(ins) == 1
+    return ins[0]
+
+
+def test_mudd_at_init_is_a_plain_residual_and_matches_formula():
+    D, L = 16, 3
+    torch.manual_seed(0)
+    blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
+    emb = torch.randn(2, 5, D)
+    plain = emb
+    for wq, wk, wv in blocks:
+        plain = plain + wq(plain) + wk(plain) + wv(plain)
+    mudd = MuddConnections(D, L)
+    assert (_mudd_stack(mudd, blocks, emb) - plain).abs().max() / plain.abs().max() < 1e-6
+
+    _randomise(mudd)
+    mudd.double()
+    states = [torch.randn(2, 3, D, dtype=torch.float64) for _ in range(3)]  # after block 2: X_0, X_1, X_2
+    outs = mudd(states)
+    assert len(outs) == 4 and all(o.shape == (2, 3, D) for o in outs)
+    m = mudd.weights[1]
+    w1, w2, bias = m.w1.weight.detach(), m.w2.weight.detach(), m.bias.detach()
+    assert w1.shape[0] % 64 == 0 and w1.shape[0] >= 4 * 3
+    for b in range(2):
+        for t in range(3):
+            x = states[2][b, t]
+            x = x / torch.sqrt(x.pow(2).mean() + 1e-6)
+            h = w1 @ x
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+            a = (w2 @ h).reshape(4, 3) + bias
+            for s in range(4):
+                want = sum(a[s, j] * states[j][b, t] for j in range(3))
+                assert torch.allclose(outs[s][b, t], want, atol=1e-12, rtol=0)
+    assert mudd.weights[-1].w2.out_features == 1 * (L + 1)  # one way after the last block
+
+
 def _grads(module, loss):
     module.zero_grad()
     loss.backward()
@@ -168,6 +214,20 @@ def test_hyper_connection_parameters_get_gradients():
     assert all(_nonzero(g) for g in grads.values()), [k for k, g in grads.items() if not _nonzero(g)]
 
 
+def test_mudd_parameters_get_gradients():
+    D, L = 8, 3
+    torch.manual_seed(0)
+    blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
+    emb, w = torch.randn(2, 3, D), torch.randn(2, 3, D)
+    mudd = MuddConnections(D, L)
+    grads = _grads(mudd, (_mudd_stack(mudd, blocks, emb) * w).sum())
+    # W2 = 0 at init (as in the reference) hides W1 for one step
+    assert all(_nonzero(g) for k, g in grads.items() if not k.endswith("w1.weight"))
+    _randomise(mudd, 0.1)
+    grads = _grads(mudd, (_mudd_stack(mudd, blocks, emb) * w).sum())
+    assert all(_nonzero(g) for g in grads.values()), [k for k, g in grads.items() if not _nonzero(g)]
+
+
 def test_bf16_streams_keep_their_dtype():
     hc = HyperConnection(8, 4)
     _randomise(hc, 0.1)
@@ -175,6 +235,9 @@ def test_bf16_streams_keep_their_dtype():
     out = hc(X.bfloat16(), lambda v: v * 2)
     assert out.dtype == torch.bfloat16
     assert (out.float() - hc(X, lambda v: v * 2)).abs().max() < 0.1
+    mudd = MuddConnections(8, 2)
+    outs = mudd([X[:, :, 0].bfloat16(), X[:, :, 1].bfloat16()])
+    assert all(o.dtype == torch.bfloat16 for o in outs)
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -201,3 +264,14 @@ def test_input_checks_name_the_argument():
         expand_streams([1.0], 4)
     with pytest.raises(ValueError, match="streams"):
         expand_streams(torch.randn(2, 8), 0)
+    with pytest.raises(ValueError, match="num_layers"):
+        MuddConnections(8, 0)
+    mudd = MuddConnections(8, 2)
+    with pytest.raises(TypeError, match="states"):
+        mudd(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="states"):
+        mudd([torch.randn(2, 3, 8)])  # X_0 alone: block 1 needs no mixing
+    with pytest.raises(ValueError, match="states"):
+        mudd([torch.randn(2, 3, 8)] * 4)  # past the last block
+    with pytest.raises(ValueError, match="states"):
+        mudd([torch.randn(2, 3, 8), torch.randn(2, 4, 8)])
