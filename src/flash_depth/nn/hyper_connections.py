@@ -163,4 +163,5 @@ class HyperConnection(nn.Module):
             raise ValueError(f"X must have shape [B, T, {self.streams}, {self.dim}], got {list(X.shape)}")
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, streams={self.streams}, kind={self.kind!r}, sinkhorn_iters={self.sinkhorn_iters}"
+        iters = f", sinkhorn_iters={self.sinkhorn_iters}" if self.kind == "mhc" else ""
+        return f"dim={self.dim}, streams={self.streams}, kind={self.kind!r}{iters}"
