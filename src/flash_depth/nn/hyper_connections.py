@@ -23,7 +23,9 @@ paper); Sinkhorn starts with a row softmax (the row normalisation of exp, overfl
 alternates column and row sums; the entry copies the embedding n times. Differences:
   * their Sinkhorn adds eps=1e-6 to every entry and every denominator (rows/columns then sum to
     1 - O(eps)); here denominators are only clamped at 1e-12, so sums reach 1 to rounding.
-    ``sinkhorn_iters`` counts (row, column) pairs; TileKernels defaults to 10 pairs, SPEC 10 says ~20.
+    ``sinkhorn_iters`` counts (row, column) pairs as TileKernels' ``repeat`` does (default 10 there);
+    DeepSeek-V4-Flash's config sets hc_sinkhorn_iters=20, hc_eps=1e-6 (seen in third-party copies;
+    the official V4 inference code was not checked).
   * they add pre_eps=1e-6 to H_pre; not here, so that init is exactly a plain residual.
   * their post applies the transpose, ``X'[j] = sum_i C[i, j] X[i]``; here ``H_res @ X`` as in
     SPEC 10. Both orientations are learned the same way (Sinkhorn is symmetric in rows/columns).
