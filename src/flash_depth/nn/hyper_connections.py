@@ -22,7 +22,8 @@ plus per-entry biases; sigmoid for H_pre, ``post_mult_value * sigmoid`` for H_po
 paper); Sinkhorn starts with a row softmax (the row normalisation of exp, overflow-safe) and then
 alternates column and row sums; the entry copies the embedding n times. Differences:
   * their Sinkhorn adds eps=1e-6 to every entry and every denominator (rows/columns then sum to
-    1 - O(eps)); here denominators are only clamped at 1e-12, so sums reach 1 to rounding.
+    1 - O(eps)); here denominators are only clamped at 1e-12: columns sum to 1 to rounding, rows
+    to the convergence residual.
     ``sinkhorn_iters`` counts (row, column) pairs as TileKernels' ``repeat`` does (default 10 there);
     DeepSeek-V4-Flash's config sets hc_sinkhorn_iters=20, hc_eps=1e-6 (seen in third-party copies;
     the official V4 inference code was not checked).
