@@ -1,0 +1,277 @@
+"""Hyper-Connections (mHC, static HC) and MUDDFormer's dense connections against float64 per-token
+formulas written from the papers and SPEC 10; at init each equals a plain residual stack; every
+parameter's gradient; input checks."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flash_depth.nn.hyper_connections import HyperConnection, collapse_streams, expand_streams, sinkhorn
+from flash_depth.nn.mudd import MuddConnections
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def naive_sinkhorn(logits, pairs):
+    """exp, then alternately divide rows and columns by their sums (``pairs`` times each)."""
+    m = logits.double().exp()
+    for _ in range(pairs):
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    return m
+
+
+def naive_mhc(X, fn, p, pairs, eps=1e-6):
+    """Per token: RMS-normalise flat X, gates times projections plus biases, read, sublayer, write."""
+    B, T, n, D = X.shape
+    out = torch.empty(B, T, n, D, dtype=torch.float64)
+    p = {k: v.detach().double() for k, v in p.items()}
+    for b in range(B):
+        for t in range(T):
+            Xt = X[b, t].double()
+            flat = Xt.reshape(-1)
+            x = flat / torch.sqrt(flat.pow(2).mean() + eps)
+            h_pre = torch.sigmoid(p["alpha_pre"] * (x @ p["phi_pre"]) + p["b_pre"])
+            h_post = 2 * torch.sigmoid(p["alpha_post"] * (x @ p["phi_post"]) + p["b_post"])
+            h_res = naive_sinkhorn(p["alpha_res"] * (x @ p["phi_res"]).reshape(n, n) + p["b_res"], pairs)
+            y = fn(sum(h_pre[i] * Xt[i] for i in range(n)))
+            for i in range(n):
+                out[b, t, i] = sum(h_res[i, j] * Xt[j] for j in range(n)) + h_post[i] * y
+    return out
+
+
+def _randomise(module, scale=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in module.parameters():
+            prm.add_(torch.randn(prm.shape, generator=g, dtype=prm.dtype) * scale)
+
+
+@pytest.mark.parametrize("n,spread", [(2, 0.1), (4, 0.3), (6, 0.3)])
+def test_sinkhorn_rows_and_columns_sum_to_one(n, spread):
+    # logits like the init's b_res after some learning (n=2 converges slowest)
+    logits = torch.eye(n, dtype=torch.float64) - 1 + torch.randn(256, n, n, dtype=torch.float64) * spread
+    m = sinkhorn(logits, iters=20)
+    assert (m > 0).all()
+    assert (m.sum(-2) - 1).abs().max() < 1e-12  # the last step normalises columns
+    assert (m.sum(-1) - 1).abs().max() < 1e-6  # the rows' convergence residual after 20 pairs
+    assert torch.allclose(m, naive_sinkhorn(logits, 20), atol=1e-12, rtol=0)
+
+
+def test_sinkhorn_residual_shrinks_with_iterations():
+    # wide logits converge slowly: 20 pairs leave ~1e-2 at spread 2; more pairs keep shrinking it
+    logits = torch.randn(256, 4, 4, dtype=torch.float64) * 2
+    res = [(sinkhorn(logits, it).sum(-1) - 1).abs().max().item() for it in (5, 20, 80)]
+    assert res[0] > res[1] > res[2] and res[1] < 0.1
+
+
+def test_sinkhorn_of_huge_logits_stays_finite():
+    logits = torch.tensor([[1000.0, -1000.0], [0.0, 5.0]])
+    m = sinkhorn(logits)
+    assert torch.isfinite(m).all() and (m.sum(-2) - 1).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_mhc_forward_matches_formula(dtype, tol):
+    torch.manual_seed(0)
+    n, D = 4, 6
+    hc = HyperConnection(D, n, "mhc", sinkhorn_iters=20).to(dtype)
+    _randomise(hc)  # alpha != 0: the token-dependent terms count
+    lin = nn.Linear(D, D).to(dtype)
+    X = torch.randn(2, 3, n, D, dtype=dtype)
+    out = hc(X, lin)
+    assert out.shape == X.shape and out.dtype == dtype
+    lin64 = copy.deepcopy(lin).double()
+    ref = naive_mhc(X, lin64, dict(hc.named_parameters()), 20)
+    assert (out.double() - ref).abs().max() / ref.abs().max() < tol
+
+
+def test_mhc_mixes_shapes_and_constraints():
+    hc = HyperConnection(8, 4).double()
+    _randomise(hc, 0.1)
+    h_pre, h_post, h_res = hc.mixes(torch.randn(2, 5, 4, 8, dtype=torch.float64))
+    assert h_pre.shape == (2, 5, 4) and h_post.shape == (2, 5, 4) and h_res.shape == (2, 5, 4, 4)
+    assert ((h_pre > 0) & (h_pre < 1)).all() and ((h_post > 0) & (h_post < 2)).all()
+    assert (h_res.sum(-1) - 1).abs().max() < 1e-6 and (h_res.sum(-2) - 1).abs().max() < 1e-12
+
+
+def test_static_hc_matches_formula_without_sinkhorn():
+    torch.manual_seed(1)
+    n, D = 3, 5
+    hc = HyperConnection(D, n, "hc").double()
+    _randomise(hc)  # h_res no longer doubly stochastic: it must be used as is
+    lin = nn.Linear(D, D).double()
+    X = torch.randn(2, 4, n, D, dtype=torch.float64)
+    out = hc(X, lin)
+    h_pre, h_post, h_res = (p.detach() for p in (hc.h_pre, hc.h_post, hc.h_res))
+    assert (h_res.sum(-1) - 1).abs().max() > 0.1
+    for b in range(2):
+        for t in range(4):
+            y = lin(sum(h_pre[i] * X[b, t, i] for i in range(n)))
+            for i in range(n):
+                want = sum(h_res[i, j] * X[b, t, j] for j in range(n)) + h_post[i] * y
+                assert torch.allclose(out[b, t, i], want, atol=1e-12, rtol=0)
+    assert {k for k, _ in hc.named_parameters()} == {"h_pre", "h_post", "h_res"}
+
+
+def _toy_layers(D, L, seed=0):
+    torch.manual_seed(seed)
+    return [nn.Linear(D, D) for _ in range(L)]
+
+
+@pytest.mark.parametrize("kind", ["mhc", "hc"])
+def test_hyper_connections_at_init_are_a_plain_residual(kind):
+    D, n, L = 16, 4, 3
+    layers = _toy_layers(D, L)
+    emb = torch.randn(2, 5, D)
+    plain = emb
+    for f in layers:
+        plain = plain + f(plain)
+    hcs = [HyperConnection(D, n, kind, layer=i) for i in range(L)]
+    X = expand_streams(emb, n)
+    for hc, f in zip(hcs, layers):
+        X = hc(X, f)
+    out = collapse_streams(X)
+    assert (out - plain).abs().max() / plain.abs().max() < 1e-6
+    assert (X - plain[..., None, :]).abs().max() / plain.abs().max() < 1e-6  # every stream is the residual
+
+
+def _mudd_stack(mudd, blocks, emb):
+    """Toy blocks that use all four inputs: X_i = r + Wq q + Wk k + Wv v."""
+    states, ins = [emb], (emb, emb, emb, emb)
+    for wq, wk, wv in blocks:
+        q, k, v, r = ins
+        states.append(r + wq(q) + wk(k) + wv(v))
+        ins = mudd(states)
+    assert len(ins) == 1
+    return ins[0]
+
+
+def test_mudd_at_init_is_a_plain_residual_and_matches_formula():
+    D, L = 16, 3
+    torch.manual_seed(0)
+    blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
+    emb = torch.randn(2, 5, D)
+    plain = emb
+    for wq, wk, wv in blocks:
+        plain = plain + wq(plain) + wk(plain) + wv(plain)
+    mudd = MuddConnections(D, L)
+    assert (_mudd_stack(mudd, blocks, emb) - plain).abs().max() / plain.abs().max() < 1e-6
+
+    _randomise(mudd)
+    mudd.double()
+    states = [torch.randn(2, 3, D, dtype=torch.float64) for _ in range(3)]  # after block 2: X_0, X_1, X_2
+    outs = mudd(states)
+    assert len(outs) == 4 and all(o.shape == (2, 3, D) for o in outs)
+    m = mudd.weights[1]
+    w1, w2, bias = m.w1.weight.detach(), m.w2.weight.detach(), m.bias.detach()
+    assert w1.shape[0] % 64 == 0 and w1.shape[0] >= 4 * 3
+    for b in range(2):
+        for t in range(3):
+            x = states[2][b, t]
+            x = x / torch.sqrt(x.pow(2).mean() + 1e-6)
+            h = w1 @ x
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+            a = (w2 @ h).reshape(4, 3) + bias
+            for s in range(4):
+                want = sum(a[s, j] * states[j][b, t] for j in range(3))
+                assert torch.allclose(outs[s][b, t], want, atol=1e-12, rtol=0)
+    assert mudd.weights[-1].w2.out_features == 1 * (L + 1)  # one way after the last block
+
+
+def _grads(module, loss):
+    module.zero_grad()
+    loss.backward()
+    return {k: p.grad for k, p in module.named_parameters()}
+
+
+def _nonzero(g):
+    return g is not None and torch.isfinite(g).all() and g.abs().max() > 0
+
+
+def test_hyper_connection_parameters_get_gradients():
+    D, n = 8, 4
+    lin = nn.Linear(D, D)
+    emb, w = torch.randn(2, 3, D), torch.randn(2, 3, n, D)
+    hc = HyperConnection(D, n, "mhc")
+    grads = _grads(hc, (hc(expand_streams(emb, n), lin) * w).sum())
+    # at init alpha = 0 hides phi; the gates and the pre/post biases learn from step one
+    for k in ("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post"):
+        assert _nonzero(grads[k]), k
+    assert all(grads[k].abs().max() == 0 for k in ("phi_pre", "phi_post", "phi_res"))
+    _randomise(hc, 0.1)
+    grads = _grads(hc, (hc(torch.randn(2, 3, n, D), lin) * w).sum())
+    assert all(_nonzero(g) for g in grads.values()), [k for k, g in grads.items() if not _nonzero(g)]
+
+    hc = HyperConnection(D, n, "hc", layer=1)
+    grads = _grads(hc, (hc(torch.randn(2, 3, n, D), lin) * w).sum())
+    assert all(_nonzero(g) for g in grads.values()), [k for k, g in grads.items() if not _nonzero(g)]
+
+
+def test_mudd_parameters_get_gradients():
+    D, L = 8, 3
+    torch.manual_seed(0)
+    blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
+    emb, w = torch.randn(2, 3, D), torch.randn(2, 3, D)
+    mudd = MuddConnections(D, L)
+    grads = _grads(mudd, (_mudd_stack(mudd, blocks, emb) * w).sum())
+    # W2 = 0 at init (as in the reference) hides W1 for one step
+    assert all(_nonzero(g) for k, g in grads.items() if not k.endswith("w1.weight"))
+    _randomise(mudd, 0.1)
+    grads = _grads(mudd, (_mudd_stack(mudd, blocks, emb) * w).sum())
+    assert all(_nonzero(g) for g in grads.values()), [k for k, g in grads.items() if not _nonzero(g)]
+
+
+def test_bf16_streams_keep_their_dtype():
+    hc = HyperConnection(8, 4)
+    _randomise(hc, 0.1)
+    X = torch.randn(2, 3, 4, 8)
+    out = hc(X.bfloat16(), lambda v: v * 2)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - hc(X, lambda v: v * 2)).abs().max() < 0.1
+    mudd = MuddConnections(8, 2)
+    outs = mudd([X[:, :, 0].bfloat16(), X[:, :, 1].bfloat16()])
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(dim=0), "dim"), (dict(dim=8, streams=1), "streams"), (dict(dim=8, kind="dhc"), "kind"),
+    (dict(dim=8, layer=-1), "layer"), (dict(dim=8, sinkhorn_iters=0), "sinkhorn_iters"),
+    (dict(dim=8.0), "dim"),
+])
+def test_hyper_connection_argument_checks(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        HyperConnection(**kwargs)
+
+
+def test_input_checks_name_the_argument():
+    hc = HyperConnection(8, 4)
+    with pytest.raises(ValueError, match="X"):
+        hc(torch.randn(2, 3, 3, 8), lambda v: v)
+    with pytest.raises(TypeError, match="X"):
+        hc(torch.zeros(2, 3, 4, 8, dtype=torch.long), lambda v: v)
+    with pytest.raises(TypeError, match="fn"):
+        hc(torch.randn(2, 3, 4, 8), None)
+    with pytest.raises(ValueError, match="y"):
+        hc(torch.randn(2, 3, 4, 8), lambda v: v[..., :4])
+    with pytest.raises(TypeError, match="x"):
+        expand_streams([1.0], 4)
+    with pytest.raises(ValueError, match="streams"):
+        expand_streams(torch.randn(2, 8), 0)
+    with pytest.raises(ValueError, match="num_layers"):
+        MuddConnections(8, 0)
+    mudd = MuddConnections(8, 2)
+    with pytest.raises(TypeError, match="states"):
+        mudd(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="states"):
+        mudd([torch.randn(2, 3, 8)])  # X_0 alone: block 1 needs no mixing
+    with pytest.raises(ValueError, match="states"):
+        mudd([torch.randn(2, 3, 8)] * 4)  # past the last block
+    with pytest.raises(ValueError, match="states"):
+        mudd([torch.randn(2, 3, 8), torch.randn(2, 4, 8)])
