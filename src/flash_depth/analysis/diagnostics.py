@@ -74,10 +74,11 @@ class Recorder:
 
 
 def _attach(model, recorder):
-    from flash_depth.models.modeling_flash_depth import Attention, DepthRead, FlashDepthBlock, FlashDepthModel
+    from flash_depth.models.modeling_flash_depth import FlashDepthBlock, FlashDepthModel
+    from flash_depth.nn import DepthRead, MoDAAttention
 
     for module in model.modules():
-        if isinstance(module, (Attention, DepthRead, FlashDepthBlock, FlashDepthModel)):
+        if isinstance(module, (MoDAAttention, DepthRead, FlashDepthBlock, FlashDepthModel)):
             module._recorder = recorder
 
 

@@ -19,15 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from flash_depth.nn import AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, MoDAAttention
+from flash_depth.nn._recorder import record, record_layer
 from flash_depth.nn.attnres_stream import SourceStream
-from flash_depth.nn.depth_stream import DepthStream, read_depth, read_moda
-from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
-from flash_depth.ops import moda_attention
+from flash_depth.nn.depth_stream import DepthStream
+from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU
 from flash_depth.ops._checks import check_cu_seqlens
-from flash_depth.ops.attnres import attention_residual_merge
 
 from .configuration_flash_depth import FlashDepthConfig
 
@@ -148,119 +148,9 @@ def _documents_from_positions(positions: torch.Tensor):
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def _record(module: nn.Module, event: str, *args) -> None:
-    """Hand tensors to an attached flash_depth.analysis Recorder (none attached: no cost)."""
-    recorder = module.__dict__.get("_recorder")
-    if recorder is not None:
-        getattr(recorder, event)(*args)
-
-
-def _record_layer(module: nn.Module, event: str, *args) -> None:
-    """``_record`` with the module's layer index first. The index is read only when a recorder is
-    attached: torch.compile specialises on int attributes it reads, once per layer."""
-    if module.__dict__.get("_recorder") is not None:
-        _record(module, event, module.layer_idx, *args)
-
-
 def _writes_depth(config: FlashDepthConfig, layer_idx: int) -> bool:
     """Blocks write depth K/V only where a later block reads it (the last block's would go unread)."""
     return config.depth_mechanism in ("moda", "depth_attention") and layer_idx < config.num_hidden_layers - 1
-
-
-class DepthKV(nn.Module):
-    """Projects a sublayer's input to one depth K/V slot (normalised, rotated key)."""
-
-    def __init__(self, config: FlashDepthConfig):
-        super().__init__()
-        self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
-        self.proj = nn.Linear(config.hidden_size, 2 * self.kv_heads * self.head_dim, bias=False)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
-
-    def forward(self, x, cos, sin):
-        B, T, _ = x.shape
-        k, v = self.proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
-        # rotated like the query of the same token, so the depth logit q.k does not depend on position
-        return apply_rotary(self.k_norm(k), cos, sin), v
-
-
-class Attention(nn.Module):
-    def __init__(self, config: FlashDepthConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.backend = config.attention_backend
-        self.reads_depth = config.depth_mechanism == "moda"
-        D = config.hidden_size
-        self.q_proj = nn.Linear(D, self.heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(D, 2 * self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, D, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
-        writes = _writes_depth(config, layer_idx)
-        self.depth_kv = DepthKV(config) if writes and config.attn_kv_proj else None
-        self.writes_depth = writes
-
-    def forward(self, x, cos, sin, stream: DepthStream | None, cache: Cache | None, masks: dict | None = None):
-        """``masks``: packed documents (cu_seqlens, max_seqlen) or padding (kv_start) for the sequence
-        attention, as the ops take them; None for none."""
-        B, T, _ = x.shape
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
-        k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
-        k = apply_rotary(self.k_norm(k), cos, sin)
-        k_all, v_all = k, v
-        if cache is not None:
-            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        _record_layer(self, "attention", q, k_all, stream if self.reads_depth else None)
-        if self.reads_depth:
-            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **(masks or {}))
-        else:
-            o = moda_attention(q, k_all, v_all, backend=self.backend, **(masks or {}))
-        if self.writes_depth:
-            # the attention's own K/V joins the stream for later layers (it is already in its sequence set)
-            stream.write(*(self.depth_kv(x, cos, sin) if self.depth_kv is not None else (k, v)))
-        return self.o_proj(o.reshape(B, T, -1))
-
-
-class DepthRead(nn.Module):
-    """``depth_attention``: a separate depth query reads the stream (Flash Depth Attention)."""
-
-    def __init__(self, config: FlashDepthConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.backend = config.attention_backend
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
-
-    def forward(self, x, cos, sin, stream: DepthStream):
-        B, T, _ = x.shape
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
-        _record_layer(self, "depth_read", q, stream)
-        return self.o_proj(read_depth(stream, q, backend=self.backend).reshape(B, T, -1))
-
-
-class AttnResReads(nn.Module):
-    """The pseudo-queries (zero-initialised) and key-norm weights of every AttnRes read."""
-
-    def __init__(self, reads: int, dim: int):
-        super().__init__()
-        self.queries = nn.Parameter(torch.zeros(reads, dim))
-        self.key_norms = nn.Parameter(torch.ones(reads, dim))
-
-
-class DenseWeights(nn.Module):
-    """DenseFormer's depth-weighted average after each block: row i mixes the i + 2 states
-    (embedding, block 0..i outputs); entries past i + 1 are unused."""
-
-    def __init__(self, layers: int):
-        super().__init__()
-        self.weights = nn.Parameter(self.identity(layers))
-
-    @staticmethod
-    def identity(layers: int) -> torch.Tensor:
-        return torch.eye(layers + 1)[1:]  # row i picks block i's output
 
 
 class FlashDepthBlock(nn.Module):
@@ -272,14 +162,22 @@ class FlashDepthBlock(nn.Module):
         eps = config.rms_norm_eps
         self.layer_idx = layer_idx
         self.post_norm = config.norm_position == "post"
-        self.attn_norm = RMSNorm(config.hidden_size, eps)
-        self.attn = Attention(config, layer_idx)
-        self.ffn_norm = RMSNorm(config.hidden_size, eps)
-        self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
-        self.ffn_kv = DepthKV(config) if _writes_depth(config, layer_idx) and config.ffn_kv else None
+        D, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                        config.head_dim)
+        writes = _writes_depth(config, layer_idx)
+        self.attn_norm = RMSNorm(D, eps)
+        self.attn = MoDAAttention(D, heads, kv_heads, head_dim, qk_norm=config.qk_norm, eps=eps,
+                                  reads_depth=config.depth_mechanism == "moda", writes_depth=writes,
+                                  attn_kv_proj=writes and config.attn_kv_proj, layer_idx=layer_idx,
+                                  backend=config.attention_backend)
+        self.ffn_norm = RMSNorm(D, eps)
+        self.ffn = SwiGLU(D, config.intermediate_size)
+        ffn_kv = writes and config.ffn_kv
+        self.ffn_kv = DepthKV(D, kv_heads, head_dim, k_norm=config.qk_norm, eps=eps) if ffn_kv else None
         has_read = config.depth_mechanism == "depth_attention" and layer_idx > 0
-        self.depth_read = DepthRead(config, layer_idx) if has_read else None
-        self.depth_norm = RMSNorm(config.hidden_size, eps) if has_read else None
+        self.depth_read = DepthRead(D, heads, head_dim, qk_norm=config.qk_norm, eps=eps, layer_idx=layer_idx,
+                                    backend=config.attention_backend) if has_read else None
+        self.depth_norm = RMSNorm(D, eps) if has_read else None
 
     def attn_sublayer(self, h, cos, sin, stream, cache, masks=None):
         return self.attn(self.attn_norm(h), cos, sin, stream, cache, masks)
@@ -292,7 +190,7 @@ class FlashDepthBlock(nn.Module):
 
     def forward(self, x, cos, sin, stream, cache, masks=None, sublayer: str | None = None):
         """The block's output; with ``sublayer`` ("attn"/"ffn", for AttnRes) only that sublayer's
-        output, without the residual. ``masks``: as :meth:`Attention.forward`."""
+        output, without the residual. ``masks``: as :meth:`MoDAAttention.forward`."""
         if sublayer == "attn":
             return self.attn_sublayer(x, cos, sin, stream, cache, masks)
         if sublayer == "ffn":
@@ -300,21 +198,21 @@ class FlashDepthBlock(nn.Module):
         if self.post_norm:
             if self.depth_read is not None:
                 x, x_in = self.depth_norm(x + self.depth_read(x, cos, sin, stream)), x
-                _record_layer(self, "sublayer", "depth_read", x_in, x)
+                record_layer(self, "sublayer", "depth_read", x_in, x)
             x, x_in = self.attn_norm(x + self.attn(x, cos, sin, stream, cache, masks)), x
-            _record_layer(self, "sublayer", "attn", x_in, x)
+            record_layer(self, "sublayer", "attn", x_in, x)
             if self.ffn_kv is not None:
                 stream.write(*self.ffn_kv(x, cos, sin))
             x, x_in = self.ffn_norm(x + self.ffn(x)), x
-            _record_layer(self, "sublayer", "ffn", x_in, x)
+            record_layer(self, "sublayer", "ffn", x_in, x)
             return x
         if self.depth_read is not None:
             x, x_in = x + self.depth_read(self.depth_norm(x), cos, sin, stream), x
-            _record_layer(self, "sublayer", "depth_read", x_in, x)
+            record_layer(self, "sublayer", "depth_read", x_in, x)
         x, x_in = x + self.attn_sublayer(x, cos, sin, stream, cache, masks), x
-        _record_layer(self, "sublayer", "attn", x_in, x)
+        record_layer(self, "sublayer", "attn", x_in, x)
         x, x_in = x + self.ffn_sublayer(x, cos, sin, stream), x
-        _record_layer(self, "sublayer", "ffn", x_in, x)
+        record_layer(self, "sublayer", "ffn", x_in, x)
         return x
 
 
@@ -334,12 +232,12 @@ class FlashDepthPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, AttnResReads):
+        elif isinstance(module, AttnResQueries):
             init.zeros_(module.queries)  # zero queries: a uniform read at start (SPEC 5)
             init.ones_(module.key_norms)
-        elif isinstance(module, DenseWeights):
+        elif isinstance(module, DenseFormerMixer):
             # identity at start: each block passes on its own output
-            _init_copy(module.weights, DenseWeights.identity(module.weights.shape[0]).to(module.weights.device))
+            _init_copy(module.weights, DenseFormerMixer.identity(module.weights.shape[0]).to(module.weights.device))
 
 
 class FlashDepthModel(FlashDepthPreTrainedModel):
@@ -353,8 +251,9 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         self.rotary = Rotary(config.head_dim, config.max_position_embeddings, config.rope_theta)
         mech = config.depth_mechanism
         n_reads = 2 * config.num_hidden_layers + 1  # one per sublayer + the final read
-        self.attnres = AttnResReads(n_reads, config.hidden_size) if mech.startswith("attnres") else None
-        self.dense = DenseWeights(config.num_hidden_layers) if mech == "denseformer" else None
+        attnres = mech.startswith("attnres")
+        self.attnres = AttnResQueries(n_reads, config.hidden_size, config.rms_norm_eps) if attnres else None
+        self.dense = DenseFormerMixer(config.num_hidden_layers) if mech == "denseformer" else None
         self.activation_checkpointing = False
         self.post_init()
 
@@ -434,12 +333,12 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             outputs = [x]
             for i, layer in enumerate(self.layers):
                 outputs.append(self._run(layer, x, cos, sin, stream, cache, masks))
-                x = sum(a * o for a, o in zip(self.dense.weights[i, : i + 2], outputs))
-                _record(self, "hidden", i, x)
+                x = self.dense(i, outputs)
+                record(self, "hidden", i, x)
         else:
             for i, layer in enumerate(self.layers):
                 x = self._run(layer, x, cos, sin, stream, cache, masks)
-                _record(self, "hidden", i, x)
+                record(self, "hidden", i, x)
         if stream is not None:
             stream.close()
         x = self.norm(x).reshape(B, T, D)
@@ -494,7 +393,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         all of a block's queries over the finished blocks, then a per-sublayer merge of the
         partial sum."""
         cfg, reads = self.config, self.attnres
-        size, eps = self.attnres_block_size(), cfg.rms_norm_eps
+        size = self.attnres_block_size()
         # Sources are stored in the autocast dtype: sublayer outputs already come out of the
         # bf16 matmuls in it, and the reads are memory-bound. Partial sums stay float32.
         source_dtype = emb.dtype
@@ -512,15 +411,13 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             nonlocal first_reads
             if two_phase:
                 if i % size == 0:
-                    first_reads = stream.read_two_phase(reads.queries[i:i + size], reads.key_norms[i:i + size], eps)
+                    first_reads = reads.read_two_phase(stream, i, size)
                 out, lse = first_reads[0][i % size], first_reads[1][i % size]
-                if partial is None:
-                    return out
-                return attention_residual_merge(out, lse, partial, reads.queries[i], reads.key_norms[i], eps=eps)
+                return out if partial is None else reads.merge(i, out, lse, partial)
             if not recording:
-                return stream.read(reads.queries[i], reads.key_norms[i], eps, partial)
-            h, alpha = stream.read(reads.queries[i], reads.key_norms[i], eps, partial, return_weights=True)
-            _record(self, "attnres", i, alpha)
+                return reads.read(stream, i, partial)
+            h, alpha = reads.read(stream, i, partial, return_weights=True)
+            record(self, "attnres", i, alpha)
             return h
 
         index = 0
@@ -528,10 +425,10 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             for sub in ("attn", "ffn"):
                 h = read(index)
                 if sub == "attn":
-                    _record(self, "hidden", layer_idx, h)
+                    record(self, "hidden", layer_idx, h)
                 out = self._run(layer, h, cos, sin, None, cache, masks, sub)
                 if recording:
-                    _record(self, "sublayer", layer_idx, sub, h, h + out)
+                    record(self, "sublayer", layer_idx, sub, h, h + out)
                 partial = out.to(partial_dtype) if partial is None else partial + out
                 index += 1
                 if index % size == 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flash_depth.ops.attnres import attention_residual_merge
+
 from .attnres_stream import SourceStream
 
 
@@ -25,12 +27,31 @@ class AttnResQueries(nn.Module):
         self.queries = nn.Parameter(torch.zeros(reads, dim, device=device, dtype=dtype))
         self.key_norms = nn.Parameter(torch.ones(reads, dim, device=device, dtype=dtype))
 
-    def read(self, stream: SourceStream, i: int, partial: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, stream: SourceStream, i: int, partial: torch.Tensor | None = None, return_weights: bool = False):
         """Read i over the stream's written sources, plus ``partial [B, T, dim]`` (block AttnRes'
-        running sum) if given. Returns ``[B, T, dim]``."""
-        if not isinstance(i, int) or not 0 <= i < self.queries.shape[0]:
+        running sum) if given. Returns ``[B, T, dim]``, and with ``return_weights`` the softmax
+        weights ``[sources (+1), B, T]`` too (computed by the reference path)."""
+        self._check_index(i)
+        return stream.read(self.queries[i], self.key_norms[i], self.eps, partial, return_weights=return_weights)
+
+    def read_two_phase(self, stream: SourceStream, i: int, count: int):
+        """Phase one of an inference read (no gradients): reads i .. i+count-1 (fewer past the
+        last) over the written sources at once. Returns out ``[count, B, T, dim]`` and lse
+        ``[count, B, T]``; :meth:`merge` adds a partial sum to one of them."""
+        self._check_index(i)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        return stream.read_two_phase(self.queries[i:i + count], self.key_norms[i:i + count], self.eps)
+
+    def merge(self, i: int, out: torch.Tensor, lse: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+        """Phase two: read i's phase-one ``out [B, T, dim]`` and ``lse [B, T]`` merged with
+        ``partial [B, T, dim]`` as one more source. Returns ``[B, T, dim]``."""
+        self._check_index(i)
+        return attention_residual_merge(out, lse, partial, self.queries[i], self.key_norms[i], eps=self.eps)
+
+    def _check_index(self, i) -> None:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.queries.shape[0]:
             raise ValueError(f"i must be a read index in [0, {self.queries.shape[0]}), got {i!r}")
-        return stream.read(self.queries[i], self.key_norms[i], self.eps, partial)
 
     def extra_repr(self) -> str:
         return f"reads={self.queries.shape[0]}, dim={self.queries.shape[1]}"

@@ -1,17 +1,55 @@
-"""Depth K/V writers for MoDA.
+"""MoDA layers: the attention that reads and writes the depth stream, its K/V writer, the depth read.
 
-A MoDA attention reads the depth K/V that earlier sublayers wrote for the same token
-(:func:`~flash_depth.nn.depth_stream.read_moda`). Attention layers write the K/V they already
-computed; :class:`DepthKV` gives any other sublayer (the FFN, in the MoDA paper's default
-variant) its own small K/V projection, so that it writes a slot too.
+A MoDA attention (:class:`MoDAAttention`) reads the depth K/V that earlier sublayers wrote for
+the same token (:func:`~flash_depth.nn.depth_stream.read_moda`). Attention layers write the K/V
+they already computed; :class:`DepthKV` gives any other sublayer (the FFN, in the MoDA paper's
+default variant) its own small K/V projection, so that it writes a slot too. :class:`DepthRead`
+is Flash Depth Attention as a layer: a query of its own over the depth slots only.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+from flash_depth.ops import moda_attention
+
+from ._recorder import record_layer
+from .depth_stream import DepthStream, read_depth, read_moda
 from .layers import RMSNorm, apply_rotary
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
+
+_MASKS = ("cu_seqlens", "max_seqlen", "kv_start")
+
+
+def _check_dims(**dims) -> None:
+    for name, value in dims.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_x(x, dim: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor [B, T, {dim}], got {got}")
+
+
+def _check_rotary(cos, sin, length: int, head_dim: int) -> None:
+    half = head_dim // 2
+    for name, t in (("cos", cos), ("sin", sin)):
+        shape = t.shape if isinstance(t, torch.Tensor) else ()
+        if len(shape) not in (3, 4) or shape[-2:] != (1, half) or shape[-3] != length:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be [T, 1, {half}] or [B, T, 1, {half}] with T={length}, got {got}")
+
+
+def _check_stream(stream, what: str) -> None:
+    if not isinstance(stream, DepthStream):
+        raise ValueError(f"stream must be a DepthStream ({what}), got {type(stream).__name__}")
 
 
 class DepthKV(nn.Module):
@@ -35,9 +73,7 @@ class DepthKV(nn.Module):
     def __init__(self, dim: int, kv_heads: int, head_dim: int, *, k_norm: bool = True, eps: float = 1e-6,
                  bias: bool = False, device=None, dtype=None):
         super().__init__()
-        for name, value in (("dim", dim), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_dims(dim=dim, kv_heads=kv_heads, head_dim=head_dim)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
         self.dim, self.kv_heads, self.head_dim = dim, kv_heads, head_dim
@@ -48,9 +84,7 @@ class DepthKV(nn.Module):
         """x ``[B, T, dim]``; cos, sin ``[T, 1, head_dim/2]`` or ``[B, T, 1, head_dim/2]`` (as
         :class:`~flash_depth.nn.Rotary` returns them), or both None for no rotation.
         Returns k, v ``[B, T, kv_heads, head_dim]``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a tensor [B, T, {self.dim}], got {got}")
+        _check_x(x, self.dim)
         if (cos is None) != (sin is None):
             raise ValueError("pass both cos and sin, or neither (no rotation)")
         B, T, _ = x.shape
@@ -58,12 +92,125 @@ class DepthKV(nn.Module):
         k = self.k_norm(k)
         if cos is None:
             return k, v
-        want = (self.head_dim // 2,)
-        for name, t in (("cos", cos), ("sin", sin)):
-            if t.dim() not in (3, 4) or t.shape[-2:] != (1, *want) or t.shape[-3] != T:
-                raise ValueError(f"{name} must be [T, 1, {want[0]}] or [B, T, 1, {want[0]}] with T={T}, "
-                                 f"got {tuple(t.shape)}")
+        _check_rotary(cos, sin, T, self.head_dim)
         return apply_rotary(k, cos, sin), v
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
+
+
+class MoDAAttention(nn.Module):
+    """Causal GQA attention with RoPE and per-head QK-norm that reads and writes the depth stream.
+
+    ``x [B, T, hidden] -> [B, T, hidden]``. Queries ``[B, T, heads, head_dim]``, keys and values
+    ``[B, T, kv_heads, head_dim]``.
+
+    Args:
+        hidden: width of the input and output.
+        heads, kv_heads, head_dim: query heads, K/V heads (``heads`` a multiple of them), head width.
+        qk_norm: RMS-normalise each query and key head (learned weights).
+        eps: the norms' epsilon.
+        reads_depth: one softmax over the sequence K/V and the stream's written slots (MoDA);
+            False: causal attention over the sequence only.
+        writes_depth: after attending, append one slot to the stream for later layers: the
+            layer's own rotated k and v (no new parameters), or with ``attn_kv_proj`` those of
+            a :class:`DepthKV` of ``x``.
+        attn_kv_proj: the written slot gets its own projection (needs ``writes_depth``).
+        layer_idx: the layer's index in the KV cache.
+        backend: kernels, as in :func:`~flash_depth.moda_attention`.
+
+    Weights: ``q_proj``, ``kv_proj`` (K then V), ``o_proj``, ``q_norm``, ``k_norm``, ``depth_kv``.
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qk_norm: bool = True,
+                 eps: float = 1e-6, reads_depth: bool = True, writes_depth: bool = False, attn_kv_proj: bool = False,
+                 layer_idx: int = 0, backend: str = "auto"):
+        super().__init__()
+        _check_dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+        if heads % kv_heads:
+            raise ValueError(f"heads must be a multiple of kv_heads, got heads={heads}, kv_heads={kv_heads}")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
+        if attn_kv_proj and not writes_depth:
+            raise ValueError("attn_kv_proj=True projects the slot this layer writes: it needs writes_depth=True")
+        self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, kv_heads, head_dim
+        self.reads_depth, self.writes_depth = reads_depth, writes_depth
+        self.layer_idx, self.backend = layer_idx, backend
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.kv_proj = nn.Linear(hidden, 2 * kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.depth_kv = DepthKV(hidden, kv_heads, head_dim, k_norm=qk_norm, eps=eps) if attn_kv_proj else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: DepthStream | None = None,
+                cache: Cache | None = None, masks: dict | None = None) -> torch.Tensor:
+        """x ``[B, T, hidden]``; cos, sin ``[T, 1, head_dim/2]`` or ``[B, T, 1, head_dim/2]`` (as
+        :class:`~flash_depth.nn.Rotary` returns them); ``stream`` the forward's depth stream
+        (needed to read or write it); ``cache`` a transformers ``Cache`` of sequence K/V, which
+        this call extends; ``masks`` the sequence attention's masks as the ops take them
+        (``cu_seqlens`` and ``max_seqlen`` for packed documents, or ``kv_start`` for left
+        padding), None for none. Returns ``[B, T, hidden]``."""
+        _check_x(x, self.hidden)
+        B, T, _ = x.shape
+        _check_rotary(cos, sin, T, self.head_dim)
+        if self.reads_depth or self.writes_depth:
+            _check_stream(stream, "reads_depth or writes_depth is set")
+        if masks is not None and (not isinstance(masks, dict) or not set(masks) <= set(_MASKS)):
+            raise ValueError(f"masks must be None or a dict with keys among {_MASKS}, got "
+                             f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
+        k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
+        k = apply_rotary(self.k_norm(k), cos, sin)
+        k_all, v_all = k, v
+        if cache is not None:  # transformers' caches hold [B, H, T, d]
+            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        record_layer(self, "attention", q, k_all, stream if self.reads_depth else None)
+        if self.reads_depth:
+            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **(masks or {}))
+        else:
+            o = moda_attention(q, k_all, v_all, backend=self.backend, **(masks or {}))
+        if self.writes_depth:
+            # the attention's own K/V joins the stream for later layers (it is already in its sequence set)
+            stream.write(*(self.depth_kv(x, cos, sin) if self.depth_kv is not None else (k, v)))
+        return self.o_proj(o.reshape(B, T, -1))
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"reads_depth={self.reads_depth}, writes_depth={self.writes_depth}")
+
+
+class DepthRead(nn.Module):
+    """Flash Depth Attention as a layer: a query of its own reads the depth stream's slots only.
+
+    ``x [B, T, hidden] -> [B, T, hidden]``: q ``[B, T, heads, head_dim]`` (per-head RMSNorm with
+    ``qk_norm``, RoPE like the slots' keys) attends over the written slots of its token; the
+    heads go through ``o_proj``. ``layer_idx`` is what an attached analysis recorder is told.
+    """
+
+    def __init__(self, hidden: int, heads: int, head_dim: int, *, qk_norm: bool = True, eps: float = 1e-6,
+                 layer_idx: int = 0, backend: str = "auto"):
+        super().__init__()
+        _check_dims(hidden=hidden, heads=heads, head_dim=head_dim)
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
+        self.hidden, self.heads, self.head_dim = hidden, heads, head_dim
+        self.layer_idx, self.backend = layer_idx, backend
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: DepthStream) -> torch.Tensor:
+        """x ``[B, T, hidden]``; cos, sin as :meth:`MoDAAttention.forward`; ``stream`` with at
+        least one written slot. Returns ``[B, T, hidden]``."""
+        _check_x(x, self.hidden)
+        B, T, _ = x.shape
+        _check_rotary(cos, sin, T, self.head_dim)
+        _check_stream(stream, "the slots to read")
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
+        record_layer(self, "depth_read", q, stream)
+        return self.o_proj(read_depth(stream, q, backend=self.backend).reshape(B, T, -1))
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, heads={self.heads}, head_dim={self.head_dim}"

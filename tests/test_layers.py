@@ -1,0 +1,234 @@
+"""The layers of flash_depth.nn that the decoder is built from: checkpoint keys, shapes, input checks."""
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthRead, DepthStream, MoDAAttention, Rotary,
+                            apply_rotary)
+from flash_depth.nn.attnres_stream import SourceStream
+from flash_depth.ops import depth_attention, moda_attention
+from oracle import rel_err
+
+STATE_DICT_KEYS = {  # recorded from the tiny preset before the layers moved to flash_depth.nn
+    "moda+ffn_kv": ("moda", {"ffn_kv": True}, """
+        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
+        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
+        model.layers.0.attn.k_norm.weight model.layers.0.ffn_norm.weight model.layers.0.ffn.gate_up.weight
+        model.layers.0.ffn.down.weight model.layers.0.ffn_kv.proj.weight model.layers.0.ffn_kv.k_norm.weight
+        model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight model.layers.1.attn.kv_proj.weight
+        model.layers.1.attn.o_proj.weight model.layers.1.attn.q_norm.weight model.layers.1.attn.k_norm.weight
+        model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight model.layers.1.ffn.down.weight
+        model.layers.1.ffn_kv.proj.weight model.layers.1.ffn_kv.k_norm.weight model.layers.2.attn_norm.weight
+        model.layers.2.attn.q_proj.weight model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight
+        model.layers.2.attn.q_norm.weight model.layers.2.attn.k_norm.weight model.layers.2.ffn_norm.weight
+        model.layers.2.ffn.gate_up.weight model.layers.2.ffn.down.weight model.layers.2.ffn_kv.proj.weight
+        model.layers.2.ffn_kv.k_norm.weight model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight
+        model.layers.3.attn.kv_proj.weight model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight
+        model.layers.3.attn.k_norm.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
+        model.layers.3.ffn.down.weight model.norm.weight lm_head.weight
+    """.split()),
+    "moda+attn_kv_proj": ("moda", {"ffn_kv": False, "attn_kv_proj": True}, """
+        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
+        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
+        model.layers.0.attn.k_norm.weight model.layers.0.attn.depth_kv.proj.weight
+        model.layers.0.attn.depth_kv.k_norm.weight model.layers.0.ffn_norm.weight
+        model.layers.0.ffn.gate_up.weight model.layers.0.ffn.down.weight model.layers.1.attn_norm.weight
+        model.layers.1.attn.q_proj.weight model.layers.1.attn.kv_proj.weight model.layers.1.attn.o_proj.weight
+        model.layers.1.attn.q_norm.weight model.layers.1.attn.k_norm.weight
+        model.layers.1.attn.depth_kv.proj.weight model.layers.1.attn.depth_kv.k_norm.weight
+        model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight model.layers.1.ffn.down.weight
+        model.layers.2.attn_norm.weight model.layers.2.attn.q_proj.weight model.layers.2.attn.kv_proj.weight
+        model.layers.2.attn.o_proj.weight model.layers.2.attn.q_norm.weight model.layers.2.attn.k_norm.weight
+        model.layers.2.attn.depth_kv.proj.weight model.layers.2.attn.depth_kv.k_norm.weight
+        model.layers.2.ffn_norm.weight model.layers.2.ffn.gate_up.weight model.layers.2.ffn.down.weight
+        model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight model.layers.3.attn.kv_proj.weight
+        model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight model.layers.3.attn.k_norm.weight
+        model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight model.layers.3.ffn.down.weight
+        model.norm.weight lm_head.weight
+    """.split()),
+    "moda+no_qk_norm": ("moda", {"qk_norm": False, "attn_kv_proj": True}, """
+        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
+        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight
+        model.layers.0.attn.depth_kv.proj.weight model.layers.0.ffn_norm.weight
+        model.layers.0.ffn.gate_up.weight model.layers.0.ffn.down.weight model.layers.0.ffn_kv.proj.weight
+        model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight model.layers.1.attn.kv_proj.weight
+        model.layers.1.attn.o_proj.weight model.layers.1.attn.depth_kv.proj.weight
+        model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight model.layers.1.ffn.down.weight
+        model.layers.1.ffn_kv.proj.weight model.layers.2.attn_norm.weight model.layers.2.attn.q_proj.weight
+        model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight
+        model.layers.2.attn.depth_kv.proj.weight model.layers.2.ffn_norm.weight
+        model.layers.2.ffn.gate_up.weight model.layers.2.ffn.down.weight model.layers.2.ffn_kv.proj.weight
+        model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight model.layers.3.attn.kv_proj.weight
+        model.layers.3.attn.o_proj.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
+        model.layers.3.ffn.down.weight model.norm.weight lm_head.weight
+    """.split()),
+    "depth_attention": ("depth_attention", {}, """
+        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
+        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
+        model.layers.0.attn.k_norm.weight model.layers.0.ffn_norm.weight model.layers.0.ffn.gate_up.weight
+        model.layers.0.ffn.down.weight model.layers.0.ffn_kv.proj.weight model.layers.0.ffn_kv.k_norm.weight
+        model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight model.layers.1.attn.kv_proj.weight
+        model.layers.1.attn.o_proj.weight model.layers.1.attn.q_norm.weight model.layers.1.attn.k_norm.weight
+        model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight model.layers.1.ffn.down.weight
+        model.layers.1.ffn_kv.proj.weight model.layers.1.ffn_kv.k_norm.weight
+        model.layers.1.depth_read.q_proj.weight model.layers.1.depth_read.q_norm.weight
+        model.layers.1.depth_read.o_proj.weight model.layers.1.depth_norm.weight model.layers.2.attn_norm.weight
+        model.layers.2.attn.q_proj.weight model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight
+        model.layers.2.attn.q_norm.weight model.layers.2.attn.k_norm.weight model.layers.2.ffn_norm.weight
+        model.layers.2.ffn.gate_up.weight model.layers.2.ffn.down.weight model.layers.2.ffn_kv.proj.weight
+        model.layers.2.ffn_kv.k_norm.weight model.layers.2.depth_read.q_proj.weight
+        model.layers.2.depth_read.q_norm.weight model.layers.2.depth_read.o_proj.weight
+        model.layers.2.depth_norm.weight model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight
+        model.layers.3.attn.kv_proj.weight model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight
+        model.layers.3.attn.k_norm.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
+        model.layers.3.ffn.down.weight model.layers.3.depth_read.q_proj.weight
+        model.layers.3.depth_read.q_norm.weight model.layers.3.depth_read.o_proj.weight
+        model.layers.3.depth_norm.weight model.norm.weight lm_head.weight
+    """.split()),
+    "attnres_block": ("attnres_block", {}, """
+        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
+        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
+        model.layers.0.attn.k_norm.weight model.layers.0.ffn_norm.weight model.layers.0.ffn.gate_up.weight
+        model.layers.0.ffn.down.weight model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight
+        model.layers.1.attn.kv_proj.weight model.layers.1.attn.o_proj.weight model.layers.1.attn.q_norm.weight
+        model.layers.1.attn.k_norm.weight model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight
+        model.layers.1.ffn.down.weight model.layers.2.attn_norm.weight model.layers.2.attn.q_proj.weight
+        model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight model.layers.2.attn.q_norm.weight
+        model.layers.2.attn.k_norm.weight model.layers.2.ffn_norm.weight model.layers.2.ffn.gate_up.weight
+        model.layers.2.ffn.down.weight model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight
+        model.layers.3.attn.kv_proj.weight model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight
+        model.layers.3.attn.k_norm.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
+        model.layers.3.ffn.down.weight model.norm.weight model.attnres.queries model.attnres.key_norms
+        lm_head.weight
+    """.split()),
+    "denseformer": ("denseformer", {}, """
+        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
+        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
+        model.layers.0.attn.k_norm.weight model.layers.0.ffn_norm.weight model.layers.0.ffn.gate_up.weight
+        model.layers.0.ffn.down.weight model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight
+        model.layers.1.attn.kv_proj.weight model.layers.1.attn.o_proj.weight model.layers.1.attn.q_norm.weight
+        model.layers.1.attn.k_norm.weight model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight
+        model.layers.1.ffn.down.weight model.layers.2.attn_norm.weight model.layers.2.attn.q_proj.weight
+        model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight model.layers.2.attn.q_norm.weight
+        model.layers.2.attn.k_norm.weight model.layers.2.ffn_norm.weight model.layers.2.ffn.gate_up.weight
+        model.layers.2.ffn.down.weight model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight
+        model.layers.3.attn.kv_proj.weight model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight
+        model.layers.3.attn.k_norm.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
+        model.layers.3.ffn.down.weight model.norm.weight model.dense.weights lm_head.weight
+    """.split()),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_DICT_KEYS))
+def test_state_dict_keys_are_unchanged(case):
+    """Checkpoints saved before the layers moved must load: same names, same order."""
+    mech, kw, keys = STATE_DICT_KEYS[case]
+    model = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", depth_mechanism=mech, **kw))
+    assert list(model.state_dict()) == keys
+
+
+B, T, D, HQ, HK, HD = 2, 11, 32, 4, 2, 8
+
+
+def _rope(length=T):
+    return Rotary(HD, 64, 10000.0)(0, length, "cpu")
+
+
+def _qkv(attn, x, cos, sin):
+    """The layer's rotated q, k, v, computed by hand."""
+    q = apply_rotary(attn.q_norm(attn.q_proj(x).view(B, T, HQ, HD)), cos, sin)
+    k, v = attn.kv_proj(x).view(B, T, 2, HK, HD).unbind(2)
+    return q, apply_rotary(attn.k_norm(k), cos, sin), v
+
+
+def test_moda_attention_layer_reads_what_the_layer_before_wrote():
+    torch.manual_seed(0)
+    cos, sin = _rope()
+    first = MoDAAttention(D, HQ, HK, HD, writes_depth=True)
+    second = MoDAAttention(D, HQ, HK, HD, layer_idx=1)
+    x0, x1 = torch.randn(B, T, D), torch.randn(B, T, D)
+    stream = DepthStream(1)
+    y0 = first(x0, cos, sin, stream)  # no slot yet: causal attention over the sequence
+    y1 = second(x1, cos, sin, stream)
+    stream.close()
+    with torch.no_grad():
+        q0, k0, v0 = _qkv(first, x0, cos, sin)
+        q1, k1, v1 = _qkv(second, x1, cos, sin)
+        want0 = first.o_proj(moda_attention(q0, k0, v0).reshape(B, T, -1))
+        want1 = second.o_proj(moda_attention(q1, k1, v1, k0[:, :, None], v0[:, :, None]).reshape(B, T, -1))
+    assert rel_err(y0, want0) < 1e-5 and rel_err(y1, want1) < 1e-5
+    y1.sum().backward()  # the read's gradient reaches the layer that wrote the slot
+    assert first.kv_proj.weight.grad is not None and first.kv_proj.weight.grad.abs().sum() > 0
+
+
+def test_moda_attention_layer_with_a_kv_cache_gives_the_full_forward():
+    torch.manual_seed(0)
+    attn = MoDAAttention(D, HQ, HK, HD, reads_depth=False)
+    x = torch.randn(B, T, D)
+    cos, sin = _rope()
+    full = attn(x, cos, sin)
+    cache = DynamicCache()
+    steps = [attn(x[:, :6], cos[:6], sin[:6], cache=cache)]
+    steps += [attn(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache=cache) for t in range(6, T)]
+    assert rel_err(torch.cat(steps, 1), full) < 1e-5
+
+
+def test_depth_read_layer_reads_the_slots_only():
+    torch.manual_seed(0)
+    cos, sin = _rope()
+    read = DepthRead(D, HQ, HD)
+    k, v = torch.randn(B, T, 3, HK, HD), torch.randn(B, T, 3, HK, HD)
+    stream = DepthStream(3)
+    for j in range(3):
+        stream.write(k[:, :, j], v[:, :, j])
+    x = torch.randn(B, T, D)
+    with torch.no_grad():
+        q = apply_rotary(read.q_norm(read.q_proj(x).view(B, T, HQ, HD)), cos, sin)
+        want = read.o_proj(depth_attention(q, k, v).reshape(B, T, -1))
+        assert rel_err(read(x, cos, sin, stream), want) < 1e-5
+    with pytest.raises(ValueError, match="at least one written depth slot"):
+        read(x, cos, sin, DepthStream(1))
+
+
+def test_attnres_two_phase_read_equals_the_one_phase_read():
+    torch.manual_seed(0)
+    reads = AttnResQueries(4, D)
+    with torch.no_grad():
+        reads.queries.normal_()
+        stream = SourceStream(2)
+        stream.write(torch.randn(B, T, D))
+        stream.write(torch.randn(B, T, D))
+        partial = torch.randn(B, T, D)
+        out, lse = reads.read_two_phase(stream, 1, 2)
+        assert out.shape == (2, B, T, D) and lse.shape == (2, B, T)
+        assert rel_err(out[0], reads.read(stream, 1)) < 1e-5
+        assert rel_err(reads.merge(2, out[1], lse[1], partial), reads.read(stream, 2, partial)) < 1e-5
+
+
+def test_denseformer_mixer_starts_as_the_identity():
+    mixer = DenseFormerMixer(3)
+    states = [torch.randn(B, T, D) for _ in range(3)]
+    assert torch.equal(mixer(1, states), states[2])
+    with pytest.raises(ValueError, match="states must hold"):
+        mixer(2, states)
+
+
+@pytest.mark.parametrize("call, msg", [
+    (lambda: MoDAAttention(D, 3, HK, HD), "heads must be a multiple of kv_heads"),
+    (lambda: MoDAAttention(D, HQ, HK, 7), "head_dim must be even"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, attn_kv_proj=True), "needs writes_depth=True"),
+    (lambda: MoDAAttention(D, 0, HK, HD), "heads must be a positive int"),
+    (lambda: MoDAAttention(D, HQ, HK, HD)(torch.randn(B, T, D + 1), *_rope()), r"x must be a tensor \[B, T, 32\]"),
+    (lambda: MoDAAttention(D, HQ, HK, HD)(torch.randn(B, T, D), *_rope()), "stream must be a DepthStream"),
+    (lambda: MoDAAttention(D, HQ, HK, HD)(torch.randn(B, T, D), *_rope(T + 1), DepthStream(1)), "cos must be"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, reads_depth=False)(torch.randn(B, T, D), *_rope(), masks={"mask": None}),
+     "masks must be None or a dict"),
+    (lambda: DepthRead(D, HQ, HD)(torch.randn(B, T, D), *_rope(), None), "stream must be a DepthStream"),
+    (lambda: AttnResQueries(4, D).read(SourceStream(1), 4), r"i must be a read index in \[0, 4\)"),
+    (lambda: DenseFormerMixer(0), "layers must be a positive int"),
+])
+def test_layer_input_checks_name_the_argument(call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call()
