@@ -14,7 +14,8 @@ from flash_depth.ops import depth_attention, moda_attention
 from oracle import rel_err
 
 VARIANTS = [(m, n) for m in DEPTH_MECHANISMS for n in ("pre", "post") if not (m.startswith("attnres") and n == "post")]
-VARIANTS += [("moda", "pre", {"ffn_kv": False}), ("moda", "post", {"attn_kv_proj": True})]
+VARIANTS += [("moda", "pre", {"ffn_kv": False}), ("moda", "post", {"attn_kv_proj": True}),
+             ("moda", "pre", {"depth_window": 2, "depth_anchors": 1}), ("depth_attention", "pre", {"depth_window": 3})]
 
 
 def _model(mech, norm="pre", **kw):
@@ -338,6 +339,7 @@ def test_depth_stream_read_whose_output_is_unused():
 @pytest.mark.parametrize("mech, norm, extra", [
     ("moda", "pre", {}), ("moda", "post", {}), ("moda", "pre", {"ffn_kv": False}),
     ("moda", "post", {"attn_kv_proj": True}), ("depth_attention", "pre", {}), ("depth_attention", "post", {"ffn_kv": False}),
+    ("moda", "pre", {"depth_window": 1, "depth_anchors": 1}),
 ])
 def test_fused_model_gradients_match_the_reference_path(mech, norm, extra):
     """Every parameter's gradient on the fused path (Triton kernels, deferred slot gradients; the

@@ -165,18 +165,19 @@ class FlashDepthBlock(nn.Module):
         D, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                                         config.head_dim)
         writes = _writes_depth(config, layer_idx)
+        window = {"depth_window": config.depth_window, "depth_anchors": config.depth_anchors}
         self.attn_norm = RMSNorm(D, eps)
         self.attn = MoDAAttention(D, heads, kv_heads, head_dim, qk_norm=config.qk_norm, eps=eps,
                                   reads_depth=config.depth_mechanism == "moda", writes_depth=writes,
                                   attn_kv_proj=writes and config.attn_kv_proj, layer_idx=layer_idx,
-                                  backend=config.attention_backend)
+                                  backend=config.attention_backend, **window)
         self.ffn_norm = RMSNorm(D, eps)
         self.ffn = SwiGLU(D, config.intermediate_size)
         ffn_kv = writes and config.ffn_kv
         self.ffn_kv = DepthKV(D, kv_heads, head_dim, k_norm=config.qk_norm, eps=eps) if ffn_kv else None
         has_read = config.depth_mechanism == "depth_attention" and layer_idx > 0
         self.depth_read = DepthRead(D, heads, head_dim, qk_norm=config.qk_norm, eps=eps, layer_idx=layer_idx,
-                                    backend=config.attention_backend) if has_read else None
+                                    backend=config.attention_backend, **window) if has_read else None
         self.depth_norm = RMSNorm(D, eps) if has_read else None
 
     def attn_sublayer(self, h, cos, sin, stream, cache, masks=None):

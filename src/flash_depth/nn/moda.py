@@ -17,7 +17,7 @@ from torch import nn
 from flash_depth.ops import moda_attention
 
 from ._recorder import record_layer
-from .depth_stream import DepthStream, read_depth, read_moda
+from .depth_stream import DepthStream, _check_window, read_depth, read_moda
 from .layers import RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
@@ -118,15 +118,18 @@ class MoDAAttention(nn.Module):
         attn_kv_proj: the written slot gets its own projection (needs ``writes_depth``).
         layer_idx: the layer's index in the KV cache.
         backend: kernels, as in :func:`~flash_depth.moda_attention`.
+        depth_window, depth_anchors: read only the last ``depth_window`` slots plus the first
+            ``depth_anchors`` (None: every written slot), as :func:`read_moda`'s window/anchors.
 
     Weights: ``q_proj``, ``kv_proj`` (K then V), ``o_proj``, ``q_norm``, ``k_norm``, ``depth_kv``.
     """
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qk_norm: bool = True,
                  eps: float = 1e-6, reads_depth: bool = True, writes_depth: bool = False, attn_kv_proj: bool = False,
-                 layer_idx: int = 0, backend: str = "auto"):
+                 layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0):
         super().__init__()
         _check_dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+        _check_window(depth_window, depth_anchors)
         if heads % kv_heads:
             raise ValueError(f"heads must be a multiple of kv_heads, got heads={heads}, kv_heads={kv_heads}")
         if head_dim % 2:
@@ -136,6 +139,7 @@ class MoDAAttention(nn.Module):
         self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, kv_heads, head_dim
         self.reads_depth, self.writes_depth = reads_depth, writes_depth
         self.layer_idx, self.backend = layer_idx, backend
+        self.window = {"window": depth_window, "anchors": depth_anchors}
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
         self.kv_proj = nn.Linear(hidden, 2 * kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
@@ -168,7 +172,7 @@ class MoDAAttention(nn.Module):
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
         record_layer(self, "attention", q, k_all, stream if self.reads_depth else None)
         if self.reads_depth:
-            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **(masks or {}))
+            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **self.window, **(masks or {}))
         else:
             o = moda_attention(q, k_all, v_all, backend=self.backend, **(masks or {}))
         if self.writes_depth:
@@ -190,13 +194,15 @@ class DepthRead(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, head_dim: int, *, qk_norm: bool = True, eps: float = 1e-6,
-                 layer_idx: int = 0, backend: str = "auto"):
+                 layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0):
         super().__init__()
         _check_dims(hidden=hidden, heads=heads, head_dim=head_dim)
+        _check_window(depth_window, depth_anchors)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
         self.hidden, self.heads, self.head_dim = hidden, heads, head_dim
         self.layer_idx, self.backend = layer_idx, backend
+        self.window = {"window": depth_window, "anchors": depth_anchors}
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
@@ -210,7 +216,7 @@ class DepthRead(nn.Module):
         _check_stream(stream, "the slots to read")
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
         record_layer(self, "depth_read", q, stream)
-        return self.o_proj(read_depth(stream, q, backend=self.backend).reshape(B, T, -1))
+        return self.o_proj(read_depth(stream, q, backend=self.backend, **self.window).reshape(B, T, -1))
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, heads={self.heads}, head_dim={self.head_dim}"
