@@ -13,7 +13,9 @@ from flash_depth.nn.depth_stream import DepthStream, read_depth, read_moda
 from flash_depth.ops import depth_attention, moda_attention
 from oracle import rel_err
 
-VARIANTS = [(m, n) for m in DEPTH_MECHANISMS for n in ("pre", "post") if not (m.startswith("attnres") and n == "post")]
+PRE_NORM_ONLY = ("attnres_full", "attnres_block", "mhc", "hc")  # they read each sublayer's input themselves
+
+VARIANTS = [(m, n) for m in DEPTH_MECHANISMS for n in ("pre", "post") if n == "pre" or m not in PRE_NORM_ONLY]
 VARIANTS += [("moda", "pre", {"ffn_kv": False}), ("moda", "post", {"attn_kv_proj": True}),
              ("moda", "pre", {"depth_window": 2, "depth_anchors": 1}), ("depth_attention", "pre", {"depth_window": 3})]
 
@@ -24,6 +26,12 @@ def _model(mech, norm="pre", **kw):
     if model.model.attnres is not None:  # zero queries give the key norms no gradient: move off init
         with torch.no_grad():
             model.model.attnres.queries.normal_(0, 0.5)
+    if model.model.hyper is not None:  # zero gates give mHC's projections no gradient: move off init
+        with torch.no_grad():
+            for hc in model.model.hyper:
+                for name, p in hc.named_parameters():
+                    if name.startswith("alpha"):
+                        p.fill_(0.1)
     return model
 
 
@@ -498,3 +506,21 @@ def test_compiled_blocks_share_their_graphs_across_layers(mech):
         model(ids, labels=ids).loss.backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
+
+
+@pytest.mark.parametrize("mech", ["mhc", "hc"])
+def test_hyper_connections_start_as_the_residual_model(mech):
+    """At init (zero gates: every stream equal; HC: one-hot reads, identity mixing) a hyper-connected
+    model with a residual model's weights gives that model's logits; once the gates move it differs."""
+    torch.manual_seed(0)
+    residual = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny")).eval()
+    model = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", depth_mechanism=mech)).eval()
+    missing, unexpected = model.load_state_dict(residual.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("model.hyper.") for name in missing)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, residual(ids).logits) < 1e-5
+        for name, p in model.model.hyper.named_parameters():
+            if name.endswith(("alpha_post", "alpha_res", "h_res")):
+                p.add_(0.3)
+        assert rel_err(model(ids).logits, residual(ids).logits) > 1e-3

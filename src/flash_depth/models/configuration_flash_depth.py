@@ -7,7 +7,7 @@ try:  # transformers >= 5
 except ImportError:  # transformers 4.x
     from transformers import PretrainedConfig as PreTrainedConfig
 
-DEPTH_MECHANISMS = ("residual", "moda", "depth_attention", "attnres_full", "attnres_block", "denseformer")
+DEPTH_MECHANISMS = ("residual", "moda", "depth_attention", "attnres_full", "attnres_block", "denseformer", "mhc", "hc")
 NORM_POSITIONS = ("pre", "post")
 
 PRESETS = {
@@ -30,7 +30,9 @@ class FlashDepthConfig(PreTrainedConfig):
 
     Depth fields:
         depth_mechanism: one of ``residual``, ``moda``, ``depth_attention``, ``attnres_full``,
-            ``attnres_block``, ``denseformer``.
+            ``attnres_block``, ``denseformer``, ``mhc`` (manifold-constrained hyper-connections:
+            ``hc_streams`` residual streams mixed per token, the stream mix made doubly stochastic
+            by Sinkhorn) or ``hc`` (static hyper-connections).
         norm_position: ``pre`` or ``post`` (residual-stream mechanisms).
         ffn_kv: (moda, depth_attention) each FFN also writes a depth K/V slot, projected from its input.
         attn_kv_proj: (moda, depth_attention) attention layers write depth K/V from their own
@@ -39,6 +41,7 @@ class FlashDepthConfig(PreTrainedConfig):
         depth_window: (moda, depth_attention) None reads every earlier slot; an int S reads only the
             last S slots (plus the first ``depth_anchors``): O(S) per token and layer instead of O(L).
         depth_anchors: slots from the start that a windowed read keeps (the embedding-side layers).
+        hc_streams: parallel residual streams of ``mhc`` / ``hc``.
     """
 
     model_type = "flash_depth"
@@ -64,6 +67,7 @@ class FlashDepthConfig(PreTrainedConfig):
         attnres_blocks: int = 8,
         depth_window: int | None = None,
         depth_anchors: int = 0,
+        hc_streams: int = 4,
         attention_backend: str = "auto",
         tie_word_embeddings: bool = False,
         **kwargs,
@@ -87,6 +91,7 @@ class FlashDepthConfig(PreTrainedConfig):
         self.attnres_blocks = attnres_blocks
         self.depth_window = depth_window
         self.depth_anchors = depth_anchors
+        self.hc_streams = hc_streams
         self.attention_backend = attention_backend
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_depth()
@@ -104,6 +109,12 @@ class FlashDepthConfig(PreTrainedConfig):
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
         if self.depth_mechanism.startswith("attnres") and self.norm_position != "pre":
             raise ValueError("attnres mechanisms normalise each sublayer's input themselves: norm_position must be 'pre'")
+        if self.depth_mechanism in ("mhc", "hc"):
+            if self.norm_position != "pre":
+                raise ValueError(f"{self.depth_mechanism} reads each sublayer's input from its streams: norm_position "
+                                 "must be 'pre'")
+            if isinstance(self.hc_streams, bool) or not isinstance(self.hc_streams, int) or self.hc_streams < 2:
+                raise ValueError(f"hc_streams must be an int >= 2, got {self.hc_streams!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "

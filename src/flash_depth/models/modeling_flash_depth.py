@@ -22,7 +22,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from flash_depth.nn import AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, MoDAAttention
+from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, HyperConnection, MoDAAttention,
+                            collapse_streams, expand_streams)
 from flash_depth.nn._recorder import record, record_layer
 from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.nn.depth_stream import DepthStream
@@ -255,6 +256,10 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         attnres = mech.startswith("attnres")
         self.attnres = AttnResQueries(n_reads, config.hidden_size, config.rms_norm_eps) if attnres else None
         self.dense = DenseFormerMixer(config.num_hidden_layers) if mech == "denseformer" else None
+        self.hyper = nn.ModuleList(
+            HyperConnection(config.hidden_size, config.hc_streams, kind=mech, layer=i, eps=config.rms_norm_eps)
+            for i in range(2 * config.num_hidden_layers)  # one per sublayer
+        ) if mech in ("mhc", "hc") else None
         self.activation_checkpointing = False
         self.post_init()
 
@@ -330,6 +335,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         stream = DepthStream(cfg.depth_slots) if cfg.depth_slots else None
         if cfg.depth_mechanism.startswith("attnres"):
             x = self._attnres(x, cos, sin, cache, masks)
+        elif self.hyper is not None:
+            x = self._hyper_connections(x, cos, sin, cache, masks)
         elif cfg.depth_mechanism == "denseformer":
             outputs = [x]
             for i, layer in enumerate(self.layers):
@@ -384,6 +391,25 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
     def attnres_block_size(self) -> int:
         sublayers = 2 * self.config.num_hidden_layers
         return 1 if self.config.depth_mechanism == "attnres_full" else sublayers // self.config.attnres_blocks
+
+    def _hyper_connections(self, emb, cos, sin, cache, masks):
+        """mHC / HC: ``hc_streams`` copies of the embedding; each sublayer reads its input from the
+        streams and writes its output back with the mixing of :class:`HyperConnection`; the model's
+        output is the streams' mean."""
+        recording = self.__dict__.get("_recorder") is not None
+        streams = expand_streams(emb, self.config.hc_streams)
+        for i, layer in enumerate(self.layers):
+            for j, sub in enumerate(("attn", "ffn")):
+                def sublayer(h, layer=layer, sub=sub):
+                    out = self._run(layer, h, cos, sin, None, cache, masks, sub)
+                    if recording:
+                        record(self, "sublayer", i, sub, h, h + out)
+                    return out
+
+                streams = self.hyper[2 * i + j](streams, sublayer)
+            if recording:
+                record(self, "hidden", i, collapse_streams(streams))
+        return collapse_streams(streams)
 
     def _attnres(self, emb, cos, sin, cache, masks):
         """Attention Residuals: each sublayer's input is a softmax read over finished block sums

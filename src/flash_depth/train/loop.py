@@ -402,5 +402,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, device: str 
         with writing(out / "loss.png"):
             plot_runs([out], out / "loss.png")
     if world > 1:
+        # Every rank waits here (the GIL released) until the others are done: a gloo worker still
+        # freeing the last collective's tensors needs the GIL, and tearing the group down while it
+        # waits for it deadlocks (seen on CPU runs, ~1 in 3, in ProcessGroupGloo's destructor).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
