@@ -87,38 +87,28 @@ STATE_DICT_KEYS = {  # recorded from the tiny preset before the layers moved to 
         model.layers.3.depth_read.q_norm.weight model.layers.3.depth_read.o_proj.weight
         model.layers.3.depth_norm.weight model.norm.weight lm_head.weight
     """.split()),
-    "attnres_block": ("attnres_block", {}, """
-        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
-        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
-        model.layers.0.attn.k_norm.weight model.layers.0.ffn_norm.weight model.layers.0.ffn.gate_up.weight
-        model.layers.0.ffn.down.weight model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight
-        model.layers.1.attn.kv_proj.weight model.layers.1.attn.o_proj.weight model.layers.1.attn.q_norm.weight
-        model.layers.1.attn.k_norm.weight model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight
-        model.layers.1.ffn.down.weight model.layers.2.attn_norm.weight model.layers.2.attn.q_proj.weight
-        model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight model.layers.2.attn.q_norm.weight
-        model.layers.2.attn.k_norm.weight model.layers.2.ffn_norm.weight model.layers.2.ffn.gate_up.weight
-        model.layers.2.ffn.down.weight model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight
-        model.layers.3.attn.kv_proj.weight model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight
-        model.layers.3.attn.k_norm.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
-        model.layers.3.ffn.down.weight model.norm.weight model.attnres.queries model.attnres.key_norms
-        lm_head.weight
-    """.split()),
-    "denseformer": ("denseformer", {}, """
-        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
-        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
-        model.layers.0.attn.k_norm.weight model.layers.0.ffn_norm.weight model.layers.0.ffn.gate_up.weight
-        model.layers.0.ffn.down.weight model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight
-        model.layers.1.attn.kv_proj.weight model.layers.1.attn.o_proj.weight model.layers.1.attn.q_norm.weight
-        model.layers.1.attn.k_norm.weight model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight
-        model.layers.1.ffn.down.weight model.layers.2.attn_norm.weight model.layers.2.attn.q_proj.weight
-        model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight model.layers.2.attn.q_norm.weight
-        model.layers.2.attn.k_norm.weight model.layers.2.ffn_norm.weight model.layers.2.ffn.gate_up.weight
-        model.layers.2.ffn.down.weight model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight
-        model.layers.3.attn.kv_proj.weight model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight
-        model.layers.3.attn.k_norm.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
-        model.layers.3.ffn.down.weight model.norm.weight model.dense.weights lm_head.weight
-    """.split()),
 }
+
+# attnres_block and denseformer were recorded with the same plain blocks; only their own
+# parameters (and lm_head after them) differ.
+PLAIN_BLOCKS = """
+        model.embed_tokens.weight model.layers.0.attn_norm.weight model.layers.0.attn.q_proj.weight
+        model.layers.0.attn.kv_proj.weight model.layers.0.attn.o_proj.weight model.layers.0.attn.q_norm.weight
+        model.layers.0.attn.k_norm.weight model.layers.0.ffn_norm.weight model.layers.0.ffn.gate_up.weight
+        model.layers.0.ffn.down.weight model.layers.1.attn_norm.weight model.layers.1.attn.q_proj.weight
+        model.layers.1.attn.kv_proj.weight model.layers.1.attn.o_proj.weight model.layers.1.attn.q_norm.weight
+        model.layers.1.attn.k_norm.weight model.layers.1.ffn_norm.weight model.layers.1.ffn.gate_up.weight
+        model.layers.1.ffn.down.weight model.layers.2.attn_norm.weight model.layers.2.attn.q_proj.weight
+        model.layers.2.attn.kv_proj.weight model.layers.2.attn.o_proj.weight model.layers.2.attn.q_norm.weight
+        model.layers.2.attn.k_norm.weight model.layers.2.ffn_norm.weight model.layers.2.ffn.gate_up.weight
+        model.layers.2.ffn.down.weight model.layers.3.attn_norm.weight model.layers.3.attn.q_proj.weight
+        model.layers.3.attn.kv_proj.weight model.layers.3.attn.o_proj.weight model.layers.3.attn.q_norm.weight
+        model.layers.3.attn.k_norm.weight model.layers.3.ffn_norm.weight model.layers.3.ffn.gate_up.weight
+        model.layers.3.ffn.down.weight model.norm.weight
+""".split()
+STATE_DICT_KEYS["attnres_block"] = ("attnres_block", {}, PLAIN_BLOCKS + ["model.attnres.queries",
+                                                                         "model.attnres.key_norms", "lm_head.weight"])
+STATE_DICT_KEYS["denseformer"] = ("denseformer", {}, PLAIN_BLOCKS + ["model.dense.weights", "lm_head.weight"])
 
 
 @pytest.mark.parametrize("case", list(STATE_DICT_KEYS))
