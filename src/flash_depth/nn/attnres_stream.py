@@ -27,51 +27,29 @@ class SourceStream(SlotStream):
     def __init__(self, slots: int, backend: str = "auto", dtype: torch.dtype | None = None):
         super().__init__(slots, slot_dim=0, names=("sources",), dtype=dtype)
         self.backend = backend
-        self.reader_sources: list[int] = []  # fused reads, in order: how many sources each read
-        self.reader_bufs: dict[str, torch.Tensor] | None = None  # u [R, D]; do [R, M, D]; lse, delta [R, M]
-        self.kept: set[int] = set()  # reads whose backward ran (an unused read's never does)
-        self.eps: float | None = None
+        self.eps: float | None = None  # read buffers (reader_bufs): u [R, D]; do [R, M, D]; lse, delta [R, M]
 
     def register_reader(self, eps: float) -> int:
-        """Index of a new fused read of the current sources (its buffers are filled in backward)."""
+        """Index of a new fused read of every written source (its buffers are filled in backward)."""
         if self.eps is not None and eps != self.eps:
             raise ValueError(f"every read of one source stream needs one eps; got {eps} after {self.eps}")
         self.eps = eps
-        self.reader_sources.append(self.count)
-        return len(self.reader_sources) - 1
+        return super().register_reader(((0, self.count),))
 
     def keep_reader(self, r: int, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor):
         """Stores read r's u ``[1, D]``, dO ``[1, M, D]`` and lse ``[1, M]``; returns its rowsum buffer ``[M]``."""
-        if self.reader_bufs is None:  # the first read backward: every read is known by now
-            R, (_, M, D) = len(self.reader_sources), do.shape
-            self.reader_bufs = {"u": u.new_empty((R, D)), "do": do.new_empty((R, M, D)),
-                                "lse": lse.new_empty((R, M)), "delta": lse.new_empty((R, M))}
-        bufs = self.reader_bufs
-        if do.shape[1:] != bufs["do"].shape[1:] or do.dtype != bufs["do"].dtype:
-            raise ValueError(f"every read of one source stream needs outputs of one shape and dtype; got "
-                             f"{tuple(do.shape[1:])} {do.dtype} after {tuple(bufs['do'].shape[1:])} {bufs['do'].dtype}")
-        bufs["u"][r].copy_(u[0])
-        bufs["do"][r].copy_(do[0])
-        bufs["lse"][r].copy_(lse[0])
-        self.kept.add(r)
-        return bufs["delta"][r]
+        return super().keep_reader(r, {"delta": "lse"}, u=u[0], do=do[0], lse=lse[0])["delta"]
 
     def slot_grads(self, slot: int, dtypes):
         grads = super().slot_grads(slot, dtypes)  # reads on the reference path
-        first = next((r for r, n in enumerate(self.reader_sources) if n > slot), None)
-        if first is None or self.reader_bufs is None:
+        runs = self.readers(slot)  # one run: every read takes all sources written before it
+        if not runs:
             return grads
-        bufs = self.reader_bufs
-        for r in range(first, len(self.reader_sources)):
-            if r not in self.kept:  # a read whose output went unused: zeros add nothing (alpha = 1, dO = 0)
-                for buf in bufs.values():
-                    buf[r].zero_()
-                self.kept.add(r)
         from flash_depth.ops.attnres_triton import attnres_source_backward  # triton: imported only where it runs
 
-        source = self.buffers[0][slot]
+        bufs, source = self.reader_bufs, self.buffers[0][slot]
         dv = attnres_source_backward(source.reshape(-1, source.shape[-1]), bufs["u"], bufs["do"], bufs["lse"],
-                                     bufs["delta"], (first, len(self.reader_sources)), self.eps,
+                                     bufs["delta"], (runs[0].start, runs[-1].stop), self.eps,
                                      out_dtype=dtypes[0]).view(source.shape)
         return (dv,) if grads is None else (grads[0] + dv,)
 

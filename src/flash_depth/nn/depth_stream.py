@@ -28,9 +28,7 @@ class DepthStream(SlotStream):
 
     def __init__(self, slots: int):
         super().__init__(slots, slot_dim=2, names=("k", "v"))
-        self.reader_spans: list[tuple[tuple[int, int], ...]] = []  # fused reads, in order: the slots each read
-        self.reader_bufs: dict[str, torch.Tensor] | None = None  # q, do [R, B, T, Hq, d]; lse, delta [R, B, Hq, T]
-        self.kept: set[int] = set()  # reads whose backward ran (an unused read's never does)
+        # read buffers (reader_bufs): q, do [R, B, T, Hq, d]; lse, delta [R, B, Hq, T]
         self.formed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (dk, dv) formed early
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -51,28 +49,10 @@ class DepthStream(SlotStream):
         """(k, v) views ``[B, T, end - start, Hk, d]`` of each span (no copies)."""
         return [tuple(buf.data.narrow(self.slot_dim, a, b - a) for buf in self.buffers) for a, b in spans]
 
-    def register_reader(self, spans) -> int:
-        """Index of a new fused read of the slots in ``spans`` (its buffers are filled in backward)."""
-        self.reader_spans.append(tuple(spans))
-        return len(self.reader_spans) - 1
-
     def keep_reader(self, r: int, q, do, lse) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores read r's q, dO and lse; returns its dO (stacked copy) and its rowsum buffer."""
-        if self.reader_bufs is None:  # the first read backward: every read is known by now
-            R, (B, T, Hq, d) = len(self.reader_spans), q.shape
-            self.reader_bufs = {
-                "q": q.new_empty((R, B, T, Hq, d)), "do": q.new_empty((R, B, T, Hq, d)),
-                "lse": lse.new_empty((R, B, Hq, T)), "delta": lse.new_empty((R, B, Hq, T)),
-            }
-        bufs = self.reader_bufs
-        if q.shape != bufs["q"].shape[1:] or q.dtype != bufs["q"].dtype:
-            raise ValueError(f"every read of one depth stream needs q of one shape and dtype; got "
-                             f"{tuple(q.shape)} {q.dtype} after {tuple(bufs['q'].shape[1:])} {bufs['q'].dtype}")
-        bufs["q"][r].copy_(q)
-        bufs["do"][r].copy_(do)
-        bufs["lse"][r].copy_(lse)
-        self.kept.add(r)
-        return bufs["do"][r], bufs["delta"][r]
+        rows = super().keep_reader(r, {"delta": "lse"}, q=q, do=do, lse=lse)
+        return rows["do"], rows["delta"]
 
     def slot_grads(self, slot: int, dtypes):
         grads = super().slot_grads(slot, dtypes)  # reads on the reference path
@@ -82,35 +62,18 @@ class DepthStream(SlotStream):
         deferred = tuple(g.to(dtype) for g, dtype in zip(deferred, dtypes))
         return deferred if grads is None else tuple(a + b for a, b in zip(grads, deferred))
 
-    def _readers(self, slot: int) -> list[range]:
-        """The fused reads of ``slot`` as runs of consecutive read indices (one run unless reads
-        with different windows interleave)."""
-        runs: list[range] = []
-        for r, spans in enumerate(self.reader_spans):
-            if any(a <= slot < b for a, b in spans):
-                if runs and runs[-1].stop == r:
-                    runs[-1] = range(runs[-1].start, r + 1)
-                else:
-                    runs.append(range(r, r + 1))
-        return runs
-
     def _deferred_grads(self, slot: int):
         """dk, dv ``[B, T, Hk, d]`` of ``slot`` summed over its fused readers (None: it has none)."""
         if slot in self.formed:
             return self.formed.pop(slot)
-        runs = self._readers(slot)
-        if not runs or self.reader_bufs is None:
+        runs = self.readers(slot)
+        if not runs:
             return None
         # the slot written just before has the same readers (no read between the two writes, no
         # window edge between them): both are formed by one launch, reading q and dO once
-        pair = slot > 0 and slot - 1 not in self.formed and self._readers(slot - 1) == runs
+        pair = slot > 0 and slot - 1 not in self.formed and self.readers(slot - 1) == runs
         slot0 = slot - 1 if pair else slot
         bufs = self.reader_bufs
-        for r in (r for run in runs for r in run):
-            if r not in self.kept:  # a read whose output went unused: zeros add nothing (p = 1, dS = 0, dO = 0)
-                for buf in bufs.values():
-                    buf[r].zero_()
-                self.kept.add(r)
         from flash_depth.ops.depth_triton import depth_slot_backward  # triton: imported only where it runs
 
         k_depth, v_depth = self.views()

@@ -28,6 +28,10 @@ class SlotStream:
         self.slots_max, self.slot_dim, self.names, self.dtype = slots, slot_dim, names, dtype
         self.buffers: list[torch.Tensor] | None = None  # allocated at the first write
         self.grads: list[torch.Tensor] | None = None
+        # deferred gradients: the slot ranges each fused read took, in order, and what its backward kept
+        self.reader_spans: list[tuple[tuple[int, int], ...]] = []
+        self.reader_bufs: dict[str, torch.Tensor] | None = None  # name -> [R, ...], one row per read
+        self.kept: set[int] = set()  # reads whose backward ran (an unused read's never does)
         self.count = 0
         self.handle: torch.Tensor | None = None
 
@@ -82,6 +86,49 @@ class SlotStream:
         if self.grads is None:
             return None
         return tuple(g.select(self.slot_dim, slot).to(dtype) for g, dtype in zip(self.grads, dtypes))
+
+    def register_reader(self, spans) -> int:
+        """Index of a new fused read of the slots in ``spans`` (``(start, end)`` ranges); what its
+        backward keeps is stored with :meth:`keep_reader`."""
+        self.reader_spans.append(tuple(spans))
+        return len(self.reader_spans) - 1
+
+    def keep_reader(self, r: int, outputs: dict[str, str], **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stores read r's ``values`` in stacked ``[R, ...]`` buffers (allocated at the first read
+        backward, when every read is known) and returns read r's rows of every buffer; ``outputs``
+        names further buffers for the read to fill, each shaped like one of the values."""
+        if self.reader_bufs is None:
+            R = len(self.reader_spans)
+            self.reader_bufs = {name: x.new_empty((R, *x.shape)) for name, x in values.items()}
+            self.reader_bufs.update({name: values[like].new_empty((R, *values[like].shape))
+                                     for name, like in outputs.items()})
+        bufs = self.reader_bufs
+        for name, x in values.items():
+            if x.shape != bufs[name].shape[1:] or x.dtype != bufs[name].dtype:
+                raise ValueError(f"every read of one stream needs {name} of one shape and dtype; got "
+                                 f"{tuple(x.shape)} {x.dtype} after {tuple(bufs[name].shape[1:])} {bufs[name].dtype}")
+            bufs[name][r].copy_(x)
+        self.kept.add(r)
+        return {name: buf[r] for name, buf in bufs.items()}
+
+    def readers(self, slot: int) -> list[range]:
+        """The fused reads of ``slot`` as runs of consecutive read indices (one run unless reads
+        with different windows interleave); the rows of reads whose backward never ran (their
+        output went unused) are zeroed, which adds nothing to any deferred gradient."""
+        runs: list[range] = []
+        for r, spans in enumerate(self.reader_spans):
+            if any(a <= slot < b for a, b in spans):
+                if runs and runs[-1].stop == r:
+                    runs[-1] = range(runs[-1].start, r + 1)
+                else:
+                    runs.append(range(r, r + 1))
+        if self.reader_bufs is None:  # no fused read's backward ran
+            return []
+        for r in (r for run in runs for r in run if r not in self.kept):
+            for buf in self.reader_bufs.values():
+                buf[r].zero_()
+            self.kept.add(r)
+        return runs
 
     def read_handle(self) -> torch.Tensor | None:
         """What a differentiable read must take as an input (None: nothing to differentiate)."""
