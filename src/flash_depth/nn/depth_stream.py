@@ -154,7 +154,7 @@ class _Read(torch.autograd.Function):
         return None, torch.zeros((), device=do.device), dq, dk, dv, None, None, None, None
 
 
-def _check_window(window, anchors) -> None:
+def check_window(window, anchors) -> None:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None (every written slot) or an int >= 1, got {window!r}")
     if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
@@ -172,7 +172,7 @@ def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str
     O(S) per token instead of O(L); S >= the slots written is full MoDA). cu_seqlens/max_seqlen
     (packed documents) and kv_start (left padding): as ``moda_attention``."""
     masks = check_masks(q, k, cu_seqlens, max_seqlen, kv_start)
-    _check_window(window, anchors)
+    check_window(window, anchors)
     if stream.count == 0:
         return moda_attention(q, k, v, causal=causal, backend=backend, **masks)
     return _read(stream, q, k, v, causal, backend, masks, stream.spans(window, anchors))
@@ -186,7 +186,7 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto", cu_seqlens=None
     so documents need no mask)."""
     if stream.count == 0:
         raise ValueError("read_depth needs at least one written depth slot")
-    _check_window(window, anchors)
+    check_window(window, anchors)
     masks = check_masks(q, None, cu_seqlens, max_seqlen, None)
     return _read(stream, q, None, None, False, backend, masks, stream.spans(window, anchors))
 

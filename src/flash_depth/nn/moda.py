@@ -17,7 +17,7 @@ from torch import nn
 from flash_depth.ops import moda_attention
 
 from ._recorder import record_layer
-from .depth_stream import DepthStream, _check_window, read_depth, read_moda
+from .depth_stream import DepthStream, check_window, read_depth, read_moda
 from .layers import RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class MoDAAttention(nn.Module):
                  layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0):
         super().__init__()
         _check_dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
-        _check_window(depth_window, depth_anchors)
+        check_window(depth_window, depth_anchors)
         if heads % kv_heads:
             raise ValueError(f"heads must be a multiple of kv_heads, got heads={heads}, kv_heads={kv_heads}")
         if head_dim % 2:
@@ -197,7 +197,7 @@ class DepthRead(nn.Module):
                  layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0):
         super().__init__()
         _check_dims(hidden=hidden, heads=heads, head_dim=head_dim)
-        _check_window(depth_window, depth_anchors)
+        check_window(depth_window, depth_anchors)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
         self.hidden, self.heads, self.head_dim = hidden, heads, head_dim
