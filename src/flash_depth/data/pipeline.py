@@ -6,11 +6,15 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .sources import DataError, is_token_shards, load_documents, load_token_shards
 from .tokenizer import EOT, TOKENIZER_VERSION, ByteTokenizer, load_tokenizer, train_bpe
+
+if TYPE_CHECKING:  # the data room imports torch only where it is used
+    import torch
 
 
 @dataclass
