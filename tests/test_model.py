@@ -489,7 +489,7 @@ def test_torch_compile_gives_the_same_gradients(mech):
         assert rel_err(p.grad, eager[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("mech", ["moda", "depth_attention", "attnres_full"])
+@pytest.mark.parametrize("mech", ["moda", "depth_attention", "attnres_full", "mhc"])
 def test_compiled_blocks_share_their_graphs_across_layers(mech):
     """Regional compilation must not specialise per layer (an int attribute or the slot count
     read inside a block would): past torch's recompile limit the other layers run eagerly.

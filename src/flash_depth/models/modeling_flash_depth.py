@@ -218,6 +218,11 @@ class FlashDepthBlock(nn.Module):
         return x
 
 
+def _hyper_sublayer(hyper: HyperConnection, layer: FlashDepthBlock, streams, cos, sin, cache, masks, sublayer: str):
+    """One sublayer of ``layer`` between ``hyper``'s read and write of the streams ``[B, T, n, D]``."""
+    return hyper(streams, lambda h: layer(h, cos, sin, None, cache, masks, sublayer))
+
+
 class FlashDepthPreTrainedModel(PreTrainedModel):
     config_class = FlashDepthConfig
     base_model_prefix = "model"
@@ -261,6 +266,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             for i in range(2 * config.num_hidden_layers)  # one per sublayer
         ) if mech in ("mhc", "hc") else None
         self.activation_checkpointing = False
+        self._hyper_sublayer = _hyper_sublayer  # compile_blocks compiles it
         self.post_init()
 
     def _check_ids(self, input_ids):
@@ -374,7 +380,13 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (regional compilation, as torchtitan does): the
         blocks share one traced graph per variant, compiled once, whatever the depth; the stream
-        reads and writes run eagerly between graphs. ``options`` go to ``torch.compile``."""
+        reads and writes run eagerly between graphs. mHC / HC compile each sublayer together with
+        its stream read and write instead: those are n-fold residual-stream passes that the
+        compiler fuses (eager, they cost more than the sublayer at small widths). ``options`` go
+        to ``torch.compile``."""
+        if self.hyper is not None:
+            self._hyper_sublayer = torch.compile(_hyper_sublayer, **options)
+            return
         for layer in self.layers:
             layer.compile(**options)
 
@@ -400,13 +412,17 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         streams = expand_streams(emb, self.config.hc_streams)
         for i, layer in enumerate(self.layers):
             for j, sub in enumerate(("attn", "ffn")):
+                hyper = self.hyper[2 * i + j]
+                if not recording:
+                    streams = self._run(self._hyper_sublayer, hyper, layer, streams, cos, sin, cache, masks, sub)
+                    continue
+
                 def sublayer(h, layer=layer, sub=sub):
-                    out = self._run(layer, h, cos, sin, None, cache, masks, sub)
-                    if recording:
-                        record(self, "sublayer", i, sub, h, h + out)
+                    out = layer(h, cos, sin, None, cache, masks, sub)
+                    record(self, "sublayer", i, sub, h, h + out)
                     return out
 
-                streams = self.hyper[2 * i + j](streams, sublayer)
+                streams = hyper(streams, sublayer)
             if recording:
                 record(self, "hidden", i, collapse_streams(streams))
         return collapse_streams(streams)
