@@ -35,6 +35,16 @@ class DepthStream(SlotStream):
         """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
         super().write(k, v)
 
+    def copy_slot(self, slot: int, values) -> None:
+        k, v = values
+        k_slot, v_slot = (buf.select(self.slot_dim, slot) for buf in self.buffers)
+        if k.is_cuda and k.is_contiguous() and v.is_contiguous():
+            from flash_depth.ops.depth_triton import write_slot  # triton: imported only where it runs
+
+            write_slot(k_slot, v_slot, k, v)  # both in one launch at the copy bandwidth
+        else:
+            super().copy_slot(slot, values)
+
     def spans(self, window: int | None = None, anchors: int = 0) -> tuple[tuple[int, int], ...]:
         """The slot ranges ``(start, end)`` a read of the written slots takes: all of them, or with
         ``window`` S the last S plus the first ``anchors`` (a bounded depth window)."""

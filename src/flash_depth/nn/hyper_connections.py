@@ -139,7 +139,9 @@ class HyperConnection(nn.Module):
         (H_post, H_res) that ``post`` needs."""
         h_pre, h_post, h_res = self.mixes(X)
         dt = torch.promote_types(X.dtype, h_pre.dtype)
-        x_in = (h_pre.to(dt).unsqueeze(-2) @ X.to(dt)).squeeze(-2)
+        # products and a sum over n, not a batched [1, n] @ [n, D] matmul: the compiler fuses
+        # them into one pass over X (cuBLAS runs such tiny per-token matmuls as slow GEMVs)
+        x_in = (h_pre.to(dt).unsqueeze(-1) * X.to(dt)).sum(-2)
         return x_in.to(X.dtype), (h_post, h_res)
 
     def post(self, X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,9 @@ class HyperConnection(nn.Module):
             raise ValueError(f"y must be a tensor {list(X.shape[:-2] + X.shape[-1:])}, got "
                              f"{getattr(y, 'shape', type(y).__name__)}")
         dt = torch.promote_types(X.dtype, h_res.dtype)
-        out = h_res.to(dt) @ X.to(dt) + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
+        # H_res @ X as products and a sum over n (see pre)
+        mixed = (h_res.to(dt).unsqueeze(-1) * X.to(dt).unsqueeze(-3)).sum(-2)
+        out = mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
         return out.to(X.dtype)
 
     def forward(self, X: torch.Tensor, fn) -> torch.Tensor:

@@ -51,9 +51,13 @@ class SlotStream:
         if torch.is_grad_enabled() and any(x.requires_grad for x in values):
             self.handle = _Write.apply(self, self.count, self.handle, *values)
         else:
-            for buf, x in zip(self.buffers, values):
-                buf.select(self.slot_dim, self.count).copy_(x)
+            self.copy_slot(self.count, values)
         self.count += 1
+
+    def copy_slot(self, slot: int, values) -> None:
+        """Copies one slot's values into the buffers (a subclass may fuse the copies)."""
+        for buf, x in zip(self.buffers, values):
+            buf.select(self.slot_dim, slot).copy_(x)
 
     def slot_shape(self) -> torch.Size:
         shape = list(self.buffers[0].shape)
@@ -138,8 +142,7 @@ class SlotStream:
 class _Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stream, slot, prev_handle, *values):
-        for buf, x in zip(stream.buffers, values):
-            buf.select(stream.slot_dim, slot).copy_(x)
+        stream.copy_slot(slot, values)
         ctx.stream, ctx.slot, ctx.has_prev = stream, slot, prev_handle is not None
         ctx.dtypes = [x.dtype for x in values]  # a producer may be wider than the buffer
         return values[0].new_zeros(())
