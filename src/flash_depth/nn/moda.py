@@ -186,7 +186,7 @@ class MoDAAttention(nn.Module):
         if cache is not None:  # transformers' caches hold [B, H, T, d]
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        record_layer(self, "attention", q, k_all, stream if self.reads_depth else None)
+        record_layer(self, "attention", q, k_all, stream if self.reads_depth else None, self.window)
         if self.reads_depth:
             o = read_moda(stream, q, k_all, v_all, backend=self.backend, **self.window, **(masks or {}))
         else:
@@ -231,7 +231,7 @@ class DepthRead(nn.Module):
         _check_rotary(cos, sin, T, self.head_dim)
         _check_stream(stream, "the slots to read")
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
-        record_layer(self, "depth_read", q, stream)
+        record_layer(self, "depth_read", q, stream, self.window)
         return self.o_proj(read_depth(stream, q, backend=self.backend, **self.window).reshape(B, T, -1))
 
     def extra_repr(self) -> str:
