@@ -34,10 +34,14 @@ VARIANTS = [
     ("moda (attn KV)", {"depth_mechanism": "moda", "ffn_kv": False}),
     ("moda + FFN KV", {"depth_mechanism": "moda"}),
     ("moda + FFN KV, post-norm", {"depth_mechanism": "moda", "norm_position": "post"}),
+    ("moda + FFN KV, window 16", {"depth_mechanism": "moda", "depth_window": 16}),
     ("depth_attention", {"depth_mechanism": "depth_attention"}),
     ("attnres_full", {"depth_mechanism": "attnres_full"}),
     ("attnres_block (8)", {"depth_mechanism": "attnres_block", "attnres_blocks": 8}),
     ("denseformer", {"depth_mechanism": "denseformer"}),
+    ("mhc (4 streams)", {"depth_mechanism": "mhc", "hc_streams": 4}),
+    ("hc (4 streams)", {"depth_mechanism": "hc", "hc_streams": 4}),
+    ("mudd", {"depth_mechanism": "mudd"}),
 ]
 BATCH = {"small-48": 4, "700m": 2}
 
