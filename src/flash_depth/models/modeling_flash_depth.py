@@ -27,11 +27,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, HyperConnection, MoDAAttention,
                             MuddConnections, collapse_streams, expand_streams)
-from flash_depth.nn.mudd import DenseWeights
 from flash_depth.nn._recorder import record, record_layer
 from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.nn.depth_stream import DepthStream
 from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU
+from flash_depth.nn.mudd import DenseWeights
 from flash_depth.ops._checks import check_cu_seqlens
 
 from .configuration_flash_depth import FlashDepthConfig
