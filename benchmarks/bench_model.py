@@ -41,6 +41,7 @@ VARIANTS = [
     ("denseformer", {"depth_mechanism": "denseformer"}),
     ("mhc (4 streams)", {"depth_mechanism": "mhc", "hc_streams": 4}),
     ("hc (4 streams)", {"depth_mechanism": "hc", "hc_streams": 4}),
+    ("mudd", {"depth_mechanism": "mudd"}),
 ]
 BATCH = {"small-48": 4, "700m": 2}
 

@@ -26,7 +26,8 @@ def test_every_figure_and_number_for_each_mechanism(tmp_path):
     written = write_outputs(results, tmp_path)
     names = {p.split("/")[-1] for p in written["figures"]}
     assert names == {"depth_mass.png", "attention_maps.png", "depth_slots.png", "attention_sink.png",
-                     "layer_usefulness.png", "norms.png", "attnres_weights.png"}
+                     "layer_usefulness.png", "norms.png", "attnres_weights.png", "depth_distance.png",
+                     "mhc_mixing.png", "mudd_weights.png"}
     assert all((tmp_path / n).stat().st_size > 5000 for n in names)
     numbers = json.loads((tmp_path / "analysis.json").read_text())
     layers = 4
@@ -45,6 +46,18 @@ def test_every_figure_and_number_for_each_mechanism(tmp_path):
         if mech in ("moda", "depth_attention"):
             assert r["slot_names"][:2] == ["attn0", "ffn0"]
             assert all(abs(sum(m) - 1) < 1e-5 for m in r["slot_mass"].values()) or mech == "moda"
+        if mech in ("mhc", "hc"):
+            n = 4
+            assert [len(r["hyper"][k]) for k in ("h_pre", "h_post", "h_res")] == [2 * layers] * 3
+            assert all(len(row) == n for row in r["hyper"]["h_res"][0])
+        else:
+            assert r["hyper"] == {}
+        if mech == "mudd":  # at init every way is one-hot on the latest output
+            assert [len(w) for w in r["mudd_weights"]] == [4, 4, 4, 1]
+            for i, ways in enumerate(r["mudd_weights"]):
+                assert all(w == [0.0] * (i + 1) + [1.0] for w in ways)
+        else:
+            assert r["mudd_weights"] == []
     report = (tmp_path / "report.md").read_text()
     assert "![depth_mass](depth_mass.png)" in report and "| moda | moda | pre |" in report
 
@@ -54,8 +67,8 @@ class _KeepInputs(Recorder):
         super().__init__()
         self.inputs = {}
 
-    def attention(self, layer, q, k, stream):
-        super().attention(layer, q, k, stream)
+    def attention(self, layer, q, k, stream, window=None):
+        super().attention(layer, q, k, stream, window)
         k_depth = stream.slots()[0].clone() if stream is not None and stream.count else None
         self.inputs.setdefault(layer, (q.detach(), k.detach(), k_depth))
 
@@ -136,3 +149,58 @@ def test_analyze_cli(tmp_path, corpus):
 def test_near_identity_threshold(threshold, expect_all):
     result = analyze_model(_model("residual"), _batches(1), threshold=threshold)
     assert (result["near_identity"] == len(result["sublayers"])) == expect_all
+
+
+def test_windowed_depth_mass_counts_only_the_read_slots():
+    """depth_window=2, depth_anchors=1 (tiny, ffn_kv: layer 3 has 6 slots, reads slots 0, 4, 5): the
+    reported depth mass is the float64 softmax over the sequence keys and the read slots only, the
+    per-slot mass is 0 on skipped slots, and by distance it sits at 1, 2 and the anchor's 6."""
+    model = _model("moda", depth_window=2, depth_anchors=1).eval()
+    rec = _KeepInputs()
+    diagnostics._attach(model, rec)
+    ids = _batches(1)[0]
+    with torch.no_grad():
+        model(ids)
+    diagnostics._detach(model)
+    q, k, kd = rec.inputs[3]
+    read = kd[:, :, [0, 4, 5]]
+    B, T, Hq, d = q.shape
+    _, lse = naive_moda(q, k, k, read, read, causal=True)
+    kd_h = read.double().repeat_interleave(Hq // k.shape[2], dim=3)
+    p = torch.exp(torch.einsum("bthd,btlhd->bhtl", q.double(), kd_h) * d**-0.5 - lse[..., None])  # [B, H, T, 3]
+    assert torch.allclose(rec.depth_mass[3][0].double(), p.sum(-1).mean(dim=(0, 2)), atol=1e-5)
+    per_slot = rec.slot_mass[3][0].double()
+    assert per_slot.shape == (6,) and torch.equal(per_slot[1:4], torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(per_slot[[0, 4, 5]], p.mean(dim=(0, 1, 2)), atol=1e-5)
+    distance = rec.distance_mass[3][0]
+    assert torch.equal(distance, rec.slot_mass[3][0].flip(0)) and (distance[[0, 1, 5]] > 0).all()
+    result = analyze_model(model, _batches(1))
+    assert result["distance_mass"][3][2:5] == [0.0] * 3 and result["depth_window"] == {"window": 2, "anchors": 1}
+
+
+def test_mudd_and_mhc_records_are_the_token_means_of_their_mixes():
+    """The recorded MUDD weights and mHC mixes are the token means of what the layers compute."""
+    model = _model("mudd")
+    with torch.no_grad():
+        for w in model.model.mudd.weights:
+            w.w2.weight.normal_(0, 0.5)
+    ids = _batches(1)[0]
+    result = analyze_model(model, [ids])
+    seen = []
+    model.model.mudd.weights[2].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        model(ids)
+    want = seen[0].double().mean(dim=(0, 1))  # [4 ways, 4 sources] after block 2
+    assert torch.allclose(torch.tensor(result["mudd_weights"][2], dtype=torch.float64), want, atol=1e-6)
+
+    model = _model("mhc")
+    with torch.no_grad():
+        for hc in model.model.hyper:
+            hc.alpha_res.fill_(0.5)
+    result = analyze_model(model, [ids])
+    mixes = []
+    model.model.hyper[5].register_forward_hook(lambda m, i, o: mixes.append(m.mixes(i[0])))
+    with torch.no_grad():
+        model(ids)
+    h_res = mixes[0][2].double().mean(dim=(0, 1))
+    assert torch.allclose(torch.tensor(result["hyper"]["h_res"][5], dtype=torch.float64), h_res, atol=1e-6)

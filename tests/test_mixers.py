@@ -144,16 +144,27 @@ def test_hyper_connections_at_init_are_a_plain_residual(kind):
 
 def _mudd_stack(mudd, blocks, emb):
     """Toy blocks that use all four inputs: X_i = r + Wq q + Wk k + Wv v."""
-    states, ins = [emb], (emb, emb, emb, emb)
+    stream, ins = mudd.new_stream(emb), (emb, emb, emb, emb)
     for wq, wk, wv in blocks:
         q, k, v, r = ins
-        states.append(r + wq(q) + wk(k) + wv(v))
-        ins = mudd(states)
+        ins = mudd(stream, r + wq(q) + wk(k) + wv(v))
+    stream.close()
     assert len(ins) == 1
     return ins[0]
 
 
-def test_mudd_at_init_is_a_plain_residual_and_matches_formula():
+def naive_mudd_weights(m, x, eps=1e-6):
+    """A [ways, sources] of one token from its output x [D]: W2 gelu(W1 rmsnorm(x)) + b, float64."""
+    w1, w2, bias = (t.detach().double() for t in (m.w1.weight, m.w2.weight, m.bias))
+    x = x.double()
+    x = x / torch.sqrt(x.pow(2).mean() + eps)
+    h = w1 @ x
+    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    return (w2 @ h).reshape(bias.shape) + bias
+
+
+def test_mudd_at_init_is_a_plain_residual():
+    """W2 = 0 and one-hot biases on the latest output: every way of every block is X_i."""
     D, L = 16, 3
     torch.manual_seed(0)
     blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
@@ -162,27 +173,60 @@ def test_mudd_at_init_is_a_plain_residual_and_matches_formula():
     for wq, wk, wv in blocks:
         plain = plain + wq(plain) + wk(plain) + wv(plain)
     mudd = MuddConnections(D, L)
+    assert all(m.w2.weight.abs().max() == 0 for m in mudd.weights)
     assert (_mudd_stack(mudd, blocks, emb) - plain).abs().max() / plain.abs().max() < 1e-6
 
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_mudd_mixes_match_formula(dtype, tol):
+    D, L = 16, 3
+    mudd = MuddConnections(D, L).to(dtype)
     _randomise(mudd)
-    mudd.double()
-    states = [torch.randn(2, 3, D, dtype=torch.float64) for _ in range(3)]  # after block 2: X_0, X_1, X_2
-    outs = mudd(states)
-    assert len(outs) == 4 and all(o.shape == (2, 3, D) for o in outs)
+    states = [torch.randn(2, 3, D, dtype=dtype) for _ in range(3)]  # after block 2: X_0, X_1, X_2
+    stream = mudd.new_stream(states[0])
+    mudd(stream, states[1])
+    outs = mudd(stream, states[2])
+    assert len(outs) == 4 and all(o.shape == (2, 3, D) and o.dtype == dtype for o in outs)
     m = mudd.weights[1]
-    w1, w2, bias = m.w1.weight.detach(), m.w2.weight.detach(), m.bias.detach()
-    assert w1.shape[0] % 64 == 0 and w1.shape[0] >= 4 * 3
+    assert m.w1.weight.shape[0] % 64 == 0 and m.w1.weight.shape[0] >= 4 * 3
     for b in range(2):
         for t in range(3):
-            x = states[2][b, t]
-            x = x / torch.sqrt(x.pow(2).mean() + 1e-6)
-            h = w1 @ x
-            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
-            a = (w2 @ h).reshape(4, 3) + bias
+            a = naive_mudd_weights(m, states[2][b, t])
             for s in range(4):
-                want = sum(a[s, j] * states[j][b, t] for j in range(3))
-                assert torch.allclose(outs[s][b, t], want, atol=1e-12, rtol=0)
-    assert mudd.weights[-1].w2.out_features == 1 * (L + 1)  # one way after the last block
+                want = sum(a[s, j] * states[j][b, t].double() for j in range(3))
+                assert (outs[s][b, t].double() - want).abs().max() / want.abs().max() < tol
+    last = mudd(stream, torch.randn(2, 3, D, dtype=dtype))  # after the last block: one way over X_0 .. X_3
+    assert len(last) == 1 and mudd.weights[-1].w2.out_features == 1 * (L + 1)
+
+
+def test_mudd_gradients_match_autograd_of_the_formula():
+    """The stream's hand-routed backward (weights and every kept output) against autograd through
+    the float64 formula written with plain tensors."""
+    D, L = 8, 3
+    mudd = MuddConnections(D, L).double()
+    _randomise(mudd, 0.3)
+    ref = copy.deepcopy(mudd)
+    xs = [torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True) for _ in range(L + 1)]
+    w = torch.randn(2, 3, D, dtype=torch.float64)
+    # blocks as fixed maps of the way inputs, so gradients flow through earlier mixes too
+    stream, ins, loss = mudd.new_stream(xs[0]), None, 0
+    states = [xs[0]]
+    for i in range(1, L + 1):
+        x = xs[i] if ins is None else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
+        ins = mudd(stream, x)
+        states.append(x)
+    stream.close()
+    loss = (ins[0] * w).sum()
+    got = torch.autograd.grad(loss, xs + list(mudd.parameters()))
+    ins, states = None, [xs[0]]
+    for i in range(1, L + 1):
+        x = xs[i] if ins is None else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
+        states.append(x)
+        a = ref.weights[i - 1](x)  # [B, T, ways, i + 1]
+        ins = [sum(a[..., s, j, None] * states[j] for j in range(i + 1)) for s in range(a.shape[-2])]
+    want = torch.autograd.grad((ins[0] * w).sum(), xs + list(ref.parameters()))
+    for g, h in zip(got, want):
+        assert (g - h).abs().max() <= 1e-12 * h.abs().max()
 
 
 def _grads(module, loss):
@@ -236,8 +280,11 @@ def test_bf16_streams_keep_their_dtype():
     assert out.dtype == torch.bfloat16
     assert (out.float() - hc(X, lambda v: v * 2)).abs().max() < 0.1
     mudd = MuddConnections(8, 2)
-    outs = mudd([X[:, :, 0].bfloat16(), X[:, :, 1].bfloat16()])
+    x0, x1 = X[:, :, 0], X[:, :, 1]
+    outs = mudd(mudd.new_stream(x0, torch.bfloat16), x1)
     assert all(o.dtype == torch.bfloat16 for o in outs)
+    want = mudd(mudd.new_stream(x0), x1)
+    assert all((o.float() - w).abs().max() < 0.05 for o, w in zip(outs, want))
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -267,11 +314,38 @@ def test_input_checks_name_the_argument():
     with pytest.raises(ValueError, match="num_layers"):
         MuddConnections(8, 0)
     mudd = MuddConnections(8, 2)
-    with pytest.raises(TypeError, match="states"):
-        mudd(torch.randn(2, 3, 8))
-    with pytest.raises(ValueError, match="states"):
-        mudd([torch.randn(2, 3, 8)])  # X_0 alone: block 1 needs no mixing
-    with pytest.raises(ValueError, match="states"):
-        mudd([torch.randn(2, 3, 8)] * 4)  # past the last block
-    with pytest.raises(ValueError, match="states"):
-        mudd([torch.randn(2, 3, 8), torch.randn(2, 4, 8)])
+    with pytest.raises(TypeError, match="stream"):
+        mudd([torch.randn(2, 3, 8)], torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="x0"):
+        mudd.new_stream(torch.randn(2, 3, 4))
+    stream = mudd.new_stream(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="x must have the stream's shape"):
+        mudd(stream, torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="a must be a tensor"):
+        stream.mix(torch.randn(2, 3, 4, 2))  # weights over 2 outputs, 1 written
+    mudd(stream, torch.randn(2, 3, 8))
+    mudd(stream, torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="stream must hold"):
+        mudd(stream, torch.randn(2, 3, 8))  # past the last block
+
+
+def test_mudd_compiled_mixing_matches_eager():
+    """compile_mixing traces the fused (broadcast-and-sum) form of the mix and its backward; it
+    must give the eager batched-GEMM form's outputs and gradients (aot_eager: no C++ toolchain)."""
+    D, L = 8, 3
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        mudd = MuddConnections(D, L)
+        _randomise(mudd, 0.3)
+        if compiled:
+            torch._dynamo.reset()
+            mudd.compile_mixing(backend="aot_eager")
+        blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
+        emb = torch.randn(2, 5, D, requires_grad=True)
+        out = _mudd_stack(mudd, blocks, emb)
+        grads = torch.autograd.grad(out.square().sum(), [emb, *mudd.parameters()])
+        results.append((out, grads))
+    (out, grads), (out_c, grads_c) = results
+    assert (out - out_c).abs().max() < 1e-5 * out.abs().max()
+    assert all((g - h).abs().max() <= 1e-5 * g.abs().max() for g, h in zip(grads, grads_c))

@@ -13,7 +13,7 @@ from flash_depth.nn.depth_stream import DepthStream, read_depth, read_moda
 from flash_depth.ops import depth_attention, moda_attention
 from oracle import rel_err
 
-PRE_NORM_ONLY = ("attnres_full", "attnres_block", "mhc", "hc")  # they read each sublayer's input themselves
+PRE_NORM_ONLY = ("attnres_full", "attnres_block", "mhc", "hc", "mudd")  # they read each sublayer's input themselves
 
 VARIANTS = [(m, n) for m in DEPTH_MECHANISMS for n in ("pre", "post") if n == "pre" or m not in PRE_NORM_ONLY]
 VARIANTS += [("moda", "pre", {"ffn_kv": False}), ("moda", "post", {"attn_kv_proj": True}),
@@ -32,6 +32,10 @@ def _model(mech, norm="pre", **kw):
                 for name, p in hc.named_parameters():
                     if name.startswith("alpha"):
                         p.fill_(0.1)
+    if model.model.mudd is not None:  # W2 = 0 gives W1 no gradient and every way the latest output: move off init
+        with torch.no_grad():
+            for weights in model.model.mudd.weights:
+                weights.w2.weight.normal_(0, 0.1)
     return model
 
 
@@ -177,7 +181,7 @@ def test_auto_tokenizer_and_generate_from_a_checkpoint_folder(tmp_path):
     assert out.shape == (2, len(bpe.encode(text)) + 4) and torch.equal(out[0], out[1])
 
 
-@pytest.mark.parametrize("mech", ["residual", "moda", "attnres_block"])
+@pytest.mark.parametrize("mech", ["residual", "moda", "attnres_block", "mudd"])
 def test_save_load_round_trip(tmp_path, mech):
     model = _model(mech).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 11))
@@ -414,6 +418,15 @@ def test_presets_and_accounting():
     moda = FlashDepthConfig.from_preset("small-48", depth_mechanism="moda", ffn_kv=False)
     assert parameter_count(moda)["total"] == parameter_count(base)["total"]  # reuses attention K/V
     assert flops_per_token(base, 4096) < flops_per_token(moda, 4096) < 1.01 * flops_per_token(base, 4096)
+    # MUDD: four mixes of the i + 2 kept outputs after block i (one after the last), 2 FLOPs per value
+    tiny, mudd = FlashDepthConfig.from_preset("tiny"), FlashDepthConfig.from_preset("tiny", depth_mechanism="mudd")
+    mudd_params = parameter_count(mudd)
+    D, L = 64, 4
+    mlp = sum(D * h + h * o + o for h, o in [(64, 8), (64, 12), (64, 16), (64, 5)])  # widths rounded to 64
+    assert mudd_params["depth"] == mlp + 2 * (L - 1) * D  # + the key and value input norms of blocks 1..3
+    assert mudd_params["total"] == parameter_count(tiny)["total"] + mudd_params["depth"]
+    mixes = 2 * D * (4 * (2 + 3 + 4) + 5)
+    assert flops_per_token(mudd, 64) == pytest.approx(flops_per_token(tiny, 64) + 3 * (2 * mudd_params["depth"] + mixes))
     assert FlashDepthConfig.from_preset("small-24", num_hidden_layers=3).num_hidden_layers == 3
 
 
@@ -425,6 +438,7 @@ BAD_CONFIGS = [
     ({"depth_mechanism": "attnres_full", "norm_position": "post"}, "norm_position must be 'pre'"),
     ({"hidden_size": 0}, "hidden_size must be a positive int"),
     ({"depth_window": 0}, "depth_window must be None"),
+    ({"depth_mechanism": "mudd", "norm_position": "post"}, "mudd feeds each block .* norm_position must be 'pre'"),
     ({"depth_window": 4, "depth_anchors": -1}, "depth_anchors must be an int >= 0"),
 ]
 
@@ -489,7 +503,7 @@ def test_torch_compile_gives_the_same_gradients(mech):
         assert rel_err(p.grad, eager[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("mech", ["moda", "depth_attention", "attnres_full", "mhc"])
+@pytest.mark.parametrize("mech", ["moda", "depth_attention", "attnres_full", "mhc", "mudd"])
 def test_compiled_blocks_share_their_graphs_across_layers(mech):
     """Regional compilation must not specialise per layer (an int attribute or the slot count
     read inside a block would): past torch's recompile limit the other layers run eagerly.
@@ -506,6 +520,22 @@ def test_compiled_blocks_share_their_graphs_across_layers(mech):
         model(ids, labels=ids).loss.backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
+
+
+def test_mudd_starts_as_the_residual_model():
+    """At init (W2 = 0, one-hot biases on the latest output) every way is the last block's output
+    and the extra key/value norms are ones: a MUDD model with a residual model's weights gives its
+    logits; once W2 moves it differs."""
+    torch.manual_seed(0)
+    residual = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny")).eval()
+    model = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", depth_mechanism="mudd")).eval()
+    missing, unexpected = model.load_state_dict(residual.state_dict(), strict=False)
+    assert not unexpected and all(n.startswith("model.mudd.") or ".attn_norm_" in n for n in missing)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, residual(ids).logits) < 1e-6
+        model.model.mudd.weights[1].w2.weight.normal_(0, 0.3)
+        assert rel_err(model(ids).logits, residual(ids).logits) > 1e-3
 
 
 @pytest.mark.parametrize("mech", ["mhc", "hc"])

@@ -780,3 +780,10 @@ def test_checkpoint_files_and_folders_are_synced(tmp_path, monkeypatch):
     assert files <= set(synced) and {".checkpoint-tmp", tmp_path.name} <= set(synced)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert checkpoint.load_trainer_state(tmp_path / "checkpoint")["step"] == 2
+
+
+def test_train_accepts_mudd(tmp_path, corpus):
+    """model.depth_mechanism=mudd trains (and checkpoints) through the CLI like the other mechanisms."""
+    out = tmp_path / "run"
+    assert _train(out, corpus, "model.depth_mechanism=mudd", steps=2) == 0
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["depth_mechanism"] == "mudd"

@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "compare.png and compare.md (default: the first RUN folder)")
     c.set_defaults(func=_compare)
 
-    a = command("analyze", "diagnostics and figures of one or several checkpoints (overlaid)")
+    a = command("analyze", "diagnostics and figures of one or several checkpoints (overlaid): depth mass (per slot "
+                           "and slot distance, windows included), attention sink, layer usefulness, norms, AttnRes, "
+                           "mHC/HC and MUDD mixing weights")
     a.add_argument("checkpoints", nargs="+", metavar="RUN_OR_CHECKPOINT", help=where)
     a.add_argument("--data", help="data source (default: each run's own held-out split)")
     a.add_argument("--out", help="folder for the PNGs, analysis.json and report.md (default: analysis/ in the "

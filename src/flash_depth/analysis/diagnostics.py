@@ -2,13 +2,19 @@
 
 Numbers per checkpoint (all in ``analysis.json``):
 - ``depth_mass[layer][head]``: softmax mass on depth slots (vs sequence keys), averaged over tokens;
-- ``slot_mass[layer][slot]``: mass on each depth slot (which earlier layer is read);
+- ``slot_mass[layer][slot]``: mass on each depth slot (which earlier layer is read; 0 on slots a
+  bounded depth window skips);
+- ``distance_mass[layer][d - 1]``: the same by slot distance d (1: the slot written last);
 - ``sink_first`` / ``sink_first4[layer]``: mass on the first (first four) sequence positions;
 - ``sublayers``: per sublayer, ``1 - cos(x_in, x_out)`` and ``|x_out - x_in| / |x_in|``;
 - ``near_identity``: how many sublayers have ``1 - cos`` under the threshold;
 - ``hidden_norm[layer]``: mean L2 norm of the hidden state after each block (AttnRes: each block's read);
 - ``grad_norm[layer]``: L2 norm of each block's parameter gradient (one backward of the LM loss);
-- ``attnres_weights[read][source]``: AttnRes softmax weights over sources, averaged over tokens.
+- ``attnres_weights[read][source]``: AttnRes softmax weights over sources, averaged over tokens;
+- ``hyper``: mHC/HC mixes per sublayer averaged over tokens: ``h_pre[i][stream]``,
+  ``h_post[i][stream]``, ``h_res[i][row][column]``;
+- ``mudd_weights[block][way][source]``: MUDD's dense weights after each block (ways q, k, v, r;
+  the last block: its one output way), averaged over tokens.
 Probabilities come from ``attention_probabilities``, the same math as the kernels.
 """
 
@@ -36,17 +42,36 @@ class Recorder:
         self.sublayers = defaultdict(list)
         self.hidden_norms = defaultdict(list)
         self.attnres_weights = defaultdict(list)
+        self.distance_mass = defaultdict(list)
+        self.hyper_mixes = defaultdict(list)
+        self.mudd_weights = defaultdict(list)
 
-    def attention(self, layer, q, k, stream):
-        """Sequence attention of ``layer``; ``stream`` holds its depth slots (None: no depth read)."""
-        k_depth = stream.slots()[0] if stream is not None and stream.count else None
+    def _read_slots(self, stream, window):
+        """The depth keys ``[B, T, L_read, Hk, d]`` a read of ``stream`` takes (its window's spans)
+        and the slot index of each; None when there are none."""
+        if stream is None or not stream.count:
+            return None, None
+        spans = stream.spans(**(window or {}))
+        k_depth = torch.cat([k for k, _ in stream.span_views(spans)], 2)
+        return k_depth, torch.cat([torch.arange(a, b) for a, b in spans])
+
+    def _slot_mass(self, layer, mass, slots, count):
+        """mass ``[L_read]`` on the read slots -> per slot and per distance ``[count]`` (0: unread)."""
+        per_slot = mass.new_zeros(count).index_add_(0, slots.to(mass.device), mass)
+        self.slot_mass[layer].append(per_slot)
+        self.distance_mass[layer].append(per_slot.flip(0))  # distance d = count - slot at index d - 1
+
+    def attention(self, layer, q, k, stream, window=None):
+        """Sequence attention of ``layer``; ``stream`` holds its depth slots (None: no depth read),
+        of which it reads the ``window`` (``{"window", "anchors"}`` as :meth:`DepthStream.spans`)."""
+        k_depth, slots = self._read_slots(stream, window)
         d = q.shape[-1]
         p = attention_probabilities(q.detach(), k.detach(), None if k_depth is None else k_depth.detach(),
-                                    causal=True, scale=d**-0.5)  # [B, Hq, Tq, Tk + L]
+                                    causal=True, scale=d**-0.5)  # [B, Hq, Tq, Tk + L_read]
         Tk = k.shape[1]
         self.depth_mass[layer].append(p[..., Tk:].sum(-1).mean(dim=(0, 2)))
         if p.shape[-1] > Tk:
-            self.slot_mass[layer].append(p[..., Tk:].mean(dim=(0, 1, 2)))
+            self._slot_mass(layer, p[..., Tk:].mean(dim=(0, 1, 2)), slots, stream.count)
         self.sink_first[layer].append(p[..., 0].mean(dim=(0, 2)))
         self.sink_first4[layer].append(p[..., : min(4, Tk)].sum(-1).mean(dim=(0, 2)))
         if layer not in self.examples:  # one example per layer: batch 0, every head, the first tokens
@@ -54,11 +79,11 @@ class Recorder:
             self.examples[layer] = torch.cat([p[0, :, :n, :n], p[0, :, :n, Tk:]], dim=-1).float().cpu()
             self.example_boundary[layer] = n
 
-    def depth_read(self, layer, q, stream):
+    def depth_read(self, layer, q, stream, window=None):
         """``depth_attention``'s separate depth query: all its mass is on depth; record which slots."""
-        k_depth = stream.slots()[0]
+        k_depth, slots = self._read_slots(stream, window)
         p = attention_probabilities(q.detach(), None, k_depth.detach(), causal=False, scale=q.shape[-1] ** -0.5)
-        self.slot_mass[layer].append(p.mean(dim=(0, 1, 2)))
+        self._slot_mass(layer, p.mean(dim=(0, 1, 2)), slots, stream.count)
 
     def sublayer(self, layer, kind, x_in, x_out):
         x_in, x_out = x_in.detach().float(), x_out.detach().float()
@@ -72,13 +97,23 @@ class Recorder:
     def attnres(self, read, alpha):
         self.attnres_weights[read].append(alpha.detach().float().mean(dim=tuple(range(1, alpha.dim()))))
 
+    def hyper(self, sublayer, h_pre, h_post, h_res):
+        """mHC/HC mixes of one sublayer: ``[B, T, n]``, ``[B, T, n]``, ``[B, T, n, n]`` (static HC: no B, T)."""
+        self.hyper_mixes[sublayer].append(tuple(h.detach().float().reshape(-1, *h.shape[h.dim() - k:]).mean(0)
+                                                for h, k in ((h_pre, 1), (h_post, 1), (h_res, 2))))
+
+    def mudd(self, block, a):
+        """MUDD's dense weights after ``block``: ``[B, T, ways, sources]``."""
+        self.mudd_weights[block].append(a.detach().float().flatten(0, -3).mean(0))
+
 
 def _attach(model, recorder):
     from flash_depth.models.modeling_flash_depth import FlashDepthBlock, FlashDepthModel
-    from flash_depth.nn import DepthRead, MoDAAttention
+    from flash_depth.nn import DepthRead, HyperConnection, MoDAAttention, MuddConnections
 
     for module in model.modules():
-        if isinstance(module, (MoDAAttention, DepthRead, FlashDepthBlock, FlashDepthModel)):
+        if isinstance(module, (MoDAAttention, DepthRead, FlashDepthBlock, FlashDepthModel, HyperConnection,
+                               MuddConnections)):
             module._recorder = recorder
 
 
@@ -127,6 +162,7 @@ def analyze_model(model, batches: list[torch.Tensor], *, threshold: float = 0.01
         "layers": cfg.num_hidden_layers,
         "depth_mass": [_mean(recorder.depth_mass[i]) for i in sorted(recorder.depth_mass)],
         "slot_mass": {i: _mean(v) for i, v in sorted(recorder.slot_mass.items())},
+        "distance_mass": {i: _mean(v) for i, v in sorted(recorder.distance_mass.items())},
         "slot_names": depth_slot_names(cfg),
         "sink_first": [float(torch.tensor(_mean(recorder.sink_first[i])).mean()) for i in sorted(recorder.sink_first)],
         "sink_first4": [float(torch.tensor(_mean(recorder.sink_first4[i])).mean()) for i in sorted(recorder.sink_first4)],
@@ -136,6 +172,10 @@ def analyze_model(model, batches: list[torch.Tensor], *, threshold: float = 0.01
         "hidden_norm": [float(torch.stack(recorder.hidden_norms[i]).mean()) for i in sorted(recorder.hidden_norms)],
         "grad_norm": grad_norm,
         "attnres_weights": [_mean(recorder.attnres_weights[i]) for i in sorted(recorder.attnres_weights)],
+        "hyper": {name: [_mean([m[k] for m in recorder.hyper_mixes[i]]) for i in sorted(recorder.hyper_mixes)]
+                  for k, name in enumerate(("h_pre", "h_post", "h_res"))} if recorder.hyper_mixes else {},
+        "mudd_weights": [_mean(recorder.mudd_weights[i]) for i in sorted(recorder.mudd_weights)],
+        "depth_window": {"window": cfg.depth_window, "anchors": cfg.depth_anchors},
         "examples": {i: e for i, e in recorder.examples.items()},  # tensors: figures only, not JSON
         "example_boundary": recorder.example_boundary,
     }

@@ -88,6 +88,27 @@ def make_figures(results: dict, out: Path) -> list[Path]:
             fig.colorbar(im, ax=ax, label="mean probability")
         paths.append(_save(fig, out / "depth_slots.png"))
 
+    with_distance = {n: r for n, r in results.items() if r.get("distance_mass")}
+    if with_distance:  # 3b. mass by slot distance: what a bounded depth window keeps and drops
+        fig, axes = plt.subplots(1, len(with_distance), figsize=(5.5 * len(with_distance), 4.2), squeeze=False)
+        for ax, (name, r) in zip(axes[0], with_distance.items()):
+            rows = r["distance_mass"]
+            width = max(len(m) for m in rows.values())
+            grid = np.full((r["layers"], width), np.nan)
+            for layer, mass in rows.items():
+                grid[int(layer), : len(mass)] = mass
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower",
+                           extent=(0.5, width + 0.5, -0.5, r["layers"] - 0.5))
+            window = (r.get("depth_window") or {}).get("window")
+            if window is not None and window < width:
+                ax.axvline(window + 0.5, color="cyan", lw=1.5, label=f"window {window}")
+                ax.legend(fontsize=8, loc="upper right")
+            ax.set_xlabel("slot distance (1 = the slot written last)")
+            ax.set_ylabel("reading layer")
+            ax.set_title(f"{name}: mass by depth-slot distance")
+            fig.colorbar(im, ax=ax, label="mean probability")
+        paths.append(_save(fig, out / "depth_distance.png"))
+
     with_attention = {n: r for n, r in results.items() if r["sink_first"]}
     if with_attention:  # 4. attention sink
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -136,6 +157,45 @@ def make_figures(results: dict, out: Path) -> list[Path]:
             ax.set_title(f"{name}: AttnRes weights")
             fig.colorbar(im, ax=ax, label="softmax weight")
         paths.append(_save(fig, out / "attnres_weights.png"))
+
+    with_hyper = {n: r for n, r in results.items() if r.get("hyper")}
+    if with_hyper:  # 8. mHC / HC mixes per sublayer, averaged over tokens
+        fig, axes = plt.subplots(len(with_hyper), 3, figsize=(15, 4.2 * len(with_hyper)), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1, 1, 2.5]})
+        for row, (name, r) in zip(axes, with_hyper.items()):
+            h = {k: np.array(v) for k, v in r["hyper"].items()}
+            n = h["h_pre"].shape[1]
+            panels = [("h_pre", h["h_pre"], "H_pre (read weight per stream)"),
+                      ("h_post", h["h_post"], "H_post (write weight per stream)"),
+                      ("h_res", h["h_res"].reshape(len(h["h_res"]), n * n), "H_res rows i, columns j (i*n + j)")]
+            for ax, (key, grid, title) in zip(row, panels):
+                im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+                if key == "h_res":
+                    for edge in range(n, n * n, n):
+                        ax.axvline(edge - 0.5, color="white", lw=0.8)
+                ax.set_xlabel("entry" if key == "h_res" else "stream")
+                ax.set_ylabel("sublayer (attention, FFN per block)")
+                ax.set_title(f"{name}: {title}", fontsize=9)
+                fig.colorbar(im, ax=ax)
+        paths.append(_save(fig, out / "mhc_mixing.png"))
+
+    with_mudd = {n: r for n, r in results.items() if r.get("mudd_weights")}
+    if with_mudd:  # 9. MUDD dense weights per block and way, averaged over tokens
+        fig, axes = plt.subplots(len(with_mudd), 4, figsize=(18, 4.2 * len(with_mudd)), squeeze=False)
+        for row, (name, r) in zip(axes, with_mudd.items()):
+            blocks = r["mudd_weights"]  # [block][way][source]
+            grids = np.full((4, len(blocks), len(blocks) + 1), np.nan)
+            for i, ways in enumerate(blocks):
+                for s, w in enumerate(ways):  # after the last block one way, the output: shown with r
+                    grids[3 if len(ways) == 1 else s, i, : len(w)] = w
+            bound = max(1e-6, float(np.nanmax(np.abs(grids))))
+            for ax, grid, way in zip(row, grids, ("q", "k", "v", "r (last row: the output)")):
+                im = ax.imshow(grid, aspect="auto", cmap="coolwarm", origin="lower", vmin=-bound, vmax=bound)
+                ax.set_xlabel("source (0 = embedding, j = block j's output)")
+                ax.set_ylabel("after block")
+                ax.set_title(f"{name}: MUDD weights, way {way}", fontsize=9)
+                fig.colorbar(im, ax=ax)
+        paths.append(_save(fig, out / "mudd_weights.png"))
     return paths
 
 

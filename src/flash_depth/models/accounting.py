@@ -17,7 +17,8 @@ def parameter_count(config: FlashDepthConfig) -> dict:
     embedding = model.model.embed_tokens.weight.numel() + (
         0 if config.tie_word_embeddings else model.lm_head.weight.numel()
     )
-    depth_names = ("depth_kv", "ffn_kv", "depth_read", "depth_norm", "attnres", "dense", "hyper")
+    depth_names = ("depth_kv", "ffn_kv", "depth_read", "depth_norm", "attnres", "dense", "hyper", "mudd",
+                   "attn_norm_k", "attn_norm_v")
     depth = sum(p.numel() for n, p in model.named_parameters() if any(k in n for k in depth_names))
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "depth": depth}
 
@@ -47,4 +48,7 @@ def flops_per_token(config: FlashDepthConfig, seq_len: int) -> float:
     if mech in ("mhc", "hc"):  # per sublayer: H_res @ X, the read and the write (the projections are matmuls above)
         n = config.hc_streams
         depth = 2 * config.num_hidden_layers * 2 * config.hidden_size * (n * n + 2 * n)
+    if mech == "mudd":  # after block i: 4 mixes of the i + 2 kept outputs (one after the last block; its MLPs: above)
+        L = config.num_hidden_layers
+        depth = 2 * config.hidden_size * sum((1 if i == L - 1 else 4) * (i + 2) for i in range(L))
     return 3 * (matmul + attention + depth)

@@ -7,7 +7,8 @@ try:  # transformers >= 5
 except ImportError:  # transformers 4.x
     from transformers import PretrainedConfig as PreTrainedConfig
 
-DEPTH_MECHANISMS = ("residual", "moda", "depth_attention", "attnres_full", "attnres_block", "denseformer", "mhc", "hc")
+DEPTH_MECHANISMS = ("residual", "moda", "depth_attention", "attnres_full", "attnres_block", "denseformer", "mhc", "hc",
+                    "mudd")
 NORM_POSITIONS = ("pre", "post")
 
 PRESETS = {
@@ -32,8 +33,11 @@ class FlashDepthConfig(PreTrainedConfig):
         depth_mechanism: one of ``residual``, ``moda``, ``depth_attention``, ``attnres_full``,
             ``attnres_block``, ``denseformer``, ``mhc`` (manifold-constrained hyper-connections:
             ``hc_streams`` residual streams mixed per token, the stream mix made doubly stochastic
-            by Sinkhorn) or ``hc`` (static hyper-connections).
-        norm_position: ``pre`` or ``post`` (residual-stream mechanisms).
+            by Sinkhorn), ``hc`` (static hyper-connections) or ``mudd`` (MUDDFormer: after each block,
+            per-token weights from a small MLP of its output mix all earlier block outputs into the
+            next block's query, key, value and residual inputs).
+        norm_position: ``pre`` or ``post`` (residual-stream mechanisms; ``pre`` only for attnres,
+            mhc, hc and mudd).
         ffn_kv: (moda, depth_attention) each FFN also writes a depth K/V slot, projected from its input.
         attn_kv_proj: (moda, depth_attention) attention layers write depth K/V from their own
             projections instead of reusing their sequence K/V.
@@ -109,6 +113,11 @@ class FlashDepthConfig(PreTrainedConfig):
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
         if self.depth_mechanism.startswith("attnres") and self.norm_position != "pre":
             raise ValueError("attnres mechanisms normalise each sublayer's input themselves: norm_position must be 'pre'")
+        if self.depth_mechanism == "mudd" and self.norm_position != "pre":
+            # the paper's models are pre-norm; a post-norm block would normalise its residual input,
+            # which the dense weights then mix (not defined by the paper or its code)
+            raise ValueError("mudd feeds each block separately normed query/key/value inputs and a residual input: "
+                             "norm_position must be 'pre'")
         if self.depth_mechanism in ("mhc", "hc"):
             if self.norm_position != "pre":
                 raise ValueError(f"{self.depth_mechanism} reads each sublayer's input from its streams: norm_position "

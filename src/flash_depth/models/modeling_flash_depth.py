@@ -7,7 +7,10 @@ depth mechanism is ``config.depth_mechanism``:
 - ``depth_attention``: each block first reads the depth stream with its own depth query;
 - ``attnres_full`` / ``attnres_block``: Attention Residuals, a softmax read over earlier
   sublayer outputs (or block sums) replaces the residual sum;
-- ``denseformer``: after each block, a learned weighted average of all earlier block outputs.
+- ``denseformer``: after each block, a learned weighted average of all earlier block outputs;
+- ``mhc`` / ``hc``: hyper-connections, parallel residual streams mixed around each sublayer;
+- ``mudd``: MUDDFormer, per-token dynamic dense weights over all earlier block outputs, separate
+  for the next block's query, key, value and residual inputs.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, HyperConnection, MoDAAttention,
-                            collapse_streams, expand_streams)
+                            MuddConnections, collapse_streams, expand_streams)
 from flash_depth.nn._recorder import record, record_layer
 from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.nn.depth_stream import DepthStream
 from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU
+from flash_depth.nn.mudd import DenseWeights
 from flash_depth.ops._checks import check_cu_seqlens
 
 from .configuration_flash_depth import FlashDepthConfig
@@ -156,7 +160,8 @@ def _writes_depth(config: FlashDepthConfig, layer_idx: int) -> bool:
 
 class FlashDepthBlock(nn.Module):
     """Attention + SwiGLU FFN. For residual-stream mechanisms ``forward`` applies the residual;
-    AttnRes calls ``attn_sublayer`` / ``ffn_sublayer`` on its own reads."""
+    AttnRes calls ``attn_sublayer`` / ``ffn_sublayer`` on its own reads; MUDD passes the
+    ``(x_q, x_k, x_v, x_r)`` inputs of every block after the first."""
 
     def __init__(self, config: FlashDepthConfig, layer_idx: int):
         super().__init__()
@@ -168,6 +173,11 @@ class FlashDepthBlock(nn.Module):
         writes = _writes_depth(config, layer_idx)
         window = {"depth_window": config.depth_window, "depth_anchors": config.depth_anchors}
         self.attn_norm = RMSNorm(D, eps)
+        # MUDD: the key and value inputs differ from the query's, each gets its own pre-norm (the
+        # reference's separate norms); block 0 reads the embedding for all three
+        multiway = config.depth_mechanism == "mudd" and layer_idx > 0
+        self.attn_norm_k = RMSNorm(D, eps) if multiway else None
+        self.attn_norm_v = RMSNorm(D, eps) if multiway else None
         self.attn = MoDAAttention(D, heads, kv_heads, head_dim, qk_norm=config.qk_norm, eps=eps,
                                   reads_depth=config.depth_mechanism == "moda", writes_depth=writes,
                                   attn_kv_proj=writes and config.attn_kv_proj, layer_idx=layer_idx,
@@ -192,7 +202,10 @@ class FlashDepthBlock(nn.Module):
 
     def forward(self, x, cos, sin, stream, cache, masks=None, sublayer: str | None = None):
         """The block's output; with ``sublayer`` ("attn"/"ffn", for AttnRes) only that sublayer's
-        output, without the residual. ``masks``: as :meth:`MoDAAttention.forward`."""
+        output, without the residual. ``masks``: as :meth:`MoDAAttention.forward`. ``x`` may be
+        MUDD's ``(x_q, x_k, x_v, x_r)``: the attention's three inputs (each normed) and the residual."""
+        if isinstance(x, tuple):
+            return self._multiway(*x, cos, sin, cache, masks)
         if sublayer == "attn":
             return self.attn_sublayer(x, cos, sin, stream, cache, masks)
         if sublayer == "ffn":
@@ -214,6 +227,18 @@ class FlashDepthBlock(nn.Module):
         x, x_in = x + self.attn_sublayer(x, cos, sin, stream, cache, masks), x
         record_layer(self, "sublayer", "attn", x_in, x)
         x, x_in = x + self.ffn_sublayer(x, cos, sin, stream), x
+        record_layer(self, "sublayer", "ffn", x_in, x)
+        return x
+
+    def _multiway(self, x_q, x_k, x_v, x, cos, sin, cache, masks):
+        if self.attn_norm_k is None:
+            raise ValueError("separate query/key/value inputs need a block built for depth_mechanism='mudd' after "
+                             "the first")
+        attn = self.attn(self.attn_norm(x_q), cos, sin, None, cache, masks, self.attn_norm_k(x_k),
+                         self.attn_norm_v(x_v))
+        x, x_in = x + attn, x
+        record_layer(self, "sublayer", "attn", x_in, x)
+        x, x_in = x + self.ffn_sublayer(x, cos, sin, None), x
         record_layer(self, "sublayer", "ffn", x_in, x)
         return x
 
@@ -245,6 +270,11 @@ class FlashDepthPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DenseFormerMixer):
             # identity at start: each block passes on its own output
             _init_copy(module.weights, DenseFormerMixer.identity(module.weights.shape[0]).to(module.weights.device))
+        elif isinstance(module, DenseWeights):  # after its linears (children first): the paper's init
+            init.normal_(module.w1.weight, mean=0.0, std=module.w1.in_features**-0.5)
+            init.zeros_(module.w2.weight)
+            _init_copy(module.bias, DenseWeights.residual_bias(*module.bias.shape, device=module.bias.device,
+                                                               dtype=module.bias.dtype))
 
 
 class FlashDepthModel(FlashDepthPreTrainedModel):
@@ -265,6 +295,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             HyperConnection(config.hidden_size, config.hc_streams, kind=mech, layer=i, eps=config.rms_norm_eps)
             for i in range(2 * config.num_hidden_layers)  # one per sublayer
         ) if mech in ("mhc", "hc") else None
+        L = config.num_hidden_layers
+        self.mudd = MuddConnections(config.hidden_size, L, eps=config.rms_norm_eps) if mech == "mudd" else None
         self.activation_checkpointing = False
         self._hyper_sublayer = _hyper_sublayer  # compile_blocks compiles it
         self.post_init()
@@ -343,6 +375,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             x = self._attnres(x, cos, sin, cache, masks)
         elif self.hyper is not None:
             x = self._hyper_connections(x, cos, sin, cache, masks)
+        elif self.mudd is not None:
+            x = self._mudd(x, cos, sin, cache, masks)
         elif cfg.depth_mechanism == "denseformer":
             outputs = [x]
             for i, layer in enumerate(self.layers):
@@ -389,6 +423,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             return
         for layer in self.layers:
             layer.compile(**options)
+        if self.mudd is not None:
+            self.mudd.compile_mixing(**options)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block (AttnRes: each sublayer) in backward. Not for ``moda`` and
@@ -426,6 +462,24 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             if recording:
                 record(self, "hidden", i, collapse_streams(streams))
         return collapse_streams(streams)
+
+    def _mudd(self, emb, cos, sin, cache, masks):
+        """MUDDFormer: block 0 reads the embedding; after each block its output joins the kept
+        outputs and :class:`MuddConnections` mixes them into the next block's query, key, value
+        and residual inputs (after the last block: the stack's output)."""
+        dtype = emb.dtype
+        # under autocast the kept outputs are stored and mixed in the autocast dtype: the mixes are
+        # memory-bound and the states come out of the bf16 matmuls in it (as MUDDFormer trains)
+        if torch.is_autocast_enabled(emb.device.type):
+            dtype = torch.get_autocast_dtype(emb.device.type)
+        stream = self.mudd.new_stream(emb, dtype)
+        x = emb
+        for i, layer in enumerate(self.layers):
+            out = self._run(layer, x, cos, sin, None, cache, masks)
+            record(self, "hidden", i, out)
+            x = self.mudd(stream, out)
+        stream.close()
+        return x[0]
 
     def _attnres(self, emb, cos, sin, cache, masks):
         """Attention Residuals: each sublayer's input is a softmax read over finished block sums

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._recorder import record
+
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-12) -> torch.Tensor:
     """exp(logits) ``[..., n, n]`` -> doubly stochastic ``[..., n, n]`` by ``iters`` (row, column)
@@ -101,6 +103,7 @@ class HyperConnection(nn.Module):
         if kind not in ("mhc", "hc"):
             raise ValueError(f"kind must be 'mhc' or 'hc', got {kind!r}")
         self.dim, self.streams, self.kind, self.sinkhorn_iters, self.eps = dim, streams, kind, sinkhorn_iters, eps
+        self.layer = layer
         n, kw = streams, dict(device=device, dtype=dtype)
         if kind == "hc":
             self.h_pre = nn.Parameter(torch.zeros(n, **kw).index_fill_(0, torch.tensor([layer % n]), 1.0))
@@ -138,6 +141,7 @@ class HyperConnection(nn.Module):
         """Read: ``X [B, T, n, D]`` -> the sublayer input ``[B, T, D]`` (X's dtype) and the
         (H_post, H_res) that ``post`` needs."""
         h_pre, h_post, h_res = self.mixes(X)
+        record(self, "hyper", self.layer, h_pre, h_post, h_res)
         dt = torch.promote_types(X.dtype, h_pre.dtype)
         # products and a sum over n, not a batched [1, n] @ [n, D] matmul: the compiler fuses
         # them into one pass over X (cuBLAS runs such tiny per-token matmuls as slow GEMVs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flash_depth.ops import moda_attention
@@ -148,14 +149,24 @@ class MoDAAttention(nn.Module):
         self.depth_kv = DepthKV(hidden, kv_heads, head_dim, k_norm=qk_norm, eps=eps) if attn_kv_proj else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: DepthStream | None = None,
-                cache: Cache | None = None, masks: dict | None = None) -> torch.Tensor:
+                cache: Cache | None = None, masks: dict | None = None, x_k: torch.Tensor | None = None,
+                x_v: torch.Tensor | None = None) -> torch.Tensor:
         """x ``[B, T, hidden]``; cos, sin ``[T, 1, head_dim/2]`` or ``[B, T, 1, head_dim/2]`` (as
         :class:`~flash_depth.nn.Rotary` returns them); ``stream`` the forward's depth stream
         (needed to read or write it); ``cache`` a transformers ``Cache`` of sequence K/V, which
         this call extends; ``masks`` the sequence attention's masks as the ops take them
         (``cu_seqlens`` and ``max_seqlen`` for packed documents, or ``kv_start`` for left
-        padding), None for none. Returns ``[B, T, hidden]``."""
+        padding), None for none. ``x_k``, ``x_v`` ``[B, T, hidden]``: separate inputs of the key and
+        value projections (MUDDFormer's multiway inputs; both or neither), x then feeds the query
+        only. Returns ``[B, T, hidden]``."""
         _check_x(x, self.hidden)
+        if (x_k is None) != (x_v is None):
+            raise ValueError("pass both x_k and x_v (separate key and value inputs), or neither")
+        if x_k is not None:
+            for name, t in (("x_k", x_k), ("x_v", x_v)):
+                if not isinstance(t, torch.Tensor) or t.shape != x.shape:
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{name} must be a tensor of x's shape {tuple(x.shape)}, got {got}")
         B, T, _ = x.shape
         _check_rotary(cos, sin, T, self.head_dim)
         if self.reads_depth or self.writes_depth:
@@ -164,13 +175,18 @@ class MoDAAttention(nn.Module):
             raise ValueError(f"masks must be None or a dict with keys among {_MASKS}, got "
                              f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
-        k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
+        if x_k is None:  # one GEMM for K and V
+            k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
+        else:  # the halves of the same weight (K then V), so the checkpoint keys do not change
+            w_k, w_v = self.kv_proj.weight.chunk(2)
+            k = F.linear(x_k, w_k).view(B, T, self.kv_heads, self.head_dim)
+            v = F.linear(x_v, w_v).view(B, T, self.kv_heads, self.head_dim)
         k = apply_rotary(self.k_norm(k), cos, sin)
         k_all, v_all = k, v
         if cache is not None:  # transformers' caches hold [B, H, T, d]
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        record_layer(self, "attention", q, k_all, stream if self.reads_depth else None)
+        record_layer(self, "attention", q, k_all, stream if self.reads_depth else None, self.window)
         if self.reads_depth:
             o = read_moda(stream, q, k_all, v_all, backend=self.backend, **self.window, **(masks or {}))
         else:
@@ -215,7 +231,7 @@ class DepthRead(nn.Module):
         _check_rotary(cos, sin, T, self.head_dim)
         _check_stream(stream, "the slots to read")
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
-        record_layer(self, "depth_read", q, stream)
+        record_layer(self, "depth_read", q, stream, self.window)
         return self.o_proj(read_depth(stream, q, backend=self.backend, **self.window).reshape(B, T, -1))
 
     def extra_repr(self) -> str:

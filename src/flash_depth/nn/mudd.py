@@ -6,8 +6,8 @@ per token and per way s in (q, k, v, r):
     A     = W2 gelu(W1 rmsnorm(X_i)) + b       # [B, T, ways, i+1]; rmsnorm without a learned scale
     In_s  = sum_j A[s, j] X_j                  # [B, T, D]
 
-q, k, v feed the next block's attention projections, r is its residual input. After the last block a
-single way is mixed: the stack's output (before the final norm).
+q, k, v feed the next block's attention projections (each through its own pre-norm), r is its
+residual input. After the last block a single way is mixed: the stack's output (before the final norm).
 
 Checked against ``Caiyun-AI/MUDDFormer``: ``pytorch/muddformer/modeling_muddformer.py`` (forward and
 ``MultiwayDynamicDenseBlock``) for the formula and ``jax/MaxText/layers/llama2.py`` (the training code)
@@ -17,7 +17,12 @@ the static bias added to the dynamic weights with no normalisation of A, one way
 block; init W1 ~ N(0, 1/D) (fan-in), W2 = 0 and b = (0, .., 0, 1) for every way, so all four ways
 start as the plain residual ``X_i``. Differences: the reference rounds to ``(h // 64 + 1) * 64``
 (one extra 64 when h is a multiple of 64), here to the next multiple; the JAX code's GELU is the tanh
-approximation, the PyTorch one (and this one) the exact erf GELU.
+approximation, the PyTorch one (and this one) the exact erf GELU; the JAX code's optional
+``mudd_prenorm``/``mudd_postnorm`` (normalised kept outputs, off by default) are not built.
+
+The kept outputs live in one :class:`MuddStream` buffer ``[L+1, B, T, D]`` written in place
+(:mod:`flash_depth.nn.slot_stream`): a mix reads the slice ``[:i+1]`` without restacking, and its
+backward adds the outputs' gradients into the stream's float32 gradient buffer.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._recorder import record
+from .slot_stream import SlotStream
 
 
 class DenseWeights(nn.Module):
@@ -38,25 +46,98 @@ class DenseWeights(nn.Module):
         hidden = 64 * math.ceil(ways * sources * expand / 64)  # a GEMM-friendly width
         self.sources, self.ways, self.eps = sources, ways, eps
         self.w1 = nn.Linear(dim, hidden, bias=False, device=device, dtype=dtype)
-        nn.init.normal_(self.w1.weight, std=dim**-0.5)
         self.w2 = nn.Linear(hidden, ways * sources, bias=False, device=device, dtype=dtype)
+        self.bias = nn.Parameter(self.residual_bias(ways, sources, device=device, dtype=dtype))
+        nn.init.normal_(self.w1.weight, std=dim**-0.5)  # fan-in, as the reference
         nn.init.zeros_(self.w2.weight)
+
+    @staticmethod
+    def residual_bias(ways: int, sources: int, device=None, dtype=None) -> torch.Tensor:
+        """The init of ``bias`` ``[ways, sources]``: every way one-hot on the latest output, so with
+        W2 = 0 each way starts as that output (a plain residual)."""
         bias = torch.zeros(ways, sources, device=device, dtype=dtype)
-        bias[:, -1] = 1  # every way starts as the latest output: a plain residual
-        self.bias = nn.Parameter(bias)
+        bias[:, -1] = 1
+        return bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x.to(self.w1.weight.dtype), (x.shape[-1],), None, self.eps)
-        a = self.w2(F.gelu(self.w1(x))).unflatten(-1, (self.ways, self.sources))
-        return a + self.bias
+        # the bias's shape, not the int attributes: torch.compile would specialise on those, once per block
+        return self.w2(F.gelu(self.w1(x))).unflatten(-1, self.bias.shape) + self.bias
+
+
+def _mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a ``[B, T, S, n]``, states ``[n, B, T, D]`` -> ``[S, B, T, D]``: out[s] = sum_j a[..., s, j] states[j]."""
+    if torch.compiler.is_compiling():
+        # Inductor fuses the product into one reduction over j: every state is read once, in
+        # float32, and no [S, n, B, T, D] temporary is formed
+        return (a.permute(2, 3, 0, 1)[..., None] * states[None].float()).sum(1).to(out_dtype)
+    # eager: one batched GEMM over tokens (the states are read in place: batch stride D, row stride B*T*D)
+    out = torch.bmm(a.flatten(0, 1).to(states.dtype), states.flatten(1, 2).transpose(0, 1))
+    return out.transpose(0, 1).unflatten(1, a.shape[:2]).to(out_dtype)
+
+
+def _mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad_states: torch.Tensor) -> torch.Tensor:
+    """Adds d states ``[n, B, T, D]`` into ``grad_states`` (float32); returns da ``[B, T, S, n]`` (a's dtype)."""
+    if torch.compiler.is_compiling():
+        da = (dout[:, None].float() * states[None].float()).sum(-1).permute(2, 3, 0, 1)
+        grad_states += (a.permute(3, 2, 0, 1)[..., None].float() * dout[None].float()).sum(1)
+        return da.to(a.dtype)
+    flat_states, flat_dout = states.flatten(1, 2), dout.flatten(1, 2)  # [n, M, D], [S, M, D]
+    da = torch.bmm(flat_dout.transpose(0, 1).to(states.dtype), flat_states.permute(1, 2, 0))
+    grad_states.flatten(1, 2).transpose(0, 1).baddbmm_(a.flatten(0, 1).transpose(1, 2).to(grad_states.dtype),
+                                                       flat_dout.transpose(0, 1).to(grad_states.dtype))
+    return da.unflatten(0, a.shape[:2]).to(a.dtype)
+
+
+class MuddStream(SlotStream):
+    """The kept block outputs ``X_0 .. X_i`` ``[B, T, D]`` of one forward (slot 0: the embedding)."""
+
+    def __init__(self, slots: int, dtype: torch.dtype | None = None):
+        super().__init__(slots, slot_dim=0, names=("states",), dtype=dtype)
+        self.kernels = (_mix_forward, _mix_backward)
+
+    def states(self, n: int | None = None) -> torch.Tensor:
+        """The first n (default: all written) outputs ``[n, B, T, D]`` (a view, no gradient)."""
+        return self.views(n)[0]
+
+    @torch.compiler.disable  # reads of the in-place buffer run eagerly under torch.compile
+    def mix(self, a: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        """a ``[B, T, S, n]`` with n the written outputs -> S mixes ``[B, T, D]`` in ``out_dtype``
+        (default: the stream's)."""
+        if not isinstance(a, torch.Tensor) or a.dim() != 4 or a.shape[-1] != self.count:
+            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise ValueError(f"a must be a tensor [B, T, ways, {self.count} written outputs], got {got}")
+        states = self.states()
+        out_dtype = out_dtype or states.dtype
+        handle = self.read_handle()
+        if torch.is_grad_enabled() and (handle is not None or a.requires_grad):
+            return tuple(_Mix.apply(self, handle, a, out_dtype).unbind(0))
+        return tuple(self.kernels[0](a, states, out_dtype).unbind(0))
+
+
+class _Mix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stream, handle, a, out_dtype):
+        ctx.stream, ctx.n, ctx.has_handle = stream, stream.count, handle is not None
+        ctx.save_for_backward(a)
+        return stream.kernels[0](a, stream.states(), out_dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (a,) = ctx.saved_tensors
+        stream, n = ctx.stream, ctx.n
+        (grad_states,) = stream.grad_views(n)
+        da = stream.kernels[1](a, stream.states(n), dout, grad_states)
+        return None, torch.zeros((), device=dout.device) if ctx.has_handle else None, da, None
 
 
 class MuddConnections(nn.Module):
     """The dense-connection MLPs of a stack of ``num_layers`` blocks.
 
-    ``forward(states)`` with ``states = [X_0, .., X_i]`` (each ``[B, T, D]``, 1 <= i <= num_layers) returns
-    the next block's inputs ``(x_q, x_k, x_v, x_r)``, each ``[B, T, D]`` in the states' dtype; after the
-    last block (i == num_layers) it returns ``(x_out,)``. Block 1 takes ``X_0`` for every way.
+    ``forward(stream, x)`` appends block i's output ``x = X_i`` ``[B, T, D]`` to ``stream`` (holding
+    ``X_0 .. X_{i-1}``, 1 <= i <= num_layers) and returns the next block's inputs ``(x_q, x_k, x_v,
+    x_r)``, each ``[B, T, D]`` in the stream's dtype; after the last block (i == num_layers) it returns
+    ``(x_out,)``. Block 1 takes ``X_0`` for every way. Start a forward with :meth:`new_stream`.
     """
 
     ways = ("q", "k", "v", "r")
@@ -72,32 +153,49 @@ class MuddConnections(nn.Module):
                          eps, device, dtype)
             for i in range(1, num_layers + 1)
         )
+        self.kernels = (_mix_forward, _mix_backward)
 
-    def mix_weights(self, states: list[torch.Tensor]) -> torch.Tensor:
-        """``[X_0 .. X_i]`` -> A ``[B, T, ways, i+1]`` (ways = 4, or 1 after the last block)."""
-        self._check(states)
-        return self.weights[len(states) - 2](states[-1])
+    def new_stream(self, x0: torch.Tensor, dtype: torch.dtype | None = None) -> MuddStream:
+        """A stream for one forward holding ``X_0 = x0`` ``[B, T, D]``; ``dtype`` (default x0's) is
+        what the outputs are stored and mixed in."""
+        self._check_x(x0, "x0")
+        stream = MuddStream(self.num_layers + 1, dtype=dtype)
+        stream.kernels = self.kernels
+        stream.write(x0)
+        return stream
 
-    def forward(self, states: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        a = self.mix_weights(states).to(states[-1].dtype)
-        # a running sum, not a stack: stacking would copy (and save for backward) all i+1 outputs per block
-        outs = []
-        for s in range(a.shape[-2]):
-            out = a[..., s, 0, None] * states[0]
-            for j in range(1, len(states)):
-                out = out + a[..., s, j, None] * states[j]
-            outs.append(out)
-        return tuple(outs)
+    def compile_mixing(self, **options) -> None:
+        """``torch.compile`` the mix (its forward and backward) with dynamic shapes by default: one
+        graph serves every depth. ``options`` go to ``torch.compile``. The weight MLPs stay eager:
+        torch.compile keeps parameter shapes static, so each block's would be a graph of its own."""
+        options = {"dynamic": True, **options}
+        self.kernels = tuple(torch.compile(fn, **options) for fn in (_mix_forward, _mix_backward))
 
-    def _check(self, states):
-        if not isinstance(states, (list, tuple)) or not all(isinstance(x, torch.Tensor) for x in states):
-            raise TypeError(f"states must be a list of tensors [B, T, D], got {type(states).__name__}")
-        if not 2 <= len(states) <= self.num_layers + 1:
-            raise ValueError(f"states must hold X_0 .. X_i for 1 <= i <= num_layers={self.num_layers}, "
-                             f"got {len(states)} tensors")
-        shape = states[0].shape
-        if len(shape) != 3 or shape[-1] != self.dim or any(x.shape != shape for x in states):
-            raise ValueError(f"states must all have shape [B, T, {self.dim}], got {[list(x.shape) for x in states]}")
+    def mix_weights(self, stream: MuddStream, x: torch.Tensor) -> torch.Tensor:
+        """A ``[B, T, ways, i+1]`` after block i (ways = 4, or 1 after the last block), from its output x."""
+        self._check(stream, x)
+        return self.weights[stream.count - 1](x)
+
+    def forward(self, stream: MuddStream, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = self.mix_weights(stream, x)
+        record(self, "mudd", stream.count - 1, a)  # the index of the block whose output x is
+        stream.write(x)
+        return stream.mix(a)
+
+    def _check(self, stream, x):
+        if not isinstance(stream, MuddStream):
+            raise TypeError(f"stream must be a MuddStream (from new_stream), got {type(stream).__name__}")
+        if not 1 <= stream.count <= self.num_layers:
+            raise ValueError(f"stream must hold X_0 .. X_(i-1) for 1 <= i <= num_layers={self.num_layers}, "
+                             f"got {stream.count} outputs")
+        self._check_x(x, "x")
+        if x.shape != stream.slot_shape():
+            raise ValueError(f"x must have the stream's shape {list(stream.slot_shape())}, got {list(x.shape)}")
+
+    def _check_x(self, x, name):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a tensor [B, T, {self.dim}], got {got}")
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_layers={self.num_layers}"
