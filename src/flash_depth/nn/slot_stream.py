@@ -51,9 +51,13 @@ class SlotStream:
         if torch.is_grad_enabled() and any(x.requires_grad for x in values):
             self.handle = _Write.apply(self, self.count, self.handle, *values)
         else:
-            for buf, x in zip(self.buffers, values):
-                buf.select(self.slot_dim, self.count).copy_(x)
+            self.store(self.count, values)
         self.count += 1
+
+    def store(self, slot: int, values) -> None:
+        """Puts ``values`` into slot ``slot`` of the buffers (a subclass may encode them)."""
+        for buf, x in zip(self.buffers, values):
+            buf.select(self.slot_dim, slot).copy_(x)
 
     def slot_shape(self) -> torch.Size:
         shape = list(self.buffers[0].shape)
@@ -76,7 +80,7 @@ class SlotStream:
     def grad_views(self, n: int) -> list[torch.Tensor]:
         """The float32 gradient buffers' first n slots, allocated (zeroed) at the first call."""
         if self.grads is None:  # at least float32: the sum over every later reader stays accurate
-            dtype = torch.promote_types(self.buffers[0].dtype, torch.float32)
+            dtype = torch.float64 if self.buffers[0].dtype == torch.float64 else torch.float32
             self.grads = [torch.zeros(buf.shape, dtype=dtype, device=buf.device) for buf in self.buffers]
         return [g.narrow(self.slot_dim, 0, n) for g in self.grads]
 
@@ -138,8 +142,7 @@ class SlotStream:
 class _Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stream, slot, prev_handle, *values):
-        for buf, x in zip(stream.buffers, values):
-            buf.select(stream.slot_dim, slot).copy_(x)
+        stream.store(slot, values)
         ctx.stream, ctx.slot, ctx.has_prev = stream, slot, prev_handle is not None
         ctx.dtypes = [x.dtype for x in values]  # a producer may be wider than the buffer
         return values[0].new_zeros(())
