@@ -62,6 +62,9 @@ class DepthStream(SlotStream):
         for buf, scales, x in zip(self.buffers, self.scales, values):
             quantize_fp8(x, out=buf.select(self.slot_dim, slot), scale_out=scales.select(self.slot_dim, slot))
 
+    def grad_dtype(self) -> torch.dtype:
+        return torch.float64 if self.value_dtype == torch.float64 else torch.float32
+
     def span_scales(self, spans) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """The fp8 scales (k, v) ``[B, T, end - start, Hk]`` of each span (views), None per span when
         the stream is not fp8."""

@@ -79,10 +79,13 @@ class SlotStream:
 
     def grad_views(self, n: int) -> list[torch.Tensor]:
         """The float32 gradient buffers' first n slots, allocated (zeroed) at the first call."""
-        if self.grads is None:  # at least float32: the sum over every later reader stays accurate
-            dtype = torch.float64 if self.buffers[0].dtype == torch.float64 else torch.float32
-            self.grads = [torch.zeros(buf.shape, dtype=dtype, device=buf.device) for buf in self.buffers]
+        if self.grads is None:
+            self.grads = [torch.zeros(buf.shape, dtype=self.grad_dtype(), device=buf.device) for buf in self.buffers]
         return [g.narrow(self.slot_dim, 0, n) for g in self.grads]
+
+    def grad_dtype(self) -> torch.dtype:
+        """The gradient buffers' dtype: at least float32, so the sum over every later reader stays accurate."""
+        return torch.float64 if self.buffers[0].dtype == torch.float64 else torch.float32
 
     def slot_grads(self, slot: int, dtypes) -> tuple[torch.Tensor, ...] | None:
         """The gradients of slot ``slot`` of every buffer in ``dtypes`` (None: no read used it).
