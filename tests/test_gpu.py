@@ -222,7 +222,8 @@ def test_fp8_stream_matches_its_dequantised_slots_bf16(backend, window, anchors)
     """An fp8 depth stream at 700m-like shapes (T=4096, Hq=16, Hk=8, d=64, 12 slots, bf16): the
     fused kernels (forward, dq, deferred slot gradients, two spans with a window) against float64
     on the dequantised slots within bf16's 1e-2, and against the unquantised slots within fp8's
-    error (tests/test_fp8.py: 4% for the output, 15% for the slot gradients)."""
+    error: 6% for the outputs, 15% for the slot gradients (the reference path on the CPU, this
+    test's data at T=256: 3.9-4.5% and 8.3%; the wider slots make the depth part dominate)."""
     from flash_depth.nn.depth_stream import DepthStream, read_moda
     from flash_depth.ops.fp8 import dequantize_fp8, quantize_fp8
 
@@ -260,7 +261,7 @@ def test_fp8_stream_matches_its_dequantised_slots_bf16(backend, window, anchors)
     deq_outs, deq_grads = reference(lambda x: dequantize_fp8(*quantize_fp8(x), dtype=torch.float64))
     exact_outs, exact_grads = reference(lambda x: x)
     for o, o_deq, o_exact in zip(outs, deq_outs, exact_outs):
-        assert rel_err(o, o_deq) < 1e-2 and rel_err(o, o_exact) < 0.04
+        assert rel_err(o, o_deq) < 1e-2 and rel_err(o, o_exact) < 0.06
     read = [i for i, gr in enumerate(exact_grads) if gr.abs().sum() > 0]  # slots some read reached
     assert all(rel_err(grads[i], deq_grads[i]) < 1e-2 for i in read), [rel_err(grads[i], deq_grads[i]) for i in read]
     assert all(rel_err(grads[i], exact_grads[i]) < 0.15 for i in read)
