@@ -2,6 +2,7 @@
 
     python benchmarks/bench_depth_backward.py                      # 700m and small-48, T=4096
     python benchmarks/bench_depth_backward.py --old PATH/old_depth_triton.py   # + the pre-deferral kernel
+    python benchmarks/bench_depth_backward.py --presets 700m --fp8  # + the same kernels on fp8 slots
 
 Readers are the layers whose attention reads the depth stream (MoDA + FFN KV: block l reads the
 2l slots of blocks 0..l-1). Deferred path (what the model runs): one dq-only kernel per reader,
@@ -22,6 +23,7 @@ import torch
 from common import bench, device_slug, save_results
 
 from flash_depth.ops import depth_triton
+from flash_depth.ops.fp8 import quantize_fp8
 
 SHAPES = {  # preset: (B, T, Hq, Hk, d, blocks)
     "700m": (2, 4096, 16, 8, 64, 36),
@@ -36,7 +38,7 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (bench(lambda: y.copy_(x), rep_ms=200) * 1e-3)
 
 
-def run(preset: str, old_module, block_ts) -> list[dict]:
+def run(preset: str, old_module, block_ts, fp8: bool = False) -> list[dict]:
     B, T, Hq, Hk, d, blocks = SHAPES[preset]
     slots = 2 * (blocks - 1)
     readers = blocks - 1  # blocks 1..blocks-1
@@ -54,30 +56,39 @@ def run(preset: str, old_module, block_ts) -> list[dict]:
     q_bytes = B * T * Hq * d * e
     slot_bytes = B * T * Hk * d * e  # one slot of K (or V)
     rows = []
+    # fp8 slots: 1 byte per element and a float32 scale per row of d (ops/fp8.py); gradients stay bf16
+    layouts = [("", kd, vd, None, slot_bytes)]
+    if fp8:
+        (kd8, ks), (vd8, vs) = quantize_fp8(kd), quantize_fp8(vd)
+        layouts.append(("fp8 slots: ", kd8, vd8, (ks, vs), slot_bytes // e + B * T * Hk * 4))
+    for label, kd_, vd_, scales, read_bytes in layouts:
+        def sliced(n, kd_=kd_, vd_=vd_, scales=scales):
+            return (kd_[:, :, :n], vd_[:, :, :n], scales and tuple(x[:, :, :n] for x in scales))
 
-    def reader_pass():
-        for r in range(readers):
-            n = 2 * (r + 1)
-            depth_triton.depth_backward(q[r], kd[:, :, :n], vd[:, :, :n], o, lse[r], do[r], scale, dq_in=dq_in,
-                                        slot_grads=False, delta_out=delta[r])
+        def reader_pass(sliced=sliced):
+            for r in range(readers):
+                k_, v_, sc = sliced(2 * (r + 1))
+                depth_triton.depth_backward(q[r], k_, v_, o, lse[r], do[r], scale, dq_in=dq_in,
+                                            slot_grads=False, delta_out=delta[r], slot_scales=sc)
 
-    # dq-only: K, V of n slots; q, dO, o, dq_in read, dq written; lse read, rowsum written
-    reader_bytes = sum(2 * 2 * (r + 1) * slot_bytes + 5 * q_bytes + 2 * B * Hq * T * 4 for r in range(readers))
-    rows.append({"kernel": "dq only (per reader)", "launches": readers, "ms": bench(reader_pass, rep_ms=300),
-                 "bytes": reader_bytes})
+        # dq-only: K, V of n slots; q, dO, o, dq_in read, dq written; lse read, rowsum written
+        reader_bytes = sum(2 * 2 * (r + 1) * read_bytes + 5 * q_bytes + 2 * B * Hq * T * 4 for r in range(readers))
+        rows.append({"kernel": f"{label}dq only (per reader)", "launches": readers,
+                     "ms": bench(reader_pass, rep_ms=300), "bytes": reader_bytes})
 
-    def producer_pass(block_t, warps):
-        for blk in range(blocks - 1):
-            depth_triton.depth_slot_backward(q, do, lse, delta, kd, vd, 2 * blk, 2, (blk, readers), scale,
-                                             block_t=block_t, num_warps=warps)
+        def producer_pass(block_t, warps, kd_=kd_, vd_=vd_, scales=scales):
+            for blk in range(blocks - 1):
+                depth_triton.depth_slot_backward(q, do, lse, delta, kd_, vd_, 2 * blk, 2, (blk, readers), scale,
+                                                 block_t=block_t, num_warps=warps, slot_scales=scales)
 
-    # per producer block: K, V of 2 slots read, dK, dV of 2 slots written, each later reader's q, dO, lse, rowsum
-    producer_bytes = sum(4 * 2 * slot_bytes + (readers - blk) * (2 * q_bytes + 2 * B * Hq * T * 4)
-                         for blk in range(blocks - 1))
-    for block_t, warps in block_ts:
-        rows.append({"kernel": f"slot gradients (per producer block, BLOCK_T={block_t}, {warps} warps)",
-                     "launches": blocks - 1, "ms": bench(lambda: producer_pass(block_t, warps), rep_ms=300),
-                     "bytes": producer_bytes})
+        # per producer block: K, V of 2 slots read, dK, dV of 2 slots written (bf16), each later reader's
+        # q, dO, lse, rowsum
+        producer_bytes = sum(2 * 2 * (read_bytes + slot_bytes) + (readers - blk) * (2 * q_bytes + 2 * B * Hq * T * 4)
+                             for blk in range(blocks - 1))
+        for block_t, warps in block_ts:
+            rows.append({"kernel": f"{label}slot gradients (per producer block, BLOCK_T={block_t}, {warps} warps)",
+                         "launches": blocks - 1, "ms": bench(lambda: producer_pass(block_t, warps), rep_ms=300),
+                         "bytes": producer_bytes})
     if old_module is not None:
         gk = torch.zeros(kd.shape, device=dev, dtype=torch.float32)
         gv = torch.zeros_like(gk)
@@ -117,6 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--old", help="the pre-deferral depth_triton.py, to time its backward in the same run")
     parser.add_argument("--tiles", nargs="*", default=["16x4"],
                         help="slot-gradient tiles to time, BLOCK_Txnum_warps (the default is what the model runs)")
+    parser.add_argument("--fp8", action="store_true", help="also time the kernels on fp8 slots (depth_stream_dtype='fp8')")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     old = None
@@ -130,7 +142,7 @@ def main(argv=None) -> int:
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "copy_gb_s": copy_bandwidth() / 1e9}
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]
-    rows = [r for preset in args.presets for r in run(preset, old, tiles)]
+    rows = [r for preset in args.presets for r in run(preset, old, tiles, args.fp8)]
     md = save_results(Path(args.out), f"depth_backward_{slug}", meta, rows, key=lambda r: (r["preset"], r["kernel"]),
                       order=lambda r: (r["preset"], r["kernel"]), markdown=to_markdown)
     print(md)

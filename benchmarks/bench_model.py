@@ -4,6 +4,8 @@
     python benchmarks/bench_model.py --presets small-48 --steps 5
     python benchmarks/bench_model.py --compile       # each block torch.compiled (train.compile=true)
     python benchmarks/bench_model.py --compile --cuda-graph   # and the step replayed from a CUDA graph
+    python benchmarks/bench_model.py --presets 700m --compile --cuda-graph --variants residual "moda + FFN KV"
+        # residual, MoDA + FFN KV with a bf16 and with an fp8 depth stream (and the other MoDA + FFN KV rows)
 
 A step is forward + backward + AdamW under bf16 autocast (fp32 master weights), eager mode or
 with every block compiled (``FlashDepthModel.compile_blocks``, what ``train.compile`` does),
@@ -35,6 +37,7 @@ VARIANTS = [
     ("moda + FFN KV", {"depth_mechanism": "moda"}),
     ("moda + FFN KV, post-norm", {"depth_mechanism": "moda", "norm_position": "post"}),
     ("moda + FFN KV, window 16", {"depth_mechanism": "moda", "depth_window": 16}),
+    ("moda + FFN KV, fp8 depth stream", {"depth_mechanism": "moda", "depth_stream_dtype": "fp8"}),
     ("depth_attention", {"depth_mechanism": "depth_attention"}),
     ("attnres_full", {"depth_mechanism": "attnres_full"}),
     ("attnres_block (8)", {"depth_mechanism": "attnres_block", "attnres_blocks": 8}),

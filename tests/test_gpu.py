@@ -202,3 +202,114 @@ def test_tiny_sequences_and_strided_inputs_run_without_warnings(dtype, T, L):
         o_ref, _, grads_ref = _reference_grads(inputs, do, causal=True)
         assert rel_err(o, o_ref) < 1e-2
         assert all(rel_err(gr, ref) < 1e-2 for gr, ref in zip(grads, grads_ref))
+
+
+def test_fp8_quantizer_on_gpu_equals_cpu():
+    """The write's quantiser gives the same e4m3 codes and scales on the GPU as on the CPU (where
+    tests/test_fp8.py checks its error bound)."""
+    from flash_depth.ops.fp8 import quantize_fp8
+
+    x = torch.randn(4096, 8, 64, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 64, device="cuda")
+    values, scales = quantize_fp8(x)
+    values_cpu, scales_cpu = quantize_fp8(x.cpu())
+    assert torch.equal(values.cpu().view(torch.uint8), values_cpu.view(torch.uint8))
+    assert torch.equal(scales.cpu(), scales_cpu)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("window, anchors", [(None, 0), (6, 2)], ids=["all-slots", "window"])
+def test_fp8_stream_matches_its_dequantised_slots_bf16(backend, window, anchors):
+    """An fp8 depth stream at 700m-like shapes (T=4096, Hq=16, Hk=8, d=64, 12 slots, bf16): the
+    fused kernels (forward, dq, deferred slot gradients, two spans with a window) against float64
+    on the dequantised slots within bf16's 1e-2, and against the unquantised slots within fp8's
+    error: 6% for the outputs, 15% for the slot gradients (the reference path on the CPU, this
+    test's data at T=256: 3.9-4.5% and 8.3%; the wider slots make the depth part dominate)."""
+    from flash_depth.nn.depth_stream import DepthStream, read_moda
+    from flash_depth.ops.fp8 import dequantize_fp8, quantize_fp8
+
+    T, Hq, Hk, d, slots = 4096, 16, 8, 64, 12
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, device="cuda", generator=g) * scale).bfloat16().requires_grad_()
+
+    kvs = [rnd(1, T, Hk, d, scale=0.5 + i / 4) for i in range(2 * slots)]
+    readers = [(rnd(1, T, Hq, d), rnd(1, T, Hk, d), rnd(1, T, Hk, d)) for _ in range(2)]
+    dos = [torch.randn(1, T, Hq, d, device="cuda", generator=g).bfloat16() for _ in readers]
+    stream = DepthStream(slots, dtype=torch.float8_e4m3fn)
+    outs = []
+    for i, (q, k, v) in enumerate(readers):  # the first reads 6 slots, the second all 12 (or its window)
+        for j in range(6 * i, 6 * i + 6):
+            stream.write(kvs[2 * j], kvs[2 * j + 1])
+        outs.append(read_moda(stream, q, k, v, backend=backend, window=window, anchors=anchors))
+    stream.close()
+    grads = torch.autograd.grad(outs, kvs, dos, allow_unused=True, materialize_grads=True)
+
+    def reference(slot_value):
+        values = [slot_value(x.detach().double()).requires_grad_() for x in kvs]
+        total, os = 0, []
+        for i, ((q, k, v), do) in enumerate(zip(readers, dos)):
+            n = 6 * i + 6
+            keep = list(range(n)) if window is None or window >= n else \
+                sorted(set(range(min(anchors, n - window))) | set(range(n - window, n)))
+            kd, vd = (torch.stack([values[2 * j + c] for j in keep], 2) for c in (0, 1))
+            o, _ = attention_reference(q.double(), k.double(), v.double(), kd, vd, causal=True, scale=d**-0.5)
+            os.append(o)
+            total = total + (o * do.double()).sum()
+        return os, torch.autograd.grad(total, values, allow_unused=True, materialize_grads=True)
+
+    deq_outs, deq_grads = reference(lambda x: dequantize_fp8(*quantize_fp8(x), dtype=torch.float64))
+    exact_outs, exact_grads = reference(lambda x: x)
+    for o, o_deq, o_exact in zip(outs, deq_outs, exact_outs):
+        assert rel_err(o, o_deq) < 1e-2 and rel_err(o, o_exact) < 0.06
+    read = [i for i, gr in enumerate(exact_grads) if gr.abs().sum() > 0]  # slots some read reached
+    assert all(rel_err(grads[i], deq_grads[i]) < 1e-2 for i in read), [rel_err(grads[i], deq_grads[i]) for i in read]
+    assert all(rel_err(grads[i], exact_grads[i]) < 0.15 for i in read)
+
+
+def test_fp8_depth_kernels_with_slot_gradients_bf16():
+    """depth_forward / depth_backward (slot_grads=True, the op-level form) on fp8 slots with bf16
+    queries, against float64 on the dequantised slots."""
+    from flash_depth.ops.depth_triton import depth_backward, depth_forward
+    from flash_depth.ops.fp8 import dequantize_fp8, quantize_fp8
+
+    q, _, _, kd, vd = _inputs(2048, 16, 8, 64, 24)
+    (kd8, ks), (vd8, vs) = quantize_fp8(kd), quantize_fp8(vd * 3)
+    o, lse = depth_forward(q, kd8, vd8, 64**-0.5, slot_scales=(ks, vs))
+    do = torch.randn_like(o)
+    dq, dk, dv = depth_backward(q, kd8, vd8, o, lse, do, 64**-0.5, slot_scales=(ks, vs))
+    ref = [q.detach().double().requires_grad_(), dequantize_fp8(kd8, ks, torch.float64).requires_grad_(),
+           dequantize_fp8(vd8, vs, torch.float64).requires_grad_()]
+    o_ref, lse_ref = attention_reference(ref[0], None, None, ref[1], ref[2], causal=False, scale=64**-0.5)
+    grads_ref = torch.autograd.grad(o_ref, ref, do.double())
+    assert rel_err(o, o_ref) < 1e-2 and rel_err(lse, lse_ref) < 1e-2
+    assert all(rel_err(gr, r) < 1e-2 for gr, r in zip((dq, dk, dv), grads_ref))
+
+
+def test_fp8_model_on_gpu():
+    """The model with depth_stream_dtype='fp8' on CUDA: the fused path against the reference path
+    (fp32, same weights: the same dequantised slots), and under bf16 autocast against the bf16
+    stream (loss within 1e-2 relative, every gradient within fp8's 15%)."""
+    from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+
+    def model(**kw):
+        torch.manual_seed(0)
+        cfg = FlashDepthConfig.from_preset("small-24", depth_mechanism="moda", num_hidden_layers=4, **kw)
+        return FlashDepthForCausalLM(cfg).cuda()
+
+    ids = torch.randint(0, 1000, (2, 512), device="cuda")
+    fused, ref = model(depth_stream_dtype="fp8"), model(depth_stream_dtype="fp8", attention_backend="reference")
+    for m in (fused, ref):
+        m(ids, labels=ids).loss.backward()
+    for (name, p), p_ref in zip(fused.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, p_ref.grad) < 1e-3, name
+    bf16, fp8 = model(), model(depth_stream_dtype="fp8")
+    losses = []
+    for m in (bf16, fp8):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) < 1e-2 * losses[0], losses
+    for (name, p), p_ref in zip(fp8.named_parameters(), bf16.parameters()):
+        assert torch.isfinite(p.grad).all() and rel_err(p.grad, p_ref.grad) < 0.15, name

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
+from flash_depth.ops.fp8 import fp8_dtype
+
 try:  # transformers >= 5
     from transformers import PreTrainedConfig
 except ImportError:  # transformers 4.x
@@ -10,6 +14,7 @@ except ImportError:  # transformers 4.x
 DEPTH_MECHANISMS = ("residual", "moda", "depth_attention", "attnres_full", "attnres_block", "denseformer", "mhc", "hc",
                     "mudd")
 NORM_POSITIONS = ("pre", "post")
+DEPTH_STREAM_DTYPES = (None, "fp8")
 
 PRESETS = {
     # a CPU-sized model for tests and demos
@@ -45,6 +50,10 @@ class FlashDepthConfig(PreTrainedConfig):
         depth_window: (moda, depth_attention) None reads every earlier slot; an int S reads only the
             last S slots (plus the first ``depth_anchors``): O(S) per token and layer instead of O(L).
         depth_anchors: slots from the start that a windowed read keeps (the embedding-side layers).
+        depth_stream_dtype: (moda, depth_attention) None stores the depth K/V slots in the dtype they
+            are computed in (the autocast dtype under autocast); ``"fp8"`` stores them as float8 e4m3
+            with a float32 scale per token and KV head (about half the bytes of bf16; gradients
+            straight through; needs a GPU of compute capability >= 8.9, or the CPU).
         hc_streams: parallel residual streams of ``mhc`` / ``hc``.
     """
 
@@ -71,6 +80,7 @@ class FlashDepthConfig(PreTrainedConfig):
         attnres_blocks: int = 8,
         depth_window: int | None = None,
         depth_anchors: int = 0,
+        depth_stream_dtype: str | None = None,
         hc_streams: int = 4,
         attention_backend: str = "auto",
         tie_word_embeddings: bool = False,
@@ -95,6 +105,7 @@ class FlashDepthConfig(PreTrainedConfig):
         self.attnres_blocks = attnres_blocks
         self.depth_window = depth_window
         self.depth_anchors = depth_anchors
+        self.depth_stream_dtype = depth_stream_dtype
         self.hc_streams = hc_streams
         self.attention_backend = attention_backend
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -143,8 +154,23 @@ class FlashDepthConfig(PreTrainedConfig):
             raise ValueError(f"depth_window must be None (every earlier slot) or an int >= 1, got {window!r}")
         if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
             raise ValueError(f"depth_anchors must be an int >= 0, got {anchors!r}")
+        if self.depth_stream_dtype not in DEPTH_STREAM_DTYPES:
+            raise ValueError(f"depth_stream_dtype must be one of {DEPTH_STREAM_DTYPES}, got {self.depth_stream_dtype!r}")
+        if self.depth_stream_dtype is not None:
+            if self.depth_mechanism not in ("moda", "depth_attention"):
+                raise ValueError(f"depth_stream_dtype={self.depth_stream_dtype!r} sets how the depth K/V stream is "
+                                 f"stored; depth_mechanism={self.depth_mechanism!r} has none (moda and "
+                                 "depth_attention do)")
+            fp8_dtype()  # ValueError where this torch has no float8 dtypes
         if self.attention_backend not in ("auto", "reference", "triton", "cudnn"):
             raise ValueError(f"attention_backend must be auto/reference/triton/cudnn, got {self.attention_backend!r}")
+
+    @property
+    def depth_stream_torch_dtype(self) -> torch.dtype | None:
+        """What ``DepthStream`` takes for ``depth_stream_dtype``: None, or torch.float8_e4m3fn."""
+        if self.depth_stream_dtype is None:
+            return None
+        return fp8_dtype()
 
     @property
     def depth_slots(self) -> int:

@@ -370,7 +370,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             masks = {"kv_start": kv_start}
         cos, sin = self.rotary.at(positions) if positions is not None else self.rotary(start, T, x.device)
         cfg = self.config
-        stream = DepthStream(cfg.depth_slots) if cfg.depth_slots else None
+        stream = DepthStream(cfg.depth_slots, dtype=cfg.depth_stream_torch_dtype) if cfg.depth_slots else None
         if cfg.depth_mechanism.startswith("attnres"):
             x = self._attnres(x, cos, sin, cache, masks)
         elif self.hyper is not None:

@@ -10,6 +10,11 @@ backward (which autograd runs after every read of the slot) forms the slot's dK/
 kernel over all of its readers and writes it once, in the slot's dtype. Two slots written
 with no read between them (a block's attention and FFN slots) have the same readers and
 are formed by one launch, which reads the readers' q and dO once for both.
+
+An fp8 stream (``DepthStream(slots, dtype=torch.float8_e4m3fn)``) stores each slot as e4m3 values
+with a float32 scale per (token, KV head) row (ops/fp8.py): a write quantises, the fused kernels
+dequantise in registers, and the reference path reads dequantised copies. Its gradients are
+straight through: a producer gets the gradient of the dequantised slot, as if the slot held it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from flash_depth.ops import depth_attention, moda_attention
+from flash_depth.ops.fp8 import check_fp8_device, dequantize_fp8, quantize_fp8
 from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
@@ -24,26 +30,62 @@ from .slot_stream import SlotStream
 
 
 class DepthStream(SlotStream):
-    """Depth K/V slots of the tokens of one forward pass."""
+    """Depth K/V slots of the tokens of one forward pass: ``slots`` of them at most, stored in the
+    first write's dtype (``dtype=None``) or as fp8 (``dtype=torch.float8_e4m3fn``, see module doc)."""
 
-    def __init__(self, slots: int):
-        super().__init__(slots, slot_dim=2, names=("k", "v"))
+    def __init__(self, slots: int, dtype: torch.dtype | None = None):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        fp8 = getattr(torch, "float8_e4m3fn", None)
+        if dtype is not None and (fp8 is None or dtype != fp8):
+            raise ValueError(f"dtype must be None (the first write's dtype) or torch.float8_e4m3fn, got {dtype!r}")
+        super().__init__(slots, slot_dim=2, names=("k", "v"), dtype=dtype)
+        self.quantized = dtype is not None
+        self.scales: list[torch.Tensor] | None = None  # fp8: k and v scales [B, T, L_max, Hk] float32
+        self.value_dtype: torch.dtype | None = None  # the first write's dtype: what fp8 slots dequantise to
         # read buffers (reader_bufs): q, do [R, B, T, Hq, d]; lse, delta [R, B, Hq, T]
         self.formed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (dk, dv) formed early
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
+        if self.buffers is None:
+            if self.quantized:
+                check_fp8_device(k.device)
+            self.value_dtype = k.dtype
         super().write(k, v)
 
-    def copy_slot(self, slot: int, values) -> None:
-        k, v = values
-        k_slot, v_slot = (buf.select(self.slot_dim, slot) for buf in self.buffers)
-        if k.is_cuda and k.is_contiguous() and v.is_contiguous():
-            from flash_depth.ops.depth_triton import write_slot  # triton: imported only where it runs
+    def store(self, slot: int, values) -> None:
+        if not self.quantized:
+            k, v = values
+            if k.is_cuda and k.is_contiguous() and v.is_contiguous():
+                from flash_depth.ops.depth_triton import write_slot  # triton: imported only where it runs
 
-            write_slot(k_slot, v_slot, k, v)  # both in one launch at the copy bandwidth
-        else:
-            super().copy_slot(slot, values)
+                # both in one launch at the copy bandwidth
+                return write_slot(*(buf.select(self.slot_dim, slot) for buf in self.buffers), k, v)
+            return super().store(slot, values)
+        if self.scales is None:
+            self.scales = [buf.new_empty(buf.shape[:-1], dtype=torch.float32) for buf in self.buffers]
+        for buf, scales, x in zip(self.buffers, self.scales, values):
+            quantize_fp8(x, out=buf.select(self.slot_dim, slot), scale_out=scales.select(self.slot_dim, slot))
+
+    def grad_dtype(self) -> torch.dtype:
+        return torch.float64 if self.value_dtype == torch.float64 else torch.float32
+
+    def span_scales(self, spans) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The fp8 scales (k, v) ``[B, T, end - start, Hk]`` of each span (views), None per span when
+        the stream is not fp8."""
+        if not self.quantized:
+            return [None] * len(spans)
+        return [tuple(s.narrow(self.slot_dim, a, b - a) for s in self.scales) for a, b in spans]
+
+    def stacked(self, spans) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v ``[B, T, n, Hk, d]`` of the slots in ``spans``, stacked (a copy; fp8: dequantised to
+        the written dtype), for the reference path."""
+        pieces = self.span_views(spans)
+        if self.quantized:
+            pieces = [tuple(dequantize_fp8(x, sc, self.value_dtype) for x, sc in zip(p, scales))
+                      for p, scales in zip(pieces, self.span_scales(spans))]
+        return tuple(torch.cat([p[i] for p in pieces], 2) for i in (0, 1))
 
     def spans(self, window: int | None = None, anchors: int = 0) -> tuple[tuple[int, int], ...]:
         """The slot ranges ``(start, end)`` a read of the written slots takes: all of them, or with
@@ -87,17 +129,23 @@ class DepthStream(SlotStream):
         from flash_depth.ops.depth_triton import depth_slot_backward  # triton: imported only where it runs
 
         k_depth, v_depth = self.views()
+        scales = self.span_scales(((0, self.count),))[0]
         dk = dv = None
         for run in runs:
             part = depth_slot_backward(bufs["q"], bufs["do"], bufs["lse"], bufs["delta"], k_depth, v_depth,
-                                       slot0, 2 if pair else 1, (run.start, run.stop), bufs["q"].shape[-1] ** -0.5)
+                                       slot0, 2 if pair else 1, (run.start, run.stop), bufs["q"].shape[-1] ** -0.5,
+                                       slot_scales=scales)
             dk, dv = part if dk is None else (dk + part[0], dv + part[1])
         if pair:
             self.formed[slot0] = (dk[0], dv[0])
         return dk[-1], dv[-1]
 
     def slots(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n (default: all written) slots ``[B, T, n, Hk, d]`` (views, no gradient)."""
+        """The first n (default: all written) slots ``[B, T, n, Hk, d]`` (views, no gradient; an fp8
+        stream's are dequantised copies in the written dtype)."""
+        n = self.count if n is None else n
+        if self.quantized:
+            return self.stacked(((0, n),))
         k, v = self.views(n)
         return k, v
 
@@ -111,25 +159,18 @@ class _Read(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stream, handle, q, k, v, causal, backend, masks, spans):
-        pieces = stream.span_views(spans)
         ctx.stream, ctx.spans, ctx.has_seq = stream, spans, k is not None
-        scale = q.shape[-1] ** -0.5
         chosen = select_backend(backend, q, k, causal, masked=bool(masks))
         if chosen == "reference":  # plain PyTorch: let autograd differentiate it
             with torch.enable_grad():
                 leaves = [x.detach().requires_grad_() for x in (q, k, v) if x is not None]
-                kd, vd = (torch.cat([p[i] for p in pieces], 2).detach().requires_grad_() for i in (0, 1))
+                kd, vd = (x.detach().requires_grad_() for x in stream.stacked(spans))
                 o, _ = attention_reference(leaves[0], *(leaves[1:] or (None, None)), kd, vd,
-                                           causal=causal, scale=scale, **masks)
+                                           causal=causal, scale=q.shape[-1] ** -0.5, **masks)
             ctx.graph = (o, leaves + [kd, vd])
             return o.detach()
-        from flash_depth.ops.depth_triton import depth_forward  # triton: imported only where it runs
-
         ctx.graph = None
-        (kd, vd), *more = pieces
-        o, lse, state, (q, k, v) = fused_forward(q, k, v, kd, vd, causal, scale, chosen, masks)
-        for kd, vd in more:  # further spans resume the same online softmax
-            o, lse = depth_forward(q, kd, vd, scale, o_seq=o, lse_seq=lse)
+        o, lse, state, (q, k, v) = _fused_forward(stream, q, k, v, causal, chosen, masks, spans)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.fused = (state, causal, chosen)
         ctx.reader = stream.register_reader(spans)
@@ -156,11 +197,13 @@ class _Read(torch.autograd.Function):
             state, causal, seq_backend = ctx.fused
             scale = q.shape[-1] ** -0.5
             (kd, vd), *more = stream.span_views(spans)
+            scales, *more_scales = stream.span_scales(spans)
             do, delta = stream.keep_reader(ctx.reader, q, do, lse)
             dq, dk, dv, _, _ = fused_backward(do, q, k, v, kd, vd, o, lse, state, causal, scale, seq_backend,
-                                              slot_grads=False, delta_out=delta)
-            for kd, vd in more:
-                dq, _, _ = depth_backward(q, kd, vd, o, lse, do, scale, dq_in=dq, slot_grads=False)
+                                              slot_grads=False, delta_out=delta, slot_scales=scales)
+            for (kd, vd), scales in zip(more, more_scales):
+                dq, _, _ = depth_backward(q, kd, vd, o, lse, do, scale, dq_in=dq, slot_grads=False,
+                                          slot_scales=scales)
         return None, torch.zeros((), device=do.device), dq, dk, dv, None, None, None, None
 
 
@@ -201,13 +244,32 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto", cu_seqlens=None
     return _read(stream, q, None, None, False, backend, masks, stream.spans(window, anchors))
 
 
+def _fused_forward(stream: DepthStream, q, k, v, causal: bool, chosen: str, masks: dict, spans):
+    """The fused kernels over the slots in ``spans``, read in place: as ``fused_forward`` returns."""
+    from flash_depth.ops.depth_triton import depth_forward  # triton: imported only where it runs
+
+    scale = q.shape[-1] ** -0.5
+    (kd, vd), *more = stream.span_views(spans)
+    scales, *more_scales = stream.span_scales(spans)
+    o, lse, state, (q, k, v) = fused_forward(q, k, v, kd, vd, causal, scale, chosen, masks, slot_scales=scales)
+    for (kd, vd), scales in zip(more, more_scales):  # further spans resume the same online softmax
+        o, lse = depth_forward(q, kd, vd, scale, o_seq=o, lse_seq=lse, slot_scales=scales)
+    return o, lse, state, (q, k, v)
+
+
 def _read(stream: DepthStream, q, k, v, causal: bool, backend: str, masks: dict, spans) -> torch.Tensor:
     handle = stream.read_handle()
     if handle is not None:
         return _Read.apply(stream, handle, q, k, v, causal, backend, masks, spans)
     # nothing to differentiate through the stream: the plain ops (several spans: their slots stacked)
-    pieces = stream.span_views(spans)
-    kd, vd = pieces[0] if len(pieces) == 1 else (torch.cat([p[i] for p in pieces], 2) for i in (0, 1))
+    if stream.quantized:
+        chosen = select_backend(backend, q, k, causal, masked=bool(masks))
+        if chosen != "reference":  # the kernels read the fp8 slots in place
+            return _fused_forward(stream, q, k, v, causal, chosen, masks, spans)[0]
+        kd, vd = stream.stacked(spans)
+    else:
+        pieces = stream.span_views(spans)
+        kd, vd = pieces[0] if len(pieces) == 1 else (torch.cat([p[i] for p in pieces], 2) for i in (0, 1))
     if k is None:
         return depth_attention(q, kd, vd, backend=backend, **masks)
     return moda_attention(q, k, v, kd, vd, causal=causal, backend=backend, **masks)

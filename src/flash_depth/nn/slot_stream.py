@@ -51,11 +51,11 @@ class SlotStream:
         if torch.is_grad_enabled() and any(x.requires_grad for x in values):
             self.handle = _Write.apply(self, self.count, self.handle, *values)
         else:
-            self.copy_slot(self.count, values)
+            self.store(self.count, values)
         self.count += 1
 
-    def copy_slot(self, slot: int, values) -> None:
-        """Copies one slot's values into the buffers (a subclass may fuse the copies)."""
+    def store(self, slot: int, values) -> None:
+        """Puts ``values`` into slot ``slot`` of the buffers (a subclass may encode or fuse the copies)."""
         for buf, x in zip(self.buffers, values):
             buf.select(self.slot_dim, slot).copy_(x)
 
@@ -79,10 +79,13 @@ class SlotStream:
 
     def grad_views(self, n: int) -> list[torch.Tensor]:
         """The float32 gradient buffers' first n slots, allocated (zeroed) at the first call."""
-        if self.grads is None:  # at least float32: the sum over every later reader stays accurate
-            dtype = torch.promote_types(self.buffers[0].dtype, torch.float32)
-            self.grads = [torch.zeros(buf.shape, dtype=dtype, device=buf.device) for buf in self.buffers]
+        if self.grads is None:
+            self.grads = [torch.zeros(buf.shape, dtype=self.grad_dtype(), device=buf.device) for buf in self.buffers]
         return [g.narrow(self.slot_dim, 0, n) for g in self.grads]
+
+    def grad_dtype(self) -> torch.dtype:
+        """The gradient buffers' dtype: at least float32, so the sum over every later reader stays accurate."""
+        return torch.float64 if self.buffers[0].dtype == torch.float64 else torch.float32
 
     def slot_grads(self, slot: int, dtypes) -> tuple[torch.Tensor, ...] | None:
         """The gradients of slot ``slot`` of every buffer in ``dtypes`` (None: no read used it).
@@ -142,7 +145,7 @@ class SlotStream:
 class _Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stream, slot, prev_handle, *values):
-        stream.copy_slot(slot, values)
+        stream.store(slot, values)
         ctx.stream, ctx.slot, ctx.has_prev = stream, slot, prev_handle is not None
         ctx.dtypes = [x.dtype for x in values]  # a producer may be wider than the buffer
         return values[0].new_zeros(())

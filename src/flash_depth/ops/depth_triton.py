@@ -36,10 +36,12 @@ from ._triton_common import cdiv, dot_precision, head_dim_tile, last_dim_contigu
 
 @triton.jit
 def _depth_fwd_kernel(
-    Q, KD, VD, O_SEQ, LSE_SEQ, O, LSE,
+    Q, KD, VD, KS, VS, O_SEQ, LSE_SEQ, O, LSE,
     sq_b, sq_t, sq_h,
     skd_b, skd_t, skd_l, skd_h,
     svd_b, svd_t, svd_l, svd_h,
+    sks_b, sks_t, sks_l, sks_h,
+    svs_b, svs_t, svs_l, svs_h,
     sos_b, sos_t, sos_h,
     sls_b, sls_h, sls_t,
     so_b, so_t, so_h,
@@ -47,7 +49,7 @@ def _depth_fwd_kernel(
     T, L, HK, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEQ: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SEQ: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // G
     pid_t = tl.program_id(0)
@@ -95,6 +97,9 @@ def _depth_fwd_kernel(
             KD + b * skd_b + col_tok64[:, None] * skd_t + col_slot[:, None] * skd_l + hk * skd_h + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
         )
+        if FP8:  # dequantised in registers, to q's dtype: from here on the math of a q-dtype slot
+            ks = tl.load(KS + b * sks_b + col_tok64 * sks_t + col_slot * sks_l + hk * sks_h, mask=col_ok, other=0.0)
+            kd = (kd.to(tl.float32) * ks[:, None]).to(q.dtype)
         s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * qk_scale
         keep = row_ok[:, None] & col_ok[None, :] & (row_tok[:, None] == col_tok[None, :])
         s = tl.where(keep, s, float("-inf"))
@@ -107,6 +112,9 @@ def _depth_fwd_kernel(
             VD + b * svd_b + col_tok64[:, None] * svd_t + col_slot[:, None] * svd_l + hk * svd_h + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
         )
+        if FP8:
+            vs = tl.load(VS + b * svs_b + col_tok64 * svs_t + col_slot * svs_l + hk * svs_h, mask=col_ok, other=0.0)
+            vd = (vd.to(tl.float32) * vs[:, None]).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd, input_precision=PRECISION)
         m_i = m_new
 
@@ -122,10 +130,12 @@ def _depth_fwd_kernel(
 
 @triton.jit
 def _depth_bwd_kernel(
-    Q, KD, VD, O, DO, LSE, DQ_IN, DQ, DKD, DVD, DELTA,
+    Q, KD, VD, KS, VS, O, DO, LSE, DQ_IN, DQ, DKD, DVD, DELTA,
     sq_b, sq_t, sq_h,
     skd_b, skd_t, skd_l, skd_h,
     svd_b, svd_t, svd_l, svd_h,
+    sks_b, sks_t, sks_l, sks_h,
+    svs_b, svs_t, svs_l, svs_h,
     so_b, so_t, so_h,
     sdo_b, sdo_t, sdo_h,
     sl_b, sl_h, sl_t,
@@ -137,7 +147,8 @@ def _depth_bwd_kernel(
     T, L, HK, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DQ_IN: tl.constexpr, SLOT_GRADS: tl.constexpr, STORE_DELTA: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DQ_IN: tl.constexpr, SLOT_GRADS: tl.constexpr, STORE_DELTA: tl.constexpr, FP8: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // G
     pid_t = tl.program_id(0)
@@ -176,6 +187,11 @@ def _depth_bwd_kernel(
         cmask = col_ok[:, None] & dim_ok[None, :]
         kd = tl.load(KD + b * skd_b + col_tok64[:, None] * skd_t + col_slot[:, None] * skd_l + hk * skd_h + dims[None, :], mask=cmask, other=0.0)
         vd = tl.load(VD + b * svd_b + col_tok64[:, None] * svd_t + col_slot[:, None] * svd_l + hk * svd_h + dims[None, :], mask=cmask, other=0.0)
+        if FP8:  # dequantised in registers, as in the forward
+            ks = tl.load(KS + b * sks_b + col_tok64 * sks_t + col_slot * sks_l + hk * sks_h, mask=col_ok, other=0.0)
+            vs = tl.load(VS + b * svs_b + col_tok64 * svs_t + col_slot * svs_l + hk * svs_h, mask=col_ok, other=0.0)
+            kd = (kd.to(tl.float32) * ks[:, None]).to(q.dtype)
+            vd = (vd.to(tl.float32) * vs[:, None]).to(q.dtype)
         s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * qk_scale
         keep = row_ok[:, None] & col_ok[None, :] & (row_tok[:, None] == col_tok[None, :])
         p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
@@ -224,17 +240,20 @@ def _slot_grad_step(q, do, lse2, delta, k, v, dk, dv, qk_scale):
 
 @triton.jit
 def _depth_slot_grad_kernel(
-    Q, DO, LSE, DELTA, KD, VD, DKD, DVD,
+    Q, DO, LSE, DELTA, KD, VD, KS, VS, DKD, DVD,
     sq_r, sq_b, sq_t, sq_h,
     sdo_r, sdo_b, sdo_t, sdo_h,
     sl_r, sl_b, sl_h, sl_t,
     sd_r, sd_b, sd_h, sd_t,
     skd_b, skd_t, skd_l, skd_h,
     svd_b, svd_t, svd_l, svd_h,
+    sks_b, sks_t, sks_l, sks_h,
+    svs_b, svs_t, svs_l, svs_h,
     sdk_b, sdk_t, sdk_l, sdk_h,
     sdv_b, sdv_t, sdv_l, sdv_h,
     T, HK, SLOT0, R_START, R_END, scale,
     G: tl.constexpr, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """dK/dV of depth slots SLOT0 (and SLOT0 + 1 when SLOTS == 2) summed over readers
     R_START..R_END-1, all of which read both slots. One program: BLOCK_T tokens of one KV head.
@@ -255,11 +274,19 @@ def _depth_slot_grad_kernel(
     vv_row = b * svd_b + toks64[:, None] * svd_t + hk * svd_h + dims[None, :]
     k0 = tl.load(KD + kv_row + SLOT0 * skd_l, mask=rmask, other=0.0).to(tl.float32)
     v0 = tl.load(VD + vv_row + SLOT0 * svd_l, mask=rmask, other=0.0).to(tl.float32)
+    if FP8:  # dequantised once per program: the gradient is that of the dequantised slot (straight through)
+        ks_row = b * sks_b + toks64 * sks_t + hk * sks_h
+        vs_row = b * svs_b + toks64 * svs_t + hk * svs_h
+        k0 *= tl.load(KS + ks_row + SLOT0 * sks_l, mask=tok_ok, other=0.0)[:, None]
+        v0 *= tl.load(VS + vs_row + SLOT0 * svs_l, mask=tok_ok, other=0.0)[:, None]
     dk0 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     if SLOTS == 2:
         k1 = tl.load(KD + kv_row + (SLOT0 + 1) * skd_l, mask=rmask, other=0.0).to(tl.float32)
         v1 = tl.load(VD + vv_row + (SLOT0 + 1) * svd_l, mask=rmask, other=0.0).to(tl.float32)
+        if FP8:
+            k1 *= tl.load(KS + ks_row + (SLOT0 + 1) * sks_l, mask=tok_ok, other=0.0)[:, None]
+            v1 *= tl.load(VS + vs_row + (SLOT0 + 1) * svs_l, mask=tok_ok, other=0.0)[:, None]
         dk1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for r in range(R_START, R_END):
@@ -280,6 +307,24 @@ def _depth_slot_grad_kernel(
         tl.store(DVD + dv_row + sdv_l, dv1.to(DVD.dtype.element_ty), mask=rmask)
 
 
+def _slot_scales(k_depth, v_depth, slot_scales):
+    """(FP8, KS, VS, their 8 strides) for a launch. fp8 slots need ``slot_scales`` = (k_scale, v_scale)
+    ``[B, T, L, Hk]`` float32, one per row of d values; other slots take none (placeholders: never read)."""
+    e4m3 = getattr(torch, "float8_e4m3fn", None)
+    fp8 = k_depth.dtype == e4m3
+    if fp8 != (v_depth.dtype == e4m3) or fp8 != (slot_scales is not None):
+        raise ValueError(f"slot_scales (k_scale, v_scale) go with float8_e4m3fn k_depth and v_depth, and only "
+                         f"with them; got k_depth {k_depth.dtype}, v_depth {v_depth.dtype}, slot_scales "
+                         f"{'given' if slot_scales is not None else None}")
+    if not fp8:
+        return False, k_depth, v_depth, (0,) * 8
+    for name, x, depth in (("k_scale", slot_scales[0], k_depth), ("v_scale", slot_scales[1], v_depth)):
+        if x.shape != depth.shape[:4] or x.dtype != torch.float32 or x.device != depth.device:
+            raise ValueError(f"{name} must be float32 {tuple(depth.shape[:4])} on {depth.device} ([B, T, L, Hk]), "
+                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return True, slot_scales[0], slot_scales[1], (*slot_scales[0].stride(), *slot_scales[1].stride())
+
+
 @functools.lru_cache(maxsize=None)
 def _tiles(group: int, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M holds whole tokens (G rows each)."""
@@ -293,8 +338,11 @@ def _tiles(group: int, head_dim: int, backward: bool) -> tuple[int, int, int, in
     return block_m, block_n, num_warps, 2
 
 
-def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, tiles=None):
+def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, tiles=None, slot_scales=None):
     """q ``[B, T, Hq, d]``, k_depth/v_depth ``[B, T, L, Hk, d]`` (any strides, last dim contiguous).
+
+    float8_e4m3fn k_depth/v_depth take ``slot_scales`` = (k_scale, v_scale) ``[B, T, L, Hk]`` float32:
+    the slots hold ``k_depth * k_scale[..., None]`` (ops/fp8.py).
 
     With o_seq ``[B, T, Hq, d]`` and lse_seq ``[B, Hq, T]`` the result is the merged MoDA output.
     Returns o ``[B, T, Hq, d]`` and lse ``[B, Hq, T]`` float32 (same strides as lse_seq when given).
@@ -303,6 +351,7 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
     B, T, Hq, d = q.shape
     L, Hk = k_depth.shape[2], k_depth.shape[3]
     G = Hq // Hk
+    fp8, k_scale, v_scale, scale_strides = _slot_scales(k_depth, v_depth, slot_scales)
     q, k_depth, v_depth = (last_dim_contiguous(x) for x in (q, k_depth, v_depth))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     has_seq = o_seq is not None
@@ -315,32 +364,34 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
     block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=False)
     grid = (cdiv(T, block_m // G), B * Hk)
     _depth_fwd_kernel[grid](
-        q, k_depth, v_depth, o_seq, lse_seq, o, lse,
+        q, k_depth, v_depth, k_scale, v_scale, o_seq, lse_seq, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
-        *k_depth.stride()[:4], *v_depth.stride()[:4],
+        *k_depth.stride()[:4], *v_depth.stride()[:4], *scale_strides,
         o_seq.stride(0), o_seq.stride(1), o_seq.stride(2),
         lse_seq.stride(0), lse_seq.stride(1), lse_seq.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SEQ=has_seq, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        HAS_SEQ=has_seq, FP8=fp8, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
 
 
 def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, tiles=None,
-                   slot_grads: bool = True, delta_out=None):
+                   slot_grads: bool = True, delta_out=None, slot_scales=None):
     """Gradients of the depth entries given the (merged) o and lse.
 
     Returns dq ``[B, T, Hq, d]`` (dq_in added when given), dk_depth and dv_depth ``[B, T, L, Hk, d]``.
     With ``slot_grads=False`` only dq is computed (dk_depth, dv_depth are None): the deferred
     path, where ``depth_slot_backward`` forms the slot gradients later. ``delta_out`` ``[B, Hq, T]``
-    float32 receives rowsum(dO * o) (what that later pass needs).
+    float32 receives rowsum(dO * o) (what that later pass needs). ``slot_scales``: as
+    :func:`depth_forward`; the slot gradients are those of the dequantised slots, in q's dtype.
     """
     B, T, Hq, d = q.shape
     L, Hk = k_depth.shape[2], k_depth.shape[3]
     G = Hq // Hk
+    fp8, k_scale, v_scale, scale_strides = _slot_scales(k_depth, v_depth, slot_scales)
     q, k_depth, v_depth, o, do = (last_dim_contiguous(x) for x in (q, k_depth, v_depth, o, do))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     if slot_grads:
@@ -355,9 +406,9 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
     block_m, block_n, num_warps, num_stages = tiles or _tiles(G, d, backward=True)
     grid = (cdiv(T, block_m // G), B * Hk)
     _depth_bwd_kernel[grid](
-        q, k_depth, v_depth, o, do, lse, dq_in, dq, dk_arg, dv_arg, delta_arg,
+        q, k_depth, v_depth, k_scale, v_scale, o, do, lse, dq_in, dq, dk_arg, dv_arg, delta_arg,
         q.stride(0), q.stride(1), q.stride(2),
-        *k_depth.stride()[:4], *v_depth.stride()[:4],
+        *k_depth.stride()[:4], *v_depth.stride()[:4], *scale_strides,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
@@ -367,28 +418,30 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
         delta_arg.stride(0), delta_arg.stride(1), delta_arg.stride(2),
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_DQ_IN=has_dq_in, SLOT_GRADS=slot_grads, STORE_DELTA=delta_out is not None,
+        HAS_DQ_IN=has_dq_in, SLOT_GRADS=slot_grads, STORE_DELTA=delta_out is not None, FP8=fp8,
         PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dkd, dvd
 
 
 def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: int, readers: tuple[int, int],
-                        scale: float, out_dtype=None, block_t=None, num_warps=None):
+                        scale: float, out_dtype=None, block_t=None, num_warps=None, slot_scales=None):
     """Deferred gradients of depth slots ``slot0 .. slot0 + slots - 1`` (slots 1 or 2).
 
     q, do ``[R, B, T, Hq, d]``, lse, delta ``[R, B, Hq, T]`` float32: every reader's query,
     output gradient, merged log-sum-exp and rowsum(dO * o); readers ``readers[0] .. readers[1] - 1``
     all read these slots. k_depth, v_depth ``[B, T, L, Hk, d]`` (any strides, last dim contiguous).
-    Returns dk, dv ``[slots, B, T, Hk, d]`` in ``out_dtype`` (default the slots' dtype): each
-    slot's gradient contiguous, as the producer's backward receives it.
+    Returns dk, dv ``[slots, B, T, Hk, d]`` in ``out_dtype`` (default the slots' dtype, q's for fp8
+    slots): each slot's gradient contiguous, as the producer's backward receives it. ``slot_scales``:
+    as :func:`depth_forward`; the gradients are those of the dequantised slots (straight through).
     """
     if slots not in (1, 2):
         raise ValueError(f"slots must be 1 or 2, got {slots}")
     _, B, T, Hq, d = q.shape
     Hk = k_depth.shape[3]
+    fp8, k_scale, v_scale, scale_strides = _slot_scales(k_depth, v_depth, slot_scales)
     k_depth, v_depth = last_dim_contiguous(k_depth), last_dim_contiguous(v_depth)
-    dtype = out_dtype or k_depth.dtype
+    dtype = out_dtype or (q.dtype if fp8 else k_depth.dtype)
     dk = torch.empty((slots, B, T, Hk, d), device=q.device, dtype=dtype)
     dv = torch.empty((slots, B, T, Hk, d), device=q.device, dtype=dtype)
     slot_major = (1, 2, 0, 3)  # the kernel takes (batch, token, slot, head) strides
@@ -396,12 +449,12 @@ def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: 
     block_t = block_t or 16
     grid = (cdiv(T, block_t), B * Hk)
     _depth_slot_grad_kernel[grid](
-        q, do, lse, delta, k_depth, v_depth, dk, dv,
+        q, do, lse, delta, k_depth, v_depth, k_scale, v_scale, dk, dv,
         *q.stride()[:4], *do.stride()[:4], *lse.stride(), *delta.stride(),
-        *k_depth.stride()[:4], *v_depth.stride()[:4],
+        *k_depth.stride()[:4], *v_depth.stride()[:4], *scale_strides,
         *(dk.stride(i) for i in slot_major), *(dv.stride(i) for i in slot_major),
         T, Hk, slot0, readers[0], readers[1], scale,
-        G=Hq // Hk, SLOTS=slots, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=num_warps or 4,
+        G=Hq // Hk, SLOTS=slots, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, FP8=fp8, num_warps=num_warps or 4,
     )
     return dk, dv
 

@@ -76,16 +76,17 @@ def check_masks(q, k, cu_seqlens, max_seqlen, kv_start) -> dict:
     return {}
 
 
-def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str, masks=None):
+def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_backend: str, masks=None,
+                  slot_scales=None):
     """Forward of the fused path. Returns o, lse, the sequence backend's state for backward, and
     (q, k, v) as the backward must receive them (cuDNN takes copies of inputs whose layout it
     refuses). ``masks``: as :func:`check_masks` returns them (Triton only); they are the Triton
-    sequence kernels' state."""
+    sequence kernels' state. ``slot_scales``: fp8 depth slots' scales (``depth_triton.depth_forward``)."""
     from . import depth_triton, flash_triton
 
     seq_state = None
     if k is None:
-        o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale)
+        o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, slot_scales=slot_scales)
     else:
         if seq_backend == "cudnn":
             q, k, v = cudnn_sdpa.conform(q), cudnn_sdpa.conform(k), cudnn_sdpa.conform(v)
@@ -94,19 +95,20 @@ def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_bac
             seq_state = masks or None
             o, lse = flash_triton.flash_forward(q, k, v, causal=causal, scale=scale, **(masks or {}))
         if k_depth is not None:
-            o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse)
+            o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse,
+                                                slot_scales=slot_scales)
     return o.contiguous(), lse, seq_state, (q, k, v)
 
 
 def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: bool, scale: float,
-                   seq_backend: str, slot_grads: bool = True, delta_out=None):
+                   seq_backend: str, slot_grads: bool = True, delta_out=None, slot_scales=None):
     """Backward of the fused path: dq, dk, dv, dk_depth, dv_depth (None where an input is None).
 
     Both halves get the MERGED o and lse, so each computes its share of the one softmax's
     gradient. Serial on purpose: the depth backward on a second stream beside cuDNN's measured
     no faster (cuDNN's kernels hold every SM's registers). ``slot_grads=False`` leaves the depth
     gradients to a later ``depth_slot_backward`` (dk_depth, dv_depth None) and stores
-    rowsum(dO * o) into ``delta_out`` ``[B, Hq, T]`` for it.
+    rowsum(dO * o) into ``delta_out`` ``[B, Hq, T]`` for it. ``slot_scales``: as :func:`fused_forward`.
     """
     from . import depth_triton, flash_triton
 
@@ -120,7 +122,8 @@ def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: boo
                                                      **(seq_state or {}))
     if k_depth is not None:
         dq, dkd, dvd = depth_triton.depth_backward(
-            q, k_depth, v_depth, o, lse, do, scale, dq_in=dq, slot_grads=slot_grads, delta_out=delta_out
+            q, k_depth, v_depth, o, lse, do, scale, dq_in=dq, slot_grads=slot_grads, delta_out=delta_out,
+            slot_scales=slot_scales,
         )
     return dq, dk, dv, dkd, dvd
 
