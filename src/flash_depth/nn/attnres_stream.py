@@ -123,3 +123,43 @@ class _Read(torch.autograd.Function):
             delta = stream.keep_reader(ctx.reader, u, dout.reshape(out.shape), lse)
             _, dq, dg, dp = fused_backward(dout, saved, ctx.source_shape, ctx.eps, delta_out=delta)
         return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None
+
+
+class SourceList:
+    """The AttnRes sources of one decoding step: a list of ``[B, T, D]`` tensors, stacked by each
+    read. :class:`SourceStream`'s ``write`` / ``read`` / ``read_two_phase`` for ``torch.compile``
+    and CUDA graphs when nothing is differentiated (generation): plain PyTorch reads
+    (:func:`~flash_depth.ops.attention_residual`'s reference), no in-place buffer, so a traced
+    decoding step has no graph breaks. ``dtype``: the sources' (None: each write's own)."""
+
+    def __init__(self, slots: int, dtype: torch.dtype | None = None):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        self.slots_max, self.dtype = slots, dtype
+        self.sources: list[torch.Tensor] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.sources)
+
+    def write(self, x: torch.Tensor) -> None:
+        """Append one source ``[B, T, D]``."""
+        if self.count >= self.slots_max:
+            raise RuntimeError(f"source list is full ({self.slots_max} sources)")
+        if self.sources and x.shape != self.sources[0].shape:
+            raise ValueError(f"sources must be {tuple(self.sources[0].shape)}, got {tuple(x.shape)}")
+        self.sources.append(x.to(self.dtype or x.dtype))
+
+    def read(self, query: torch.Tensor, norm_weight: torch.Tensor, eps: float, partial: torch.Tensor | None = None,
+             return_weights: bool = False):
+        """As :meth:`SourceStream.read`."""
+        if self.count == 0:
+            raise ValueError("an AttnRes read needs at least one written source")
+        return attention_residual(self.sources, query, norm_weight, eps=eps, partial=partial,
+                                  return_weights=return_weights, backend="reference")
+
+    def read_two_phase(self, queries: torch.Tensor, norm_weights: torch.Tensor, eps: float):
+        """As :meth:`SourceStream.read_two_phase`."""
+        if self.count == 0:
+            raise ValueError("an AttnRes read needs at least one written source")
+        return attention_residual(self.sources, queries, norm_weights, eps=eps, return_lse=True, backend="reference")

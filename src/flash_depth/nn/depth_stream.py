@@ -36,14 +36,8 @@ class DepthStream(SlotStream):
         super().write(k, v)
 
     def spans(self, window: int | None = None, anchors: int = 0) -> tuple[tuple[int, int], ...]:
-        """The slot ranges ``(start, end)`` a read of the written slots takes: all of them, or with
-        ``window`` S the last S plus the first ``anchors`` (a bounded depth window)."""
-        n = self.count
-        if window is None or window >= n:
-            return ((0, n),)
-        lo = n - window
-        first = min(anchors, lo)
-        return ((0, n),) if first == lo else (((0, first),) if first else ()) + ((lo, n),)
+        """The slot ranges ``(start, end)`` a read of the written slots takes (see :func:`window_spans`)."""
+        return window_spans(self.count, window, anchors)
 
     def span_views(self, spans) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(k, v) views ``[B, T, end - start, Hk, d]`` of each span (no copies)."""
@@ -90,6 +84,56 @@ class DepthStream(SlotStream):
         """The first n (default: all written) slots ``[B, T, n, Hk, d]`` (views, no gradient)."""
         k, v = self.views(n)
         return k, v
+
+
+def window_spans(n: int, window: int | None = None, anchors: int = 0) -> tuple[tuple[int, int], ...]:
+    """The slot ranges ``(start, end)`` a read of ``n`` written slots takes: all of them, or with
+    ``window`` S the last S plus the first ``anchors`` (a bounded depth window)."""
+    if window is None or window >= n:
+        return ((0, n),)
+    lo = n - window
+    first = min(anchors, lo)
+    return ((0, n),) if first == lo else (((0, first),) if first else ()) + ((lo, n),)
+
+
+class DepthSlots:
+    """The depth K/V of one decoding step: a list of slots ``[B, T, Hk, d]``, stacked at each read.
+
+    A :class:`DepthStream` for ``torch.compile`` and CUDA graphs when nothing is differentiated
+    (generation): no in-place buffer, no hand-routed gradients, so a traced decode step runs
+    without graph breaks. Stacking costs O(L^2) copies of the step's few tokens, which is
+    nothing next to the cache reads; reads go through
+    :func:`~flash_depth.ops.decode_attention`."""
+
+    def __init__(self, slots: int):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        self.slots_max = slots
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.k)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one slot: k, v ``[B, T, Hk, d]``."""
+        if self.count >= self.slots_max:
+            raise RuntimeError(f"depth slots are full ({self.slots_max})")
+        if self.k and (k.shape != self.k[0].shape or v.shape != self.k[0].shape):
+            raise ValueError(f"k and v slots must be {tuple(self.k[0].shape)}, got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
+        self.k.append(k)
+        self.v.append(v)
+
+    def read(self, window: int | None = None, anchors: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots a read takes (``window``, ``anchors``: as :func:`read_moda`), stacked: k, v
+        ``[B, T, n, Hk, d]``."""
+        if self.count == 0:
+            raise ValueError("a depth read needs at least one written slot")
+        check_window(window, anchors)
+        picked = [i for a, b in window_spans(self.count, window, anchors) for i in range(a, b)]
+        return torch.stack([self.k[i] for i in picked], 2), torch.stack([self.v[i] for i in picked], 2)
 
 
 class _Read(torch.autograd.Function):
