@@ -97,43 +97,45 @@ def window_spans(n: int, window: int | None = None, anchors: int = 0) -> tuple[t
 
 
 class DepthSlots:
-    """The depth K/V of one decoding step: a list of slots ``[B, T, Hk, d]``, stacked at each read.
-
-    A :class:`DepthStream` for ``torch.compile`` and CUDA graphs when nothing is differentiated
-    (generation): no in-place buffer, no hand-routed gradients, so a traced decode step runs
-    without graph breaks. Stacking costs O(L^2) copies of the step's few tokens, which is
-    nothing next to the cache reads; reads go through
+    """The depth K/V of one decoding step, for ``torch.compile`` and CUDA graphs when nothing is
+    differentiated (generation): one ``[B, T, L_max, Hk, d]`` buffer each for K and V, slots
+    written in place and read as slices, with no hand-routed gradients, so a traced decoding
+    step has no graph breaks and O(L) small copies (stacking the slots at each read would be
+    O(L^2) kernels, which a CUDA-graphed step pays in full). Reads go through
     :func:`~flash_depth.ops.decode_attention`."""
 
     def __init__(self, slots: int):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be a positive int, got {slots!r}")
-        self.slots_max = slots
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-
-    @property
-    def count(self) -> int:
-        return len(self.k)
+        self.slots_max, self.count = slots, 0
+        self.k: torch.Tensor | None = None  # allocated at the first write
+        self.v: torch.Tensor | None = None
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one slot: k, v ``[B, T, Hk, d]``."""
+        """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.slots_max, *k.shape[2:])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         if self.count >= self.slots_max:
             raise RuntimeError(f"depth slots are full ({self.slots_max})")
-        if self.k and (k.shape != self.k[0].shape or v.shape != self.k[0].shape):
-            raise ValueError(f"k and v slots must be {tuple(self.k[0].shape)}, got {tuple(k.shape)} and "
-                             f"{tuple(v.shape)}")
-        self.k.append(k)
-        self.v.append(v)
+        want = self.k[:, :, 0].shape
+        if k.shape != want or v.shape != want:
+            raise ValueError(f"k and v slots must be {tuple(want)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        self.k[:, :, self.count] = k
+        self.v[:, :, self.count] = v
+        self.count += 1
 
     def read(self, window: int | None = None, anchors: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots a read takes (``window``, ``anchors``: as :func:`read_moda`), stacked: k, v
-        ``[B, T, n, Hk, d]``."""
+        """The slots a read takes (``window``, ``anchors``: as :func:`read_moda`): k, v
+        ``[B, T, n, Hk, d]``, views of the buffers (one span) or their spans joined."""
         if self.count == 0:
             raise ValueError("a depth read needs at least one written slot")
         check_window(window, anchors)
-        picked = [i for a, b in window_spans(self.count, window, anchors) for i in range(a, b)]
-        return torch.stack([self.k[i] for i in picked], 2), torch.stack([self.v[i] for i in picked], 2)
+        spans = window_spans(self.count, window, anchors)
+        if len(spans) == 1:
+            (a, b), = spans
+            return self.k[:, :, a:b], self.v[:, :, a:b]
+        return tuple(torch.cat([buf[:, :, a:b] for a, b in spans], 2) for buf in (self.k, self.v))
 
 
 class _Read(torch.autograd.Function):
