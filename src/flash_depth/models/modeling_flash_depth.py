@@ -197,6 +197,15 @@ def _documents_from_positions(positions: torch.Tensor):
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
+def _refuse_documents(docs, cache, padded: bool) -> None:
+    if docs is not None and (padded or cache is not None):
+        raise ValueError(
+            "packed documents (cu_seqlens, or position_ids restarting at 0 inside a row) take no KV cache "
+            "(later tokens would attend across documents) and no padded attention_mask; got "
+            + ("a cache" if cache is not None else "an attention_mask with padding")
+        )
+
+
 def _writes_depth(config: FlashDepthConfig, layer_idx: int) -> bool:
     """Blocks write depth K/V only where a later block reads it (the last block's would go unread)."""
     return config.depth_mechanism in ("moda", "depth_attention") and layer_idx < config.num_hidden_layers - 1
@@ -367,19 +376,14 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         if static and T == 1:  # a decoding step on a fixed-length cache: no host syncs from here on
             masks, positions = self._static_decode_inputs(cache, cache_position, attention_mask, position_ids, B)
             cos, sin = self.rotary.tables(positions)
-            docs, decoding = self._documents(cu_seqlens, max_seqlen, None, x), True
+            _refuse_documents(self._documents(cu_seqlens, max_seqlen, None, x), cache, False)
+            docs, decoding = None, True
         else:
             masks, positions, docs, start = self._inputs(cache, cache_position, attention_mask, position_ids,
                                                          cu_seqlens, max_seqlen, x)
             cos, sin = None, None
             decoding = False
         if docs is not None:
-            if padded or cache is not None:
-                raise ValueError(
-                    "packed documents (cu_seqlens, or position_ids restarting at 0 inside a row) take no KV cache "
-                    "(later tokens would attend across documents) and no padded attention_mask; got "
-                    + ("a cache" if cache is not None else "an attention_mask with padding")
-                )
             masks = {"cu_seqlens": docs[0], "max_seqlen": docs[1]}
             if positions is None:  # each document from position 0
                 tokens = torch.arange(T, device=x.device, dtype=torch.int32)
@@ -433,6 +437,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             positions = _check_position_ids(position_ids, B, T)
         # with padding, position_ids are transformers' (padding at 0 or 1), not document starts
         docs = self._documents(cu_seqlens, max_seqlen, None if padded or position_ids is None else positions, x)
+        _refuse_documents(docs, cache, padded)
         masks = {"kv_start": kv_start} if kv_start is not None else {}
         if static:
             slots = cache_position if cache_position is not None else torch.arange(start, start + T, device=x.device)
