@@ -93,6 +93,8 @@ def run(name: str, batch: int, preset: str, prompt: int, new: int, reps: int, de
     """Prefill and decode tokens/s of one variant at one batch size."""
     cuda = device == "cuda"
     torch._dynamo.reset()  # one compiled forward per model: dynamo's per-code cache limit would be shared
+    if cuda:
+        torch.cuda.empty_cache()  # the previous variant's model and cache
     model = build(name, preset, device, torch.bfloat16 if cuda else torch.float32)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     static = name != "residual (dynamic)"
@@ -122,9 +124,6 @@ def run(name: str, batch: int, preset: str, prompt: int, new: int, reps: int, de
         decode_s = float("nan")
     row["decode_tok_s"] = batch * (new - 1) / decode_s
     row["decode_ms_per_step"] = 1e3 * decode_s / (new - 1)
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
     return row
 
 

@@ -124,7 +124,7 @@ def test_a_decoding_step_makes_no_host_sync():
         full = model(torch.cat([ids, first], 1), attention_mask=step_mask[:, :6]).logits[:, -1]
         with pytest.MonkeyPatch.context() as patch:
             for name in ("item", "tolist", "__bool__"):
-                patch.setattr(torch.Tensor, name, lambda *a: pytest.fail(f"host sync ({name}) in a decoding step"))
+                patch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync ({name}) in a decoding step"))
             step = model(first, attention_mask=step_mask, past_key_values=cache, use_cache=True,
                          cache_position=torch.tensor([5])).logits[:, -1]
     assert rel_err(step, full) < 1e-5
