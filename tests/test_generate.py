@@ -63,6 +63,9 @@ def test_greedy_output_is_model_generate_decoded(run, capsys):
     ids = torch.tensor([[tok.bos_token_id] + tok("depth attention")["input_ids"]])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
     assert text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+    # the static cache (what CUDA gets by default) gives the same greedy text
+    assert _generate(capsys, run, "--prompt", "depth attention", "--temperature", "0", "--max-new-tokens", "12",
+                     "--fast-decode", "on") == text
     # top-k 1 leaves one token to sample: greedy again, whatever the seed
     assert _generate(capsys, run, "--prompt", "depth attention", "--top-k", "1", "--max-new-tokens", "12",
                      "--seed", "5") == text

@@ -147,7 +147,8 @@ def _generate(args) -> int:
     torch.manual_seed(seed)
     try:
         new = generate_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, streamer=TextStream(tokenizer, sys.stdout))
+                           top_k=args.top_k, top_p=args.top_p, streamer=TextStream(tokenizer, sys.stdout),
+                           fast={"auto": None, "on": True, "off": False}[args.fast_decode])
         print()
     except BrokenPipeError:  # the reader (head, a pager) stopped reading: so do we, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush fails again
@@ -282,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_number(int, 0), metavar="N",
                    help="random seed of the sampling, to repeat a sample (default: a fresh one, printed on stderr)")
     g.add_argument("--device", default="auto", help=device)
+    g.add_argument("--fast-decode", choices=("auto", "on", "off"), default="auto",
+                   help="a static KV cache, and on CUDA each decoding step compiled and replayed from a CUDA graph "
+                        "(the first call compiles for a while); off: the dynamic cache, eager steps (same greedy "
+                        "tokens). auto: on for CUDA")
     g.set_defaults(func=_generate)
 
     k = command("tokenize", "pre-tokenize a text source into .bin shards for large runs")

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TextIO
 
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
+
+# transformers >= 4.48: generate() with a fixed-length cache compiles the decoding steps itself (on
+# CUDA, GenerationConfig.compile_config); earlier releases leave that to compiled_decoding
+GENERATE_COMPILES = hasattr(GenerationConfig(), "compile_config")
 
 
 class TextStream(BaseStreamer):
@@ -64,15 +71,55 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
+@contextmanager
+def compiled_decoding(model, **options):
+    """Within the block, ``model``'s decoding steps on a fixed-length cache (one new token per
+    row) run through ``torch.compile(model.forward, **options)`` and every other call eagerly:
+    what transformers >= 4.48's ``generate(cache_implementation="static")`` does by itself on
+    CUDA, for the releases before it. The prefill stays eager (its fused kernels, and no
+    compile per prompt length); the steps have one shape each, so they compile once (and with
+    ``mode="reduce-overhead"`` replay from CUDA graphs)."""
+    import torch
+
+    from flash_depth.models.modeling_flash_depth import _is_fixed_length
+
+    if not isinstance(model, torch.nn.Module) or "forward" in model.__dict__:
+        raise ValueError(f"model must be a torch.nn.Module whose forward is not already replaced, got "
+                         f"{type(model).__name__}")
+    eager = model.forward
+    compiled = torch.compile(eager, **options)
+
+    @functools.wraps(eager)  # generate() reads the forward's signature
+    def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        step = ids is not None and ids.shape[1] == 1 and _is_fixed_length(cache)
+        return (compiled if step else eager)(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        del model.forward
+
+
 def generate_ids(model, tokenizer, ids: list[int], *, max_new_tokens: int = 200, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, streamer: BaseStreamer | None = None) -> list[int]:
+                 top_k: int = 0, top_p: float = 1.0, streamer: BaseStreamer | None = None,
+                 fast: bool | None = None) -> list[int]:
     """New token ids after ``ids`` from ``model.generate``: greedy at ``temperature`` 0, else sampled
     from the softmax at that temperature, cut to the ``top_k`` most likely (0: all) and to the
     smallest set of probability >= ``top_p``. Stops at the tokenizer's EOS (included in the
     result) or after ``max_new_tokens``, fewer where the model's max_position_embeddings ends.
-    Sampling draws from torch's global generator: seed it with ``torch.manual_seed``."""
+    Sampling draws from torch's global generator: seed it with ``torch.manual_seed``.
+
+    ``fast``: a static (fixed-length) KV cache, and on CUDA each decoding step compiled and
+    replayed from a CUDA graph (by transformers' generate, or :func:`compiled_decoding` on
+    releases before 4.48); the greedy tokens are those of the dynamic cache. None: on CUDA."""
     import torch
 
+    if fast is not None and not isinstance(fast, bool):
+        raise TypeError(f"fast must be a bool or None (on CUDA), got {type(fast).__name__}")
+    fast = model.device.type == "cuda" if fast is None else fast
     limit = model.config.max_position_embeddings
     if len(ids) >= limit:
         bos = " with BOS" if tokenizer.eos_id is not None else ""
@@ -81,8 +128,10 @@ def generate_ids(model, tokenizer, ids: list[int], *, max_new_tokens: int = 200,
     sampling = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
                 else dict(do_sample=False))
     input_ids = torch.tensor([ids], device=model.device)
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=min(max_new_tokens, limit - len(ids)),
-                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id, streamer=streamer,
-                         **sampling)
+    compiling = fast and model.device.type == "cuda" and not GENERATE_COMPILES
+    with compiled_decoding(model, mode="reduce-overhead") if compiling else nullcontext():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=min(max_new_tokens, limit - len(ids)),
+                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id, streamer=streamer,
+                             **sampling, **({"cache_implementation": "static"} if fast else {}))
     return out[0, len(ids) :].tolist()

@@ -28,8 +28,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, HyperConnection, MoDAAttention,
                             MuddConnections, collapse_streams, expand_streams)
 from flash_depth.nn._recorder import record, record_layer
-from flash_depth.nn.attnres_stream import SourceStream
-from flash_depth.nn.depth_stream import DepthStream
+from flash_depth.nn.attnres_stream import SourceList, SourceStream
+from flash_depth.nn.depth_stream import DepthSlots, DepthStream
 from flash_depth.nn.layers import RMSNorm, Rotary, SwiGLU
 from flash_depth.nn.mudd import DenseWeights
 from flash_depth.ops._checks import check_cu_seqlens
@@ -53,13 +53,38 @@ def _resolve_cache(cache, past_key_values):
     """The KV cache passed under either name (None if neither)."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("got two different KV caches as cache= and past_key_values=; pass one (the same argument)")
-    cache = cache if cache is not None else past_key_values
-    if getattr(cache, "is_compileable", False):
-        raise ValueError(
-            f"cache must be a DynamicCache, got {type(cache).__name__}: a fixed-length cache would hand the "
-            "attention its unwritten slots (generate(cache_implementation=...) must stay unset)"
-        )
-    return cache
+    return cache if cache is not None else past_key_values
+
+
+def _is_fixed_length(cache) -> bool:
+    """Whether ``cache`` has a fixed number of slots, written in place (transformers 5.x says so
+    with is_compileable; 4.x's StaticCache family has a max cache shape, DynamicCache none)."""
+    if cache is None:
+        return False
+    flag = getattr(cache, "is_compileable", None)
+    return bool(flag) if flag is not None else cache.get_max_cache_shape() is not None
+
+
+def _max_cache_len(cache) -> int:
+    """The slots of a fixed-length cache (transformers 4.x: get_max_cache_shape, 5.x: get_max_length)."""
+    get = getattr(cache, "get_max_cache_shape", None) or cache.get_max_length
+    return int(get())
+
+
+def static_cache_mask(attention_mask, width: int):
+    """attention_mask ``[B, cached + T]`` (generate()'s 2-D mask, which grows by a column a step)
+    -> ``[B, width]``, zero-padded on the right: one shape at every step of a fixed-length
+    cache of ``width`` slots, so that a compiled or CUDA-graphed decoding step is not re-traced
+    or re-recorded as the sequence grows. The forward reads only the columns up to its last
+    token. None stays None (no padding)."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a 2-D tensor [B, cached + new tokens], got {got}")
+    if attention_mask.shape[1] > width:
+        raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns, more than the cache's {width} slots")
+    return F.pad(attention_mask, (0, width - attention_mask.shape[1]))
 
 
 def _check_extras(kwargs: dict) -> None:
@@ -107,6 +132,29 @@ def _check_position_ids(position_ids, batch: int, length: int) -> torch.Tensor:
     return position_ids
 
 
+def _static_decode_padding(attention_mask, slot: torch.Tensor, batch: int, width: int):
+    """A decoding step on a fixed-length cache, without host syncs: attention_mask ``[B, W]``
+    (generate()'s, or :func:`static_cache_mask`'s ``[B, width]``; columns past the new token's
+    slot are ignored) and ``slot`` (LongTensor ``[1]`` or ``[]``, the new token's slot) ->
+    (key_mask bool ``[B, width]``: the slots from the row's first token to ``slot``, the new
+    token's positions ``[B, 1]`` (its row's tokens before it), or None for no padding). The
+    prefill checked that the rows are left-padded (:func:`_padding`); a step cannot (it would
+    read the mask on the host)."""
+    cols = torch.arange(width, device=slot.device)
+    upto = cols <= slot.reshape(())
+    if attention_mask is None:
+        return upto.expand(batch, width), None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != batch \
+            or attention_mask.shape[1] > width:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a 2-D tensor [B={batch}, at most {width} cache slots] of 1 (token) "
+                         f"and 0 (padding), got {got}")
+    mask = attention_mask.ne(0)
+    kv_start = (mask.cumsum(1) == 0).sum(1)  # leading zeros: the left padding
+    positions = (mask & upto[: mask.shape[1]]).sum(1, keepdim=True) - 1
+    return upto & (cols >= kv_start[:, None]), positions
+
+
 def _padding(attention_mask, batch: int, length: int):
     """attention_mask ``[B, past + T]`` (1: token, 0: padding; the cached tokens' columns first,
     as generate() passes it) -> (kv_start int32 ``[B]``, positions ``[B, past + T]``, padded): the
@@ -151,6 +199,15 @@ def _documents_from_positions(positions: torch.Tensor):
     bounds = torch.nonzero(starts.flatten()).flatten()
     cu_seqlens = torch.cat([bounds, bounds.new_tensor([positions.numel()])]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def _refuse_documents(docs, cache, padded: bool) -> None:
+    if docs is not None and (padded or cache is not None):
+        raise ValueError(
+            "packed documents (cu_seqlens, or position_ids restarting at 0 inside a row) take no KV cache "
+            "(later tokens would attend across documents) and no padded attention_mask; got "
+            + ("a cache" if cache is not None else "an attention_mask with padding")
+        )
 
 
 def _writes_depth(config: FlashDepthConfig, layer_idx: int) -> bool:
@@ -254,6 +311,10 @@ class FlashDepthPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["FlashDepthBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # transformers 4.x: generate() makes the cache (and passes cache_position) only for models that
+    # declare Cache support, and cache_implementation="static" only for those that declare it
+    _supports_cache_class = True
+    _supports_static_cache = True
     # the loss is a mean over the batch's tokens; Trainer must not pass num_items_in_batch
     accepts_loss_kwargs = False
 
@@ -301,6 +362,12 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         self._hyper_sublayer = _hyper_sublayer  # compile_blocks compiles it
         self.post_init()
 
+    @staticmethod
+    def _prepare_4d_causal_attention_mask_with_cache_position(attention_mask, target_length: int, **_):
+        """transformers 4.x's generate() hook for a mask of one shape at every step of a static
+        cache: ours stays 2-D (:func:`static_cache_mask`), the attention masks the cache slots."""
+        return static_cache_mask(attention_mask, target_length)
+
     def _check_ids(self, input_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -343,36 +410,34 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         B, T, D = x.shape
         if use_cache and cache is None:
             cache = DynamicCache()
-        start = cache.get_seq_length() if cache is not None else 0
-        _check_cache_position(cache_position, start, T)
-        kv_start, positions, padded = _padding(attention_mask, B, start + T)
-        if positions is not None:
-            positions = positions[:, start:]
-        if position_ids is not None:
-            positions = _check_position_ids(position_ids, B, T)
-        # with padding, position_ids are transformers' (padding at 0 or 1), not document starts
-        docs = self._documents(cu_seqlens, max_seqlen, None if padded or position_ids is None else positions, x)
-        masks = None
+        static = _is_fixed_length(cache)
+        if static and T == 1:  # a decoding step on a fixed-length cache: no host syncs from here on
+            masks, positions = self._static_decode_inputs(cache, cache_position, attention_mask, position_ids, B)
+            cos, sin = self.rotary.tables(positions)
+            _refuse_documents(self._documents(cu_seqlens, max_seqlen, None, x), cache, False)
+            docs, decoding = None, True
+        else:
+            masks, positions, docs, start = self._inputs(cache, cache_position, attention_mask, position_ids,
+                                                         cu_seqlens, max_seqlen, x)
+            cos, sin = None, None
+            decoding = False
         if docs is not None:
-            if padded or cache is not None:
-                raise ValueError(
-                    "packed documents (cu_seqlens, or position_ids restarting at 0 inside a row) take no KV cache "
-                    "(later tokens would attend across documents) and no padded attention_mask; got "
-                    + ("a cache" if cache is not None else "an attention_mask with padding")
-                )
             masks = {"cu_seqlens": docs[0], "max_seqlen": docs[1]}
             if positions is None:  # each document from position 0
                 tokens = torch.arange(T, device=x.device, dtype=torch.int32)
                 positions = tokens - docs[0][torch.searchsorted(docs[0][1:], tokens, right=True)]
             # the rows' documents one after another on [1, B*T]: every other part is per token
             x, positions = x.reshape(1, B * T, D), positions.expand(B, T).reshape(1, B * T)
-        elif kv_start is not None:
-            masks = {"kv_start": kv_start}
-        cos, sin = self.rotary.at(positions) if positions is not None else self.rotary(start, T, x.device)
+        if cos is None:
+            cos, sin = self.rotary.at(positions) if positions is not None else self.rotary(start, T, x.device)
         cfg = self.config
-        stream = DepthStream(cfg.depth_slots, dtype=cfg.depth_stream_torch_dtype) if cfg.depth_slots else None
+        stream = None
+        if cfg.depth_slots:
+            fp8 = cfg.depth_stream_torch_dtype
+            stream = DepthSlots(cfg.depth_slots, fp8=fp8 is not None) if decoding else DepthStream(
+                cfg.depth_slots, dtype=fp8)
         if cfg.depth_mechanism.startswith("attnres"):
-            x = self._attnres(x, cos, sin, cache, masks)
+            x = self._attnres(x, cos, sin, cache, masks, decoding)
         elif self.hyper is not None:
             x = self._hyper_connections(x, cos, sin, cache, masks)
         elif self.mudd is not None:
@@ -387,11 +452,65 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             for i, layer in enumerate(self.layers):
                 x = self._run(layer, x, cos, sin, stream, cache, masks)
                 record(self, "hidden", i, x)
-        if stream is not None:
+        if isinstance(stream, DepthStream):
             stream.close()
         x = self.norm(x).reshape(B, T, D)
         out = BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
+
+    def _inputs(self, cache, cache_position, attention_mask, position_ids, cu_seqlens, max_seqlen, x):
+        """Masks, RoPE positions (None: after the cache), packed documents and the cache's length
+        of a forward that is not a decoding step on a fixed-length cache (host syncs allowed)."""
+        B, T, _ = x.shape
+        static = _is_fixed_length(cache)
+        start = int(cache.get_seq_length()) if cache is not None else 0
+        if static:
+            width = _max_cache_len(cache)
+            if start + T > width:
+                raise ValueError(f"the fixed-length cache has {width} slots; {start} are filled and {T} tokens came")
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > start + T:
+                attention_mask = attention_mask[:, : start + T]  # static_cache_mask's padding to the cache's length
+        _check_cache_position(cache_position, start, T)
+        kv_start, positions, padded = _padding(attention_mask, B, start + T)
+        if static and padded and not bool(attention_mask[:, -1].all()):
+            raise ValueError("a fixed-length cache takes left-padded rows only (its decoding steps read the padding "
+                             "as leading zeros); got right padding: pad prompts on the left")
+        if positions is not None:
+            positions = positions[:, start:]
+        if position_ids is not None:
+            positions = _check_position_ids(position_ids, B, T)
+        # with padding, position_ids are transformers' (padding at 0 or 1), not document starts
+        docs = self._documents(cu_seqlens, max_seqlen, None if padded or position_ids is None else positions, x)
+        _refuse_documents(docs, cache, padded)
+        masks = {"kv_start": kv_start} if kv_start is not None else {}
+        if static:
+            slots = cache_position if cache_position is not None else torch.arange(start, start + T, device=x.device)
+            masks.update(cache_position=slots, kv_len=start + T)
+        return masks or None, positions, docs, start
+
+    def _static_decode_inputs(self, cache, cache_position, attention_mask, position_ids, batch: int):
+        """(masks, positions ``[B or 1, 1]``) of a decoding step on a fixed-length cache, from
+        tensors only: the new token's slot is ``cache_position`` (transformers 4.x) or the
+        cache's length (5.x keeps it on the device)."""
+        width = _max_cache_len(cache)
+        if width > self.rotary.max_positions:
+            raise ValueError(f"the fixed-length cache has {width} slots, more than max_position_embeddings="
+                             f"{self.rotary.max_positions}: a decoding step cannot check its position on the host")
+        if cache_position is not None:
+            if not isinstance(cache_position, torch.Tensor) or cache_position.shape != (1,):
+                got = tuple(cache_position.shape) if isinstance(cache_position, torch.Tensor) else cache_position
+                raise ValueError(f"cache_position of a decoding step must be a tensor [1] (its slot), got {got}")
+            slot = cache_position
+        else:
+            slot = cache.get_seq_length()
+            device = self.embed_tokens.weight.device
+            slot = slot.reshape(1) if isinstance(slot, torch.Tensor) else torch.full((1,), slot, device=device)
+        key_mask, positions = _static_decode_padding(attention_mask, slot, batch, width)
+        if position_ids is not None:
+            positions = _check_position_ids(position_ids, batch, 1)
+        elif positions is None:
+            positions = slot[None]
+        return {"cache_position": slot, "key_mask": key_mask}, positions
 
     @staticmethod
     def _documents(cu_seqlens, max_seqlen, position_ids, x):
@@ -481,14 +600,15 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         stream.close()
         return x[0]
 
-    def _attnres(self, emb, cos, sin, cache, masks):
+    def _attnres(self, emb, cos, sin, cache, masks, decoding: bool = False):
         """Attention Residuals: each sublayer's input is a softmax read over finished block sums
         (block 0 = the embedding) plus the current block's partial sum; full = blocks of one.
 
         Finished sources live in one :class:`SourceStream` buffer, read in place by the fused
         kernels on GPU. Without gradients, block AttnRes reads two-phase: one batched read of
         all of a block's queries over the finished blocks, then a per-sublayer merge of the
-        partial sum."""
+        partial sum. ``decoding``: a decoding step on a fixed-length cache, whose sources are a
+        :class:`SourceList` (plain PyTorch reads, no graph breaks)."""
         cfg, reads = self.config, self.attnres
         size = self.attnres_block_size()
         # Sources are stored in the autocast dtype: sublayer outputs already come out of the
@@ -498,7 +618,9 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             source_dtype = torch.get_autocast_dtype("cuda")
         partial_dtype = torch.promote_types(emb.dtype, torch.float32)
         backend = {"reference": "reference", "triton": "triton"}.get(cfg.attention_backend, "auto")
-        stream = SourceStream(1 + 2 * cfg.num_hidden_layers // size, backend=backend, dtype=source_dtype)
+        n_sources = 1 + 2 * cfg.num_hidden_layers // size
+        stream = (SourceList(n_sources, dtype=source_dtype) if decoding
+                  else SourceStream(n_sources, backend=backend, dtype=source_dtype))
         stream.write(emb)  # cast to source_dtype by the copy into its slot
         recording = self.__dict__.get("_recorder") is not None
         two_phase = size > 1 and not torch.is_grad_enabled() and not recording
@@ -532,7 +654,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                     stream.write(partial)
                     partial = None
         h = read(index)
-        stream.close()
+        if isinstance(stream, SourceStream):
+            stream.close()
         return h
 
 
@@ -547,6 +670,12 @@ class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def create_masks_for_generate(self, attention_mask=None, cache=None, past_key_values=None, **_):
+        """transformers 5.x's generate() hook for the mask of a fixed-length cache (in place of its 4-D
+        masks): the 2-D mask zero-padded to the cache's length (:func:`static_cache_mask`)."""
+        cache = _resolve_cache(cache, past_key_values)
+        return static_cache_mask(attention_mask, _max_cache_len(cache))
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value

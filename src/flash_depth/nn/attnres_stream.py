@@ -123,3 +123,45 @@ class _Read(torch.autograd.Function):
             delta = stream.keep_reader(ctx.reader, u, dout.reshape(out.shape), lse)
             _, dq, dg, dp = fused_backward(dout, saved, ctx.source_shape, ctx.eps, delta_out=delta)
         return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None
+
+
+class SourceList:
+    """The AttnRes sources of one decoding step, for ``torch.compile`` and CUDA graphs when nothing
+    is differentiated (generation): one ``[N_max, B, T, D]`` buffer written in place and read as
+    a slice by :func:`~flash_depth.ops.attention_residual`'s plain-PyTorch path (a few kernels a
+    read, whatever the source count), with :class:`SourceStream`'s ``write`` / ``read`` /
+    ``read_two_phase`` and no hand-routed gradients, so a traced step has no graph breaks.
+    ``dtype``: the sources' (None: the first write's)."""
+
+    def __init__(self, slots: int, dtype: torch.dtype | None = None):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        self.slots_max, self.dtype, self.count = slots, dtype, 0
+        self.buffer: torch.Tensor | None = None  # allocated at the first write
+
+    def write(self, x: torch.Tensor) -> None:
+        """Append one source ``[B, T, D]`` (cast to the buffer's dtype by the copy)."""
+        if self.buffer is None:
+            self.buffer = x.new_empty((self.slots_max, *x.shape), dtype=self.dtype or x.dtype)
+        if self.count >= self.slots_max:
+            raise RuntimeError(f"source list is full ({self.slots_max} sources)")
+        if x.shape != self.buffer.shape[1:]:
+            raise ValueError(f"sources must be {tuple(self.buffer.shape[1:])}, got {tuple(x.shape)}")
+        self.buffer[self.count] = x
+        self.count += 1
+
+    def _sources(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("an AttnRes read needs at least one written source")
+        return self.buffer[: self.count]
+
+    def read(self, query: torch.Tensor, norm_weight: torch.Tensor, eps: float, partial: torch.Tensor | None = None,
+             return_weights: bool = False):
+        """As :meth:`SourceStream.read`."""
+        return attention_residual(self._sources(), query, norm_weight, eps=eps, partial=partial,
+                                  return_weights=return_weights, backend="reference")
+
+    def read_two_phase(self, queries: torch.Tensor, norm_weights: torch.Tensor, eps: float):
+        """As :meth:`SourceStream.read_two_phase`."""
+        return attention_residual(self._sources(), queries, norm_weights, eps=eps, return_lse=True,
+                                  backend="reference")

@@ -88,14 +88,8 @@ class DepthStream(SlotStream):
         return tuple(torch.cat([p[i] for p in pieces], 2) for i in (0, 1))
 
     def spans(self, window: int | None = None, anchors: int = 0) -> tuple[tuple[int, int], ...]:
-        """The slot ranges ``(start, end)`` a read of the written slots takes: all of them, or with
-        ``window`` S the last S plus the first ``anchors`` (a bounded depth window)."""
-        n = self.count
-        if window is None or window >= n:
-            return ((0, n),)
-        lo = n - window
-        first = min(anchors, lo)
-        return ((0, n),) if first == lo else (((0, first),) if first else ()) + ((lo, n),)
+        """The slot ranges ``(start, end)`` a read of the written slots takes (see :func:`window_spans`)."""
+        return window_spans(self.count, window, anchors)
 
     def span_views(self, spans) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(k, v) views ``[B, T, end - start, Hk, d]`` of each span (no copies)."""
@@ -148,6 +142,63 @@ class DepthStream(SlotStream):
             return self.stacked(((0, n),))
         k, v = self.views(n)
         return k, v
+
+
+def window_spans(n: int, window: int | None = None, anchors: int = 0) -> tuple[tuple[int, int], ...]:
+    """The slot ranges ``(start, end)`` a read of ``n`` written slots takes: all of them, or with
+    ``window`` S the last S plus the first ``anchors`` (a bounded depth window)."""
+    if window is None or window >= n:
+        return ((0, n),)
+    lo = n - window
+    first = min(anchors, lo)
+    return ((0, n),) if first == lo else (((0, first),) if first else ()) + ((lo, n),)
+
+
+class DepthSlots:
+    """The depth K/V of one decoding step, for ``torch.compile`` and CUDA graphs when nothing is
+    differentiated (generation): one ``[B, T, L_max, Hk, d]`` buffer each for K and V, slots
+    written in place and read as slices, with no hand-routed gradients, so a traced decoding
+    step has no graph breaks and O(L) small copies (stacking the slots at each read would be
+    O(L^2) kernels, which a CUDA-graphed step pays in full). Reads go through
+    :func:`~flash_depth.ops.decode_attention`. ``fp8``: slots hold the fp8 round trip of what is
+    written (the values an fp8 :class:`DepthStream` reads), kept in the written dtype."""
+
+    def __init__(self, slots: int, fp8: bool = False):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        if not isinstance(fp8, bool):
+            raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
+        self.slots_max, self.count, self.fp8 = slots, 0, fp8
+        self.k: torch.Tensor | None = None  # allocated at the first write
+        self.v: torch.Tensor | None = None
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.slots_max, *k.shape[2:])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        if self.count >= self.slots_max:
+            raise RuntimeError(f"depth slots are full ({self.slots_max})")
+        want = self.k[:, :, 0].shape
+        if k.shape != want or v.shape != want:
+            raise ValueError(f"k and v slots must be {tuple(want)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if self.fp8:
+            k, v = (dequantize_fp8(*quantize_fp8(x), x.dtype) for x in (k, v))
+        self.k[:, :, self.count] = k
+        self.v[:, :, self.count] = v
+        self.count += 1
+
+    def read(self, window: int | None = None, anchors: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots a read takes (``window``, ``anchors``: as :func:`read_moda`): k, v
+        ``[B, T, n, Hk, d]``, views of the buffers (one span) or their spans joined."""
+        if self.count == 0:
+            raise ValueError("a depth read needs at least one written slot")
+        check_window(window, anchors)
+        spans = window_spans(self.count, window, anchors)
+        if len(spans) == 1:
+            (a, b), = spans
+            return self.k[:, :, a:b], self.v[:, :, a:b]
+        return tuple(torch.cat([buf[:, :, a:b] for a, b in spans], 2) for buf in (self.k, self.v))
 
 
 class _Read(torch.autograd.Function):

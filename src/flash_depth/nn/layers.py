@@ -39,7 +39,7 @@ class Rotary(nn.Module):
                 f"positions up to {start + length - 1} are past the rotary limit max_position_embeddings="
                 f"{self.max_positions}; use shorter sequences or a config with a larger limit"
             )
-        return self._tables(torch.arange(start, start + length, device=device))
+        return self.tables(torch.arange(start, start + length, device=device))
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit positions, an integer tensor ``[T]`` or ``[B, T]`` (e.g. restarting at each
@@ -52,9 +52,11 @@ class Rotary(nn.Module):
         if low < 0 or high >= self.max_positions:
             raise ValueError(f"positions must lie in [0, max_position_embeddings={self.max_positions}), got "
                              f"values from {low} to {high}")
-        return self._tables(positions)
+        return self.tables(positions)
 
-    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`at`, without the range check and its device sync: for callers that bound the
+        positions themselves (a decoding step on a cache no longer than ``max_positions``)."""
         exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
         angles = positions.to(torch.float32)[..., None] / (self.theta**exponent)
         return angles.cos()[..., None, :], angles.sin()[..., None, :]

@@ -15,16 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flash_depth.ops import moda_attention
+from flash_depth.ops import decode_attention, moda_attention
 
 from ._recorder import record_layer
-from .depth_stream import DepthStream, check_window, read_depth, read_moda
+from .depth_stream import DepthSlots, DepthStream, check_window, read_depth, read_moda
 from .layers import RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
     from transformers.cache_utils import Cache
 
 _MASKS = ("cu_seqlens", "max_seqlen", "kv_start")
+# a fixed-length (static) KV cache: the new tokens' slots in it, and either how many slots are
+# filled after this call (kv_len: a prefill, which reads those) or which slots each row attends
+# (key_mask: a decoding step, which scores the whole cache)
+_STATIC = ("cache_position", "kv_len", "key_mask")
 
 
 def _check_dims(**dims) -> None:
@@ -49,8 +53,8 @@ def _check_rotary(cos, sin, length: int, head_dim: int) -> None:
 
 
 def _check_stream(stream, what: str) -> None:
-    if not isinstance(stream, DepthStream):
-        raise ValueError(f"stream must be a DepthStream ({what}), got {type(stream).__name__}")
+    if not isinstance(stream, (DepthStream, DepthSlots)):
+        raise ValueError(f"stream must be a DepthStream or DepthSlots ({what}), got {type(stream).__name__}")
 
 
 class DepthKV(nn.Module):
@@ -148,17 +152,23 @@ class MoDAAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.depth_kv = DepthKV(hidden, kv_heads, head_dim, k_norm=qk_norm, eps=eps) if attn_kv_proj else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: DepthStream | None = None,
-                cache: Cache | None = None, masks: dict | None = None, x_k: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                stream: DepthStream | DepthSlots | None = None, cache: Cache | None = None,
+                masks: dict | None = None, x_k: torch.Tensor | None = None,
                 x_v: torch.Tensor | None = None) -> torch.Tensor:
         """x ``[B, T, hidden]``; cos, sin ``[T, 1, head_dim/2]`` or ``[B, T, 1, head_dim/2]`` (as
         :class:`~flash_depth.nn.Rotary` returns them); ``stream`` the forward's depth stream
         (needed to read or write it); ``cache`` a transformers ``Cache`` of sequence K/V, which
         this call extends; ``masks`` the sequence attention's masks as the ops take them
         (``cu_seqlens`` and ``max_seqlen`` for packed documents, or ``kv_start`` for left
-        padding), None for none. ``x_k``, ``x_v`` ``[B, T, hidden]``: separate inputs of the key and
-        value projections (MUDDFormer's multiway inputs; both or neither), x then feeds the query
-        only. Returns ``[B, T, hidden]``."""
+        padding), None for none. With a fixed-length cache (``cache.is_compileable``) masks also
+        hold ``cache_position`` (LongTensor ``[T]``, the new tokens' slots) and either ``kv_len``
+        (int, the slots filled after this call: a prefill reads those) or ``key_mask`` (bool
+        ``[B, cache length]``, the slots each row attends: a decoding step, T = 1, which runs
+        :func:`~flash_depth.ops.decode_attention` over the whole cache and reads ``stream``, a
+        :class:`DepthSlots`, without host syncs). ``x_k``, ``x_v`` ``[B, T, hidden]``: separate
+        inputs of the key and value projections (MUDDFormer's multiway inputs; both or neither), x
+        then feeds the query only. Returns ``[B, T, hidden]``."""
         _check_x(x, self.hidden)
         if (x_k is None) != (x_v is None):
             raise ValueError("pass both x_k and x_v (separate key and value inputs), or neither")
@@ -171,9 +181,14 @@ class MoDAAttention(nn.Module):
         _check_rotary(cos, sin, T, self.head_dim)
         if self.reads_depth or self.writes_depth:
             _check_stream(stream, "reads_depth or writes_depth is set")
-        if masks is not None and (not isinstance(masks, dict) or not set(masks) <= set(_MASKS)):
-            raise ValueError(f"masks must be None or a dict with keys among {_MASKS}, got "
+        if masks is not None and (not isinstance(masks, dict) or not set(masks) <= set(_MASKS + _STATIC)):
+            raise ValueError(f"masks must be None or a dict with keys among {_MASKS + _STATIC}, got "
                              f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
+        masks = dict(masks or {})
+        slots, kv_len, key_mask = [masks.pop(name, None) for name in _STATIC]
+        if key_mask is not None and (T != 1 or kv_len is not None or isinstance(stream, DepthStream)):
+            raise ValueError(f"key_mask is for a decoding step: one token (got T={T}), no kv_len, and DepthSlots as "
+                             f"the stream (got {type(stream).__name__})")
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
         if x_k is None:  # one GEMM for K and V
             k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
@@ -184,13 +199,20 @@ class MoDAAttention(nn.Module):
         k = apply_rotary(self.k_norm(k), cos, sin)
         k_all, v_all = k, v
         if cache is not None:  # transformers' caches hold [B, H, T, d]
-            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            # transformers 4.x's StaticCache takes the slots to write; other caches ignore them
+            extra = () if slots is None else ({"cache_position": slots},)
+            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, *extra)
             k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+            if kv_len is not None:
+                k_all, v_all = k_all[:, :kv_len], v_all[:, :kv_len]
         record_layer(self, "attention", q, k_all, stream if self.reads_depth else None, self.window)
-        if self.reads_depth:
-            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **self.window, **(masks or {}))
+        if key_mask is not None:
+            depth = stream.read(**self.window) if self.reads_depth and stream.count else (None, None)
+            o = decode_attention(q, k_all, v_all, *depth, key_mask=key_mask)
+        elif self.reads_depth:
+            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **self.window, **masks)
         else:
-            o = moda_attention(q, k_all, v_all, backend=self.backend, **(masks or {}))
+            o = moda_attention(q, k_all, v_all, backend=self.backend, **masks)
         if self.writes_depth:
             # the attention's own K/V joins the stream for later layers (it is already in its sequence set)
             stream.write(*(self.depth_kv(x, cos, sin) if self.depth_kv is not None else (k, v)))
@@ -223,16 +245,22 @@ class DepthRead(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stream: DepthStream) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                stream: DepthStream | DepthSlots) -> torch.Tensor:
         """x ``[B, T, hidden]``; cos, sin as :meth:`MoDAAttention.forward`; ``stream`` with at
-        least one written slot. Returns ``[B, T, hidden]``."""
+        least one written slot (:class:`DepthSlots`: a decoding step's, read in plain PyTorch).
+        Returns ``[B, T, hidden]``."""
         _check_x(x, self.hidden)
         B, T, _ = x.shape
         _check_rotary(cos, sin, T, self.head_dim)
         _check_stream(stream, "the slots to read")
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
         record_layer(self, "depth_read", q, stream, self.window)
-        return self.o_proj(read_depth(stream, q, backend=self.backend, **self.window).reshape(B, T, -1))
+        if isinstance(stream, DepthSlots):
+            o = decode_attention(q, None, None, *stream.read(**self.window))
+        else:
+            o = read_depth(stream, q, backend=self.backend, **self.window)
+        return self.o_proj(o.reshape(B, T, -1))
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, heads={self.heads}, head_dim={self.head_dim}"

@@ -1,7 +1,7 @@
 """Attention ops over sequence and depth. Each op: a plain PyTorch reference
 (``reference.py``), Triton kernels, and one public autograd-aware function."""
 
-from .moda import BACKENDS, depth_attention, moda_attention
+from .moda import BACKENDS, decode_attention, depth_attention, moda_attention
 from .reference import attention_reference
 
-__all__ = ["BACKENDS", "attention_reference", "depth_attention", "moda_attention"]
+__all__ = ["BACKENDS", "attention_reference", "decode_attention", "depth_attention", "moda_attention"]

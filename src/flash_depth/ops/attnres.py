@@ -133,10 +133,10 @@ def attention_residual(
     single = query.dim() == 1
     with _autocast_off(like.device.type):
         if chosen == "reference":
-            listed = list(sources.unbind(0)) if isinstance(sources, torch.Tensor) else list(sources)
+            stacked = sources if isinstance(sources, torch.Tensor) else torch.stack(list(sources))
             D = like.shape[-1]
             u_norm = None if norm_weight is None else norm_weight.reshape(-1, D)
-            out, lse, weights = _reference(listed, query.reshape(-1, D), u_norm, eps, partial)
+            out, lse, weights = _reference(stacked, query.reshape(-1, D), u_norm, eps, partial)
             if single:
                 out, lse, weights = out[0], lse[0], weights[0]
         else:
@@ -165,16 +165,19 @@ def _logits(v, u, eps):
 
 
 def _reference(sources, query, norm_weight, eps, partial):
-    """Plain PyTorch: query ``[S, D]``, norm_weight ``[S|1, D]`` or None. Returns out
-    ``[S, ..., D]``, lse ``[S, ...]`` and weights ``[S, N, ...]``, all from one formula."""
+    """Plain PyTorch: sources ``[N, ..., D]``, query ``[S, D]``, norm_weight ``[S|1, D]`` or None.
+    Returns out ``[S, ..., D]``, lse ``[S, ...]`` and weights ``[S, N, ...]``, all from one
+    formula over all sources at once (a few kernels a read, whatever N: what a compiled
+    decoding step wants)."""
+    cdt = torch.promote_types(sources.dtype, torch.float32)
+    v = sources.to(cdt)
     if partial is not None:
-        sources = sources + [partial]
-    cdt = torch.promote_types(sources[0].dtype, torch.float32)
+        v = torch.cat([v, partial.to(cdt)[None]])
     u = _effective_query(query, norm_weight, cdt)
-    logits = torch.stack([_logits(v.to(cdt), u, eps) for v in sources], 0).movedim(-1, 0)  # [S, N, ...]
+    logits = _logits(v, u, eps).movedim(-1, 0)  # [S, N, ...]
     weights = torch.softmax(logits, dim=1)
-    out = sum(weights[:, i, ..., None] * v.to(cdt) for i, v in enumerate(sources))
-    return out.to(sources[0].dtype), torch.logsumexp(logits, dim=1), weights
+    out = torch.einsum("sn...,n...d->s...d", weights, v)
+    return out.to(sources.dtype), torch.logsumexp(logits, dim=1), weights
 
 
 def fused_forward(sources, query, norm_weight, partial, eps: float):

@@ -230,3 +230,75 @@ def depth_attention(
     else:
         o, lse = _MoDAFunction.apply(q, None, None, k_depth, v_depth, False, scale, "triton", None)
     return (o, lse) if return_lse else o
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    k_depth: torch.Tensor | None = None,
+    v_depth: torch.Tensor | None = None,
+    *,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """MoDA for a decoding step over a fixed-length KV cache, in plain PyTorch: one softmax over
+    the sequence keys that ``key_mask`` keeps and the depth slots.
+
+    Built for ``torch.compile`` and CUDA graphs: no data-dependent control flow, no host syncs,
+    shapes that do not change from step to step (the whole cache is scored; unwritten and
+    padding slots are masked out). There is no causal mask: each query sees every key its row
+    of ``key_mask`` keeps, which is causal for the one new token of a decoding step.
+
+    Args:
+        q: ``[B, Tq, Hq, d]``.
+        k, v: ``[B, Tk, Hk, d]`` (any strides: a transposed view of a cache is read in place), or
+            both None for depth-only attention.
+        k_depth, v_depth: ``[B, Tq, L, Hk, d]`` or both None.
+        key_mask: bool ``[B, Tk]``, True where a sequence key is attended (needed with k). Every
+            row must keep a key or have depth slots: the softmax of an empty row is NaN.
+        scale: logit scale, default ``d ** -0.5``.
+
+    Returns:
+        o ``[B, Tq, Hq, d]`` in q's dtype.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q must be a tensor [B, Tq, Hq, d], got {got}")
+    B, Tq, Hq, d = q.shape
+    if (k is None) != (v is None) or (k_depth is None) != (v_depth is None):
+        raise ValueError("pass k and v together and k_depth and v_depth together (or leave a pair None)")
+    if k is None and k_depth is None:
+        raise ValueError("decode_attention needs sequence keys (k, v) or depth slots (k_depth, v_depth), got neither")
+    Hk = (k if k is not None else k_depth).shape[-2]
+    if Hq % Hk:
+        raise ValueError(f"the query heads Hq={Hq} must be a multiple of the key/value heads Hk={Hk}")
+    if k is not None:
+        if k.dim() != 4 or k.shape[0] != B or k.shape[-1] != d or v.shape != k.shape:
+            raise ValueError(f"k and v must be [B={B}, Tk, Hk, d={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, k.shape[1]):
+            got = (f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, torch.Tensor)
+                   else type(key_mask).__name__)
+            raise ValueError(f"key_mask must be a bool tensor [B={B}, Tk={k.shape[1]}] with k, got {got}")
+    if k_depth is not None and (k_depth.dim() != 5 or k_depth.shape[:2] != (B, Tq) or k_depth.shape[-2:] != (Hk, d)
+                                or v_depth.shape != k_depth.shape):
+        raise ValueError(f"k_depth and v_depth must be [B={B}, Tq={Tq}, L, Hk={Hk}, d={d}], got "
+                         f"{tuple(k_depth.shape)} and {tuple(v_depth.shape)}")
+    scale = resolve_scale(scale, d)
+    qg = q.reshape(B, Tq, Hk, Hq // Hk, d)
+    # scores in the inputs' dtype (the matmuls), softmax in float32: the cache is read once, never
+    # converted whole
+    scores = []
+    if k is not None:
+        s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k).float() * scale
+        scores.append(s.masked_fill(~key_mask[:, None, None, None, :], float("-inf")))
+    if k_depth is not None:
+        scores.append(torch.einsum("bqhgd,bqlhd->bhgql", qg, k_depth).float() * scale)
+    p = torch.softmax(torch.cat(scores, -1), dim=-1)
+    n_seq = 0 if k is None else k.shape[1]
+    o = 0
+    if k is not None:
+        o = torch.einsum("bhgqk,bkhd->bqhgd", p[..., :n_seq].to(v.dtype), v)
+    if k_depth is not None:
+        o = o + torch.einsum("bhgql,bqlhd->bqhgd", p[..., n_seq:].to(v_depth.dtype), v_depth)
+    return o.reshape(B, Tq, Hq, d).to(q.dtype)

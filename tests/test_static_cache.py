@@ -1,0 +1,181 @@
+"""Fast generation: a fixed-length (static) KV cache and compiled decoding steps give, for every
+depth mechanism, the greedy tokens of the dynamic cache and of a plain greedy loop, with
+left-padded batches; a step has no graph break, no recompile and no host sync. Runs on
+transformers 4.46 (their StaticCache takes cache_position) and 5.x (it keeps its own length)."""
+
+import pytest
+import torch
+from transformers.cache_utils import StaticCache
+
+from flash_depth.eval.generation import GENERATE_COMPILES, compiled_decoding
+from flash_depth.models import DEPTH_MECHANISMS, FlashDepthConfig, FlashDepthForCausalLM
+from flash_depth.models.modeling_flash_depth import static_cache_mask
+from flash_depth.ops import decode_attention, depth_attention, moda_attention
+from oracle import rel_err
+
+NEW = 5
+
+
+def _model(mech, **kw):
+    torch.manual_seed(0)
+    cfg = FlashDepthConfig.from_preset("tiny", depth_mechanism=mech, attnres_blocks=4, **kw)
+    model = FlashDepthForCausalLM(cfg).eval()
+    with torch.no_grad():  # off the identity-like init, where AttnRes and HC read as a residual stack
+        if model.model.attnres is not None:
+            model.model.attnres.queries.normal_(0, 0.5)
+        for hc in model.model.hyper or ():
+            for name, p in hc.named_parameters():
+                if name.startswith("alpha"):
+                    p.fill_(0.1)
+    return model
+
+
+def _prompts(*lengths, vocab=512):
+    """Left-padded ids and mask [B, max length] of random prompts of these lengths."""
+    g = torch.Generator().manual_seed(1)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(1, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def _greedy_loop(model, ids, mask):
+    """Each prompt alone (its padding dropped), NEW greedy tokens from full uncached forwards."""
+    rows = []
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            seq = ids[row : row + 1, mask[row].bool()]
+            for _ in range(NEW):
+                seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
+            rows.append(seq[0, -NEW:])
+    return torch.stack(rows)
+
+
+def _generate(model, ids, mask, **kw):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.fixture()
+def count_decode_steps(monkeypatch):
+    """How many sequence attentions went through decode_attention (the static decoding path)."""
+    import flash_depth.nn.moda as moda
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("key_mask") is not None)
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(moda, "decode_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
+def test_static_cache_greedy_tokens_equal_dynamic_and_a_plain_loop(mech, count_decode_steps):
+    model = _model(mech)
+    ids, mask = _prompts(6, 3, 5)
+    want = _greedy_loop(model, ids, mask)
+    assert torch.equal(_generate(model, ids, mask), want)
+    assert not count_decode_steps
+    assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), want)
+    # every layer of every step after the prefill took the static decoding path
+    assert sum(count_decode_steps) == (NEW - 1) * model.config.num_hidden_layers
+
+
+def test_static_cache_decoding_of_an_fp8_depth_stream_equals_a_plain_loop(count_decode_steps):
+    """A decoding step keeps its token's slots as the fp8 round trip, the values the fp8 stream of
+    a full forward reads (fp8 scales are per token)."""
+    model = _model("moda", depth_stream_dtype="fp8")
+    ids, mask = _prompts(6, 3, 5)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                         cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+    assert sum(count_decode_steps) == (NEW - 1) * model.config.num_hidden_layers
+    with torch.no_grad():
+        full = model(out.sequences, attention_mask=torch.cat([mask, torch.ones_like(mask[:, :NEW])], 1)).logits
+    for step, logits in enumerate(out.logits):
+        assert rel_err(logits, full[:, ids.shape[1] - 1 + step]) < 1e-5, step
+
+
+@pytest.mark.parametrize("mech", ["moda", "attnres_block", "mhc"])
+def test_compiled_decoding_has_no_graph_break_or_recompile(mech):
+    """Every step through torch.compile(fullgraph=True) (a graph break would raise) compiled once
+    (a recompile raises): ours on any release, transformers' own where its generate compiles."""
+    model = _model(mech, **({"depth_window": 2, "depth_anchors": 1} if mech == "moda" else {}))
+    ids, mask = _prompts(4, 6)
+    want = _generate(model, ids, mask)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with compiled_decoding(model, backend="eager", fullgraph=True):
+            assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), want)
+        assert "forward" not in model.__dict__
+        if GENERATE_COMPILES:
+            from transformers import CompileConfig
+
+            torch._dynamo.reset()
+            config = CompileConfig(backend="eager", fullgraph=True)
+            config._compile_all_devices = True  # transformers compiles on CUDA only; CI has a CPU
+            assert torch.equal(_generate(model, ids, mask, cache_implementation="static", compile_config=config),
+                               want)
+            assert hasattr(model, "_compiled_call")
+    torch._dynamo.reset()
+
+
+def test_a_decoding_step_makes_no_host_sync():
+    """A step on a static cache reads nothing back to the host (CUDA graphs could not replay it):
+    Tensor.item / tolist / __bool__ raise while it runs."""
+    model = _model("moda")
+    ids, mask = _prompts(5, 3)
+    cache = StaticCache(config=model.config, max_cache_len=8, **({} if GENERATE_COMPILES else
+                                                                  {"batch_size": 2, "dtype": torch.float32}))
+    step_mask = static_cache_mask(torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), 8)
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                      cache_position=torch.arange(5)).logits[:, -1:].argmax(-1)
+        full = model(torch.cat([ids, first], 1), attention_mask=step_mask[:, :6]).logits[:, -1]
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("item", "tolist", "__bool__"):
+                patch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync ({name}) in a decoding step"))
+            step = model(first, attention_mask=step_mask, past_key_values=cache, use_cache=True,
+                         cache_position=torch.tensor([5])).logits[:, -1]
+    assert rel_err(step, full) < 1e-5
+
+
+def test_decode_attention_is_moda_over_the_kept_keys():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 4, 8, generator=g)
+    k, v = torch.randn(2, 2, 9, 2, 8, generator=g).unbind(1)
+    kd, vd = torch.randn(2, 2, 1, 3, 2, 8, generator=g).unbind(1)
+    key_mask = torch.zeros(2, 9, dtype=torch.bool)
+    key_mask[0, :6] = True  # row 0: six tokens cached, three unwritten slots
+    key_mask[1, 2:7] = True  # row 1: two padding slots, five tokens, two unwritten
+    out = decode_attention(q, k, v, kd, vd, key_mask=key_mask)
+    for row, (a, b) in enumerate(((0, 6), (2, 7))):
+        want = moda_attention(q[row:row + 1], k[row:row + 1, a:b], v[row:row + 1, a:b], kd[row:row + 1],
+                              vd[row:row + 1], backend="reference")
+        assert rel_err(out[row], want[0]) < 1e-6, row
+    assert rel_err(decode_attention(q, None, None, kd, vd), depth_attention(q, kd, vd, backend="reference")) < 1e-6
+    with pytest.raises(ValueError, match=r"key_mask must be a bool tensor \[B=2, Tk=9\] with k, got torch.int64"):
+        decode_attention(q, k, v, key_mask=key_mask.long())
+    with pytest.raises(ValueError, match="needs sequence keys .* or depth slots"):
+        decode_attention(q, None, None)
+    with pytest.raises(ValueError, match=r"k_depth and v_depth must be \[B=2, Tq=1, L, Hk=2, d=8\]"):
+        decode_attention(q, k, v, kd[:, :, :, :1], vd[:, :, :, :1], key_mask=key_mask)
+
+
+def test_static_cache_refuses_right_padding_and_overflow():
+    model = _model("moda")
+    ids, mask = _prompts(5, 5)
+    mask[1, 3:] = 0  # right padding: decoding would leave a gap the steps cannot see
+    with pytest.raises(ValueError, match="takes left-padded rows only"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    with pytest.raises(ValueError, match=r"attention_mask has 9 columns, more than the cache's 8 slots"):
+        static_cache_mask(torch.ones(1, 9), 8)
+    with pytest.raises(ValueError, match="compiled_decoding|forward is not already replaced"):
+        with compiled_decoding(model):
+            with compiled_decoding(model):
+                pass
