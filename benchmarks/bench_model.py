@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="*", default=["small-48", "700m"], choices=sorted(BATCH))
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--variants", nargs="*", help="substrings of variant names to run (default: all)")
+    parser.add_argument("--variants", nargs="*", help="variant names to run, each an exact name or else a substring "
+                        "of names (default: all)")
     parser.add_argument("--compile", action="store_true", help="compile every block (train.compile=true)")
     parser.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
                         "(train.cuda_graph=true)")
@@ -140,10 +141,10 @@ def main(argv=None) -> int:
         print("bench_model.py needs a CUDA GPU", file=sys.stderr)
         return 2
     device, slug = device_slug()
-    rows = []
+    rows, names = [], {name for name, _ in VARIANTS}
     for preset in args.presets:
         for index, (name, _) in enumerate(VARIANTS):
-            if args.variants and not any(v in name for v in args.variants):
+            if args.variants and not any(v == name or (v not in names and v in name) for v in args.variants):
                 continue
             child = subprocess.run(
                 [sys.executable, __file__, "--one", preset, str(index), "--seq-len", str(args.seq_len),
