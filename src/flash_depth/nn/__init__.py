@@ -4,10 +4,10 @@ from .attnres import AttnResQueries
 from .denseformer import DenseFormerMixer
 from .depth_stream import DepthStream, read_depth, read_moda
 from .hyper_connections import HyperConnection, collapse_streams, expand_streams, sinkhorn
-from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary
+from .layers import MLP, RMSNorm, Rotary, SwiGLU, apply_rotary
 from .moda import DepthKV, DepthRead, MoDAAttention
 from .mudd import MuddConnections
 
 __all__ = ["AttnResQueries", "DenseFormerMixer", "DepthKV", "DepthRead", "DepthStream", "HyperConnection",
-           "MoDAAttention", "MuddConnections", "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "collapse_streams",
+           "MLP", "MoDAAttention", "MuddConnections", "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "collapse_streams",
            "expand_streams", "read_depth", "read_moda", "sinkhorn"]
