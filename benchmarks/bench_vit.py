@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph")
     parser.add_argument("--timeout", type=int, default=240, help="seconds one variant may take")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on the CPU, in this process, 2 and 3 layers; prints the table, writes nothing")
+                        help="tiny shapes on the CPU, in this process, 2 and 3 layers; prints the table, "
+                             "writes nothing")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--one", nargs=2, type=int, metavar=("LAYERS", "INDEX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -338,7 +338,8 @@ class FlashDepthViTForImageClassification(FlashDepthViTPreTrainedModel):
                                    or labels.dim() != 1 or labels.shape[0] != pixel_values.shape[0]):
             got = (f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
                    else type(labels).__name__)
-            raise ValueError(f"labels must be an integer tensor [B={pixel_values.shape[0]}] of class indices, got {got}")
+            raise ValueError(f"labels must be an integer tensor [B={pixel_values.shape[0]}] of class indices, "
+                             f"got {got}")
         pooled = self.vit(pixel_values).pooler_output
         logits = self.classifier(pooled)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None

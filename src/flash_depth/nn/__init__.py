@@ -9,5 +9,5 @@ from .moda import DepthKV, DepthRead, MoDAAttention
 from .mudd import MuddConnections
 
 __all__ = ["AttnResQueries", "DenseFormerMixer", "DepthKV", "DepthRead", "DepthStream", "HyperConnection",
-           "MLP", "MoDAAttention", "MuddConnections", "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "collapse_streams",
-           "expand_streams", "read_depth", "read_moda", "sinkhorn"]
+           "MLP", "MoDAAttention", "MuddConnections", "RMSNorm", "Rotary", "SwiGLU", "apply_rotary",
+           "collapse_streams", "expand_streams", "read_depth", "read_moda", "sinkhorn"]
