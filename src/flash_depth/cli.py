@@ -181,6 +181,9 @@ def _vit_demo(args) -> int:
     from flash_depth.models import FlashDepthViTConfig, FlashDepthViTForImageClassification
     from flash_depth.train.vision import accuracy, load_digits_split, train_epoch
 
+    # The matrices (17 tokens x 64) are small: on a shared 2-core machine one thread ran an epoch 5x
+    # faster than two, whose second thread kept waiting for a core busy with other work.
+    torch.set_num_threads(1)
     train_x, train_y, test_x, test_y = load_digits_split(seed=args.seed)
     runs = {}
     for mech in args.mechanisms:
