@@ -187,7 +187,7 @@ def _vit_demo(args) -> int:
     train_x, train_y, test_x, test_y = load_digits_split(seed=args.seed)
     runs = {}
     for mech in args.mechanisms:
-        torch.manual_seed(args.seed)  # the same initial weights where the mechanisms share them
+        torch.manual_seed(args.seed)  # every mechanism's initial weights from the same seed
         cfg = FlashDepthViTConfig.from_preset("digits", depth_mechanism=mech, num_hidden_layers=args.layers)
         model = FlashDepthViTForImageClassification(cfg)
         runs[mech] = (model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05),
