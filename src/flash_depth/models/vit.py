@@ -276,10 +276,10 @@ class FlashDepthViTModel(FlashDepthViTPreTrainedModel):
             x = self._attnres(x)
         else:
             stream = DepthStream(cfg.depth_slots) if cfg.depth_slots else None
-            states = [x]
+            states = [x] if self.dense is not None else None  # DenseFormer mixes all of them
             for i, layer in enumerate(self.layers):
                 x = layer(x, stream)
-                if self.dense is not None:
+                if states is not None:
                     states.append(x)
                     x = self.dense(i, states)
             if stream is not None:
