@@ -104,9 +104,9 @@ class FlashDepthViTConfig(PreTrainedConfig):
         self.depth_anchors = depth_anchors
         self.attention_backend = attention_backend
         super().__init__(**kwargs)
-        self.validate()
+        self.validate_depth()
 
-    def validate(self) -> None:
+    def validate_depth(self) -> None:
         """Raise ValueError on a configuration that cannot be built."""
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "num_labels"):
@@ -243,7 +243,7 @@ class FlashDepthViTModel(FlashDepthViTPreTrainedModel):
 
     def __init__(self, config: FlashDepthViTConfig):
         super().__init__(config)
-        config.validate()
+        config.validate_depth()
         D, layers = config.hidden_size, config.num_hidden_layers
         self.patch_embed = nn.Conv2d(config.num_channels, D, kernel_size=config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
