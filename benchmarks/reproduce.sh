@@ -7,6 +7,7 @@
 #   bash benchmarks/reproduce.sh model      # training tokens/s per depth mechanism, small-48 and 700m: eager, compiled, + CUDA graph
 #   bash benchmarks/reproduce.sh varlen     # packed documents (cu_seqlens) vs dense MoDA at equal tokens
 #   bash benchmarks/reproduce.sh generate   # prefill/decode tok/s per mechanism vs Olmo2 (static cache, compiled steps)
+#   bash benchmarks/reproduce.sh vit        # vision encoder training images/s, DeiT-Tiny shapes, 12 and 48 layers
 #   bash benchmarks/reproduce.sh multigpu   # 1 GPU vs 2-GPU DDP and FSDP2 (needs 2 GPUs and data/mixed)
 #   bash benchmarks/reproduce.sh study      # the depth-mechanism study (needs data/mixed), docs/study.md
 #
@@ -34,6 +35,7 @@ case "${1:-}" in
             python benchmarks/bench_generate.py --variants olmo2 residual "residual (dynamic)" "moda (attn KV)" \
               depth_attention
             python benchmarks/bench_generate.py --variants olmo2 residual attnres_full denseformer mhc hc ;;
+  vit)      python benchmarks/bench_vit.py ;;
   multigpu)
     common="data.source=data/mixed/shards model.preset=small-24 model.depth_mechanism=moda train.seq_len=1024
             train.batch_size=16 train.max_steps=80 train.warmup_steps=10 train.eval_every=40 train.eval_batches=4
@@ -47,5 +49,5 @@ case "${1:-}" in
     torchrun --standalone --nproc_per_node=2 -m flash_depth.train --out runs/multigpu/fsdp2 $common train.distributed=fsdp
     cat runs/multigpu/*/summary.json ;;
   study)    python scripts/study.py --out runs/study ;;
-  *)        sed -n 2,14p "$0"; exit 2 ;;
+  *)        sed -n 2,15p "$0"; exit 2 ;;
 esac

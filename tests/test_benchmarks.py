@@ -1,5 +1,5 @@
-"""The benchmark scripts' own logic that runs without a GPU: a stalling peer is cut off, and
-the tables say what failed and compute the ratios from the timings."""
+"""The benchmark scripts' own logic that runs without a GPU: a stalling peer is cut off, the
+tables say what failed and compute the ratios from the timings, and bench_vit.py runs tiny on a CPU."""
 
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_attnres  # noqa: E402
+import bench_vit  # noqa: E402
 
 
 @pytest.fixture()
@@ -59,3 +60,24 @@ def test_tables_name_failures_and_compute_ratios():
     assert "N=33, D=4096, liger: `AcceleratorError: illegal address`" in md
     graphed = [line for line in md.splitlines() if line.startswith("| 9 | 1024 |")][1]
     assert "| 0.400 | 1.000 |" in graphed and graphed.endswith("| 2.50x |")
+
+
+def test_vit_bench_smoke_runs_on_the_cpu(capsys):
+    assert bench_vit.main(["--smoke", "--variants", "residual", "moda +", "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |") or
+            line.startswith("| 3 |")]
+    assert len(rows) == 4 and all("| eager |" in r for r in rows) and "| 1.000x |" in rows[0]
+
+
+def test_vit_bench_ratios_are_per_depth_and_mode():
+    rows = [{"layers": 12, "mode": "eager", "variant": "residual", "batch": 256, "params": 5.7e6,
+             "ms_per_step": 100.0, "images_per_s": 2560.0, "peak_gib": 10.0},
+            {"layers": 12, "mode": "eager", "variant": "moda + FFN KV", "batch": 256, "params": 6.0e6,
+             "ms_per_step": 125.0, "images_per_s": 2048.0, "peak_gib": 12.0},
+            {"layers": 48, "mode": "eager", "variant": "moda + FFN KV", "batch": 256, "params": 2.4e7,
+             "error": "OutOfMemoryError()"}]
+    bench_vit.add_ratios(rows)
+    md = bench_vit.to_markdown(rows, {"device": "GPU", "torch": "t", "shapes": bench_vit.SHAPES})
+    moda = next(line for line in md.splitlines() if line.startswith("| 12 | eager | moda + FFN KV |"))
+    assert "| 125.0 | 2,048 | 0.800x | 12.0 |" in moda
+    assert "| 48 | eager | moda + FFN KV | 24.00 | 256 | failed: OutOfMemoryError() |" in md

@@ -126,11 +126,12 @@ def _rope(length=T):
     return Rotary(HD, 64, 10000.0)(0, length, "cpu")
 
 
-def _qkv(attn, x, cos, sin):
-    """The layer's rotated q, k, v, computed by hand."""
-    q = apply_rotary(attn.q_norm(attn.q_proj(x).view(B, T, HQ, HD)), cos, sin)
+def _qkv(attn, x, cos=None, sin=None):
+    """The layer's q, k, v (rotated if given cos, sin), computed by hand."""
+    q = attn.q_norm(attn.q_proj(x).view(B, T, HQ, HD))
     k, v = attn.kv_proj(x).view(B, T, 2, HK, HD).unbind(2)
-    return q, apply_rotary(attn.k_norm(k), cos, sin), v
+    k = attn.k_norm(k)
+    return (q, k, v) if cos is None else (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
 
 
 def test_moda_attention_layer_reads_what_the_layer_before_wrote():
@@ -221,4 +222,61 @@ def test_denseformer_mixer_starts_as_the_identity():
 ])
 def test_layer_input_checks_name_the_argument(call, msg):
     with pytest.raises(ValueError, match=msg):
+        call()
+
+
+
+def test_moda_attention_layer_non_causal_without_rotation():
+    """causal=False and no cos/sin (a ViT's learned positions are already in x): every query
+    reads every key and the written slot, so an early token's output depends on a later token."""
+    torch.manual_seed(0)
+    first = MoDAAttention(D, HQ, HK, HD, writes_depth=True, causal=False, bias=True)
+    second = MoDAAttention(D, HQ, HK, HD, layer_idx=1, causal=False, bias=True)
+    x0, x1 = torch.randn(B, T, D), torch.randn(B, T, D, requires_grad=True)
+    stream = DepthStream(1)
+    first(x0, stream=stream)
+    y1 = second(x1, stream=stream)
+    stream.close()
+    with torch.no_grad():
+        _, k0, v0 = _qkv(first, x0)
+        q1, k1, v1 = _qkv(second, x1)
+        o = moda_attention(q1, k1, v1, k0[:, :, None], v0[:, :, None], causal=False)
+        assert rel_err(y1, second.o_proj(o.reshape(B, T, -1))) < 1e-5
+    (grad,) = torch.autograd.grad(y1[:, 0].sum(), x1)
+    assert grad[:, -1].abs().sum() > 0  # token 0 attends to the last token
+
+
+def test_non_causal_layers_on_the_fused_path_equal_the_reference():
+    """Non-causal MoDA through the Triton kernels (the interpreter on CPU), the in-place stream and
+    its deferred slot gradients, against the plain PyTorch path: output and every gradient."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x = torch.randn(B, T, D, device=device)
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(1)
+        layers = [MoDAAttention(D, HQ, HK, HD, writes_depth=i < 2, attn_kv_proj=i == 1, layer_idx=i, causal=False,
+                                bias=True, backend=backend).to(device) for i in range(3)]
+        xs = x.clone().requires_grad_()
+        stream, h = DepthStream(2), xs
+        for layer in layers:
+            h = h + layer(h, stream=stream)
+        stream.close()
+        h.square().sum().backward()
+        results.append((h, [xs.grad] + [p.grad for layer in layers for p in layer.parameters()]))
+    (out, grads), (out_ref, grads_ref) = results
+    assert rel_err(out, out_ref) < 1e-5
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert g is not None and g.abs().sum() > 0 and rel_err(g, g_ref) < 1e-5, i
+
+
+@pytest.mark.parametrize("call, exc, msg", [
+    (lambda: MoDAAttention(D, HQ, HK, HD, causal=1), TypeError, "causal must be a bool, got 1"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, bias="yes"), TypeError, "bias must be a bool"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, reads_depth=False)(torch.randn(B, T, D), _rope()[0]), ValueError,
+     "pass both cos and sin, or neither"),
+    (lambda: DepthRead(D, HQ, HD)(torch.randn(B, T, D), stream=None), ValueError, "stream must be a DepthStream"),
+])
+def test_causal_bias_and_rotation_checks(call, exc, msg):
+    with pytest.raises(exc, match=msg):
         call()

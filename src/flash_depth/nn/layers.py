@@ -1,4 +1,5 @@
-"""Building blocks of the decoder (OLMo2 style): RMSNorm, rotary embeddings, SwiGLU."""
+"""Building blocks of the decoder (OLMo2 style: RMSNorm, rotary embeddings, SwiGLU) and of the vision
+encoder (DeiT style: a GELU MLP)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,19 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class MLP(nn.Module):
+    """The ViT/DeiT feed-forward: ``x [..., dim] -> fc2(GELU(fc1(x))) [..., dim]``, ``fc1`` to
+    ``hidden`` features, with biases unless ``bias=False``."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        for name, value in (("dim", dim), ("hidden", hidden)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))

@@ -52,6 +52,21 @@ def _check_rotary(cos, sin, length: int, head_dim: int) -> None:
             raise ValueError(f"{name} must be [T, 1, {half}] or [B, T, 1, {half}] with T={length}, got {got}")
 
 
+def _check_flag(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _rotation(cos, sin, length: int, head_dim: int) -> bool:
+    """Whether cos/sin rotate (both given, checked) or not (both None)."""
+    if (cos is None) != (sin is None):
+        raise ValueError("pass both cos and sin, or neither (no rotation)")
+    if cos is not None:
+        _check_rotary(cos, sin, length, head_dim)
+    return cos is not None
+
+
 def _check_stream(stream, what: str) -> None:
     if not isinstance(stream, (DepthStream, DepthSlots)):
         raise ValueError(f"stream must be a DepthStream or DepthSlots ({what}), got {type(stream).__name__}")
@@ -90,22 +105,19 @@ class DepthKV(nn.Module):
         :class:`~flash_depth.nn.Rotary` returns them), or both None for no rotation.
         Returns k, v ``[B, T, kv_heads, head_dim]``."""
         _check_x(x, self.dim)
-        if (cos is None) != (sin is None):
-            raise ValueError("pass both cos and sin, or neither (no rotation)")
         B, T, _ = x.shape
+        rotate = _rotation(cos, sin, T, self.head_dim)
         k, v = self.proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
-        if cos is None:
-            return k, v
-        _check_rotary(cos, sin, T, self.head_dim)
-        return apply_rotary(k, cos, sin), v
+        return (apply_rotary(k, cos, sin) if rotate else k), v
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
 
 
 class MoDAAttention(nn.Module):
-    """Causal GQA attention with RoPE and per-head QK-norm that reads and writes the depth stream.
+    """GQA attention with per-head QK-norm that reads and writes the depth stream: causal with
+    RoPE in the decoder, non-causal without rotation in a vision encoder.
 
     ``x [B, T, hidden] -> [B, T, hidden]``. Queries ``[B, T, heads, head_dim]``, keys and values
     ``[B, T, kv_heads, head_dim]``.
@@ -116,7 +128,10 @@ class MoDAAttention(nn.Module):
         qk_norm: RMS-normalise each query and key head (learned weights).
         eps: the norms' epsilon.
         reads_depth: one softmax over the sequence K/V and the stream's written slots (MoDA);
-            False: causal attention over the sequence only.
+            False: attention over the sequence only.
+        causal: mask keys after the query's position (a decoder); False: every query sees every
+            key (an encoder). The depth part is per token either way.
+        bias: biases on the q, k/v and output projections (ViT/DeiT have them).
         writes_depth: after attending, append one slot to the stream for later layers: the
             layer's own rotated k and v (no new parameters), or with ``attn_kv_proj`` those of
             a :class:`DepthKV` of ``x``.
@@ -131,9 +146,11 @@ class MoDAAttention(nn.Module):
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qk_norm: bool = True,
                  eps: float = 1e-6, reads_depth: bool = True, writes_depth: bool = False, attn_kv_proj: bool = False,
-                 layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0):
+                 layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0,
+                 causal: bool = True, bias: bool = False):
         super().__init__()
         _check_dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+        _check_flag(causal=causal, bias=bias)
         check_window(depth_window, depth_anchors)
         if heads % kv_heads:
             raise ValueError(f"heads must be a multiple of kv_heads, got heads={heads}, kv_heads={kv_heads}")
@@ -142,22 +159,23 @@ class MoDAAttention(nn.Module):
         if attn_kv_proj and not writes_depth:
             raise ValueError("attn_kv_proj=True projects the slot this layer writes: it needs writes_depth=True")
         self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, kv_heads, head_dim
-        self.reads_depth, self.writes_depth = reads_depth, writes_depth
+        self.reads_depth, self.writes_depth, self.causal = reads_depth, writes_depth, causal
         self.layer_idx, self.backend = layer_idx, backend
         self.window = {"window": depth_window, "anchors": depth_anchors}
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.kv_proj = nn.Linear(hidden, 2 * kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.kv_proj = nn.Linear(hidden, 2 * kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.depth_kv = DepthKV(hidden, kv_heads, head_dim, k_norm=qk_norm, eps=eps) if attn_kv_proj else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                 stream: DepthStream | DepthSlots | None = None, cache: Cache | None = None,
                 masks: dict | None = None, x_k: torch.Tensor | None = None,
                 x_v: torch.Tensor | None = None) -> torch.Tensor:
         """x ``[B, T, hidden]``; cos, sin ``[T, 1, head_dim/2]`` or ``[B, T, 1, head_dim/2]`` (as
-        :class:`~flash_depth.nn.Rotary` returns them); ``stream`` the forward's depth stream
+        :class:`~flash_depth.nn.Rotary` returns them), or both None for no rotation (positions
+        already in x, as a ViT's learned embeddings put them); ``stream`` the forward's depth stream
         (needed to read or write it); ``cache`` a transformers ``Cache`` of sequence K/V, which
         this call extends; ``masks`` the sequence attention's masks as the ops take them
         (``cu_seqlens`` and ``max_seqlen`` for packed documents, or ``kv_start`` for left
@@ -178,7 +196,7 @@ class MoDAAttention(nn.Module):
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{name} must be a tensor of x's shape {tuple(x.shape)}, got {got}")
         B, T, _ = x.shape
-        _check_rotary(cos, sin, T, self.head_dim)
+        rotate = _rotation(cos, sin, T, self.head_dim)
         if self.reads_depth or self.writes_depth:
             _check_stream(stream, "reads_depth or writes_depth is set")
         if masks is not None and (not isinstance(masks, dict) or not set(masks) <= set(_MASKS + _STATIC)):
@@ -186,17 +204,20 @@ class MoDAAttention(nn.Module):
                              f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
         masks = dict(masks or {})
         slots, kv_len, key_mask = [masks.pop(name, None) for name in _STATIC]
-        if key_mask is not None and (T != 1 or kv_len is not None or isinstance(stream, DepthStream)):
-            raise ValueError(f"key_mask is for a decoding step: one token (got T={T}), no kv_len, and DepthSlots as "
-                             f"the stream (got {type(stream).__name__})")
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
+        if key_mask is not None and (T != 1 or kv_len is not None or isinstance(stream, DepthStream) or not self.causal):
+            raise ValueError(f"key_mask is for a decoding step of a causal layer: one token (got T={T}), no kv_len, "
+                             f"and DepthSlots as the stream (got {type(stream).__name__})")
+        q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
         if x_k is None:  # one GEMM for K and V
             k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
         else:  # the halves of the same weight (K then V), so the checkpoint keys do not change
             w_k, w_v = self.kv_proj.weight.chunk(2)
-            k = F.linear(x_k, w_k).view(B, T, self.kv_heads, self.head_dim)
-            v = F.linear(x_v, w_v).view(B, T, self.kv_heads, self.head_dim)
-        k = apply_rotary(self.k_norm(k), cos, sin)
+            b_k, b_v = self.kv_proj.bias.chunk(2) if self.kv_proj.bias is not None else (None, None)
+            k = F.linear(x_k, w_k, b_k).view(B, T, self.kv_heads, self.head_dim)
+            v = F.linear(x_v, w_v, b_v).view(B, T, self.kv_heads, self.head_dim)
+        k = self.k_norm(k)
+        if rotate:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_all, v_all = k, v
         if cache is not None:  # transformers' caches hold [B, H, T, d]
             # transformers 4.x's StaticCache takes the slots to write; other caches ignore them
@@ -206,13 +227,13 @@ class MoDAAttention(nn.Module):
             if kv_len is not None:
                 k_all, v_all = k_all[:, :kv_len], v_all[:, :kv_len]
         record_layer(self, "attention", q, k_all, stream if self.reads_depth else None, self.window)
-        if key_mask is not None:
+        if key_mask is not None:  # a decoding step (decoders only: causal)
             depth = stream.read(**self.window) if self.reads_depth and stream.count else (None, None)
             o = decode_attention(q, k_all, v_all, *depth, key_mask=key_mask)
         elif self.reads_depth:
-            o = read_moda(stream, q, k_all, v_all, backend=self.backend, **self.window, **masks)
+            o = read_moda(stream, q, k_all, v_all, causal=self.causal, backend=self.backend, **self.window, **masks)
         else:
-            o = moda_attention(q, k_all, v_all, backend=self.backend, **masks)
+            o = moda_attention(q, k_all, v_all, causal=self.causal, backend=self.backend, **masks)
         if self.writes_depth:
             # the attention's own K/V joins the stream for later layers (it is already in its sequence set)
             stream.write(*(self.depth_kv(x, cos, sin) if self.depth_kv is not None else (k, v)))
@@ -220,14 +241,14 @@ class MoDAAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
-                f"reads_depth={self.reads_depth}, writes_depth={self.writes_depth}")
+                f"reads_depth={self.reads_depth}, writes_depth={self.writes_depth}, causal={self.causal}")
 
 
 class DepthRead(nn.Module):
     """Flash Depth Attention as a layer: a query of its own reads the depth stream's slots only.
 
     ``x [B, T, hidden] -> [B, T, hidden]``: q ``[B, T, heads, head_dim]`` (per-head RMSNorm with
-    ``qk_norm``, RoPE like the slots' keys) attends over the written slots of its token; the
+    ``qk_norm``, RoPE like the slots' keys when given cos/sin) attends over the written slots of its token; the
     heads go through ``o_proj``. ``layer_idx`` is what an attached analysis recorder is told.
     """
 
@@ -245,16 +266,17 @@ class DepthRead(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                stream: DepthStream | DepthSlots) -> torch.Tensor:
-        """x ``[B, T, hidden]``; cos, sin as :meth:`MoDAAttention.forward`; ``stream`` with at
-        least one written slot (:class:`DepthSlots`: a decoding step's, read in plain PyTorch).
-        Returns ``[B, T, hidden]``."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                stream: DepthStream | DepthSlots | None = None) -> torch.Tensor:
+        """x ``[B, T, hidden]``; cos, sin as :meth:`MoDAAttention.forward` (both None: no
+        rotation); ``stream`` with at least one written slot (:class:`DepthSlots`: a decoding
+        step's, read in plain PyTorch). Returns ``[B, T, hidden]``."""
         _check_x(x, self.hidden)
         B, T, _ = x.shape
-        _check_rotary(cos, sin, T, self.head_dim)
+        rotate = _rotation(cos, sin, T, self.head_dim)
         _check_stream(stream, "the slots to read")
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)), cos, sin)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
+        q = apply_rotary(q, cos, sin) if rotate else q
         record_layer(self, "depth_read", q, stream, self.window)
         if isinstance(stream, DepthSlots):
             o = decode_attention(q, None, None, *stream.read(**self.window))
