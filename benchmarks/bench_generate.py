@@ -194,7 +194,11 @@ def main(argv=None) -> int:
     for name in names:
         for batch in args.batches:
             t0 = time.time()
-            row = run(name, batch, preset, prompt, new, args.reps, where)
+            try:
+                row = run(name, batch, preset, prompt, new, args.reps, where)
+            except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others' rows
+                print(f"{name} batch {batch} failed: {err!r}"[:600], flush=True)
+                continue
             row["date"] = time.strftime("%Y-%m-%d %H:%M")
             rows.append(row)
             print(f"{name} batch {batch} ({time.time() - t0:.0f}s): prefill {row['prefill_tok_s']:.0f} tok/s, "
