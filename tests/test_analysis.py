@@ -73,14 +73,18 @@ class _KeepInputs(Recorder):
         self.inputs.setdefault(layer, (q.detach(), k.detach(), k_depth))
 
 
-def test_depth_mass_is_the_sum_of_the_softmax_probabilities():
-    model = _model("moda").eval()
+def _inputs_of_a_forward(model) -> "_KeepInputs":
+    """The attention inputs each layer of ``model`` saw in one forward of a validation batch."""
     rec = _KeepInputs()
     diagnostics._attach(model, rec)
-    ids = _batches(1)[0]
     with torch.no_grad():
-        model(ids)
+        model(_batches(1)[0])
     diagnostics._detach(model)
+    return rec
+
+
+def test_depth_mass_is_the_sum_of_the_softmax_probabilities():
+    rec = _inputs_of_a_forward(_model("moda").eval())
     for layer in range(1, 4):
         q, k, kd = rec.inputs[layer]
         B, T, Hq, d = q.shape
@@ -156,12 +160,7 @@ def test_windowed_depth_mass_counts_only_the_read_slots():
     reported depth mass is the float64 softmax over the sequence keys and the read slots only, the
     per-slot mass is 0 on skipped slots, and by distance it sits at 1, 2 and the anchor's 6."""
     model = _model("moda", depth_window=2, depth_anchors=1).eval()
-    rec = _KeepInputs()
-    diagnostics._attach(model, rec)
-    ids = _batches(1)[0]
-    with torch.no_grad():
-        model(ids)
-    diagnostics._detach(model)
+    rec = _inputs_of_a_forward(model)
     q, k, kd = rec.inputs[3]
     read = kd[:, :, [0, 4, 5]]
     B, T, Hq, d = q.shape

@@ -89,9 +89,11 @@ def test_depth_stream_is_freed_without_garbage_collection():
         gc.enable()
 
 
-@pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
-def test_cached_decoding_equals_full_forward(mech):
-    model = _model(mech).eval()
+@pytest.mark.parametrize("mech, extra", [(m, {}) for m in DEPTH_MECHANISMS] + [("moda", {"depth_stream_dtype": "fp8"})],
+                         ids=[*DEPTH_MECHANISMS, "moda-fp8"])
+def test_cached_decoding_equals_full_forward(mech, extra):
+    """fp8: scales are per token, so a decoding step quantises its token's slots as the full forward does."""
+    model = _model(mech, **extra).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     with torch.no_grad():
         full = model(ids).logits
