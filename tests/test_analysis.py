@@ -203,3 +203,16 @@ def test_mudd_and_mhc_records_are_the_token_means_of_their_mixes():
         model(ids)
     h_res = mixes[0][2].double().mean(dim=(0, 1))
     assert torch.allclose(torch.tensor(result["hyper"]["h_res"][5], dtype=torch.float64), h_res, atol=1e-6)
+
+
+def test_depth_mass_of_an_fp8_stream_is_that_of_its_dequantised_slots():
+    """The diagnostics read an fp8 stream's slots dequantised (its raw e4m3 codes, each row scaled to
+    a maximum of 448, would put nearly all the mass on depth): within fp8's error of the same weights
+    with a full-precision stream."""
+    full = _model("moda").eval()
+    fp8 = _model("moda", depth_stream_dtype="fp8").eval()
+    fp8.load_state_dict(full.state_dict())
+    batches = _batches(1)
+    want, got = (torch.tensor(analyze_model(m, batches)["depth_mass"]) for m in (full, fp8))
+    assert got.shape == want.shape and got.numel() > 0
+    assert (got - want).abs().max() < 0.05, (got, want)

@@ -127,18 +127,3 @@ def test_depth_logits_dominate():
     assert rel_err(o, vd[:, :, 0]) < 1e-6
 
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_slot_fills_one_slot_of_each_buffer(dtype):
-    """The depth stream's fused slot write (Triton; interpreted on CPU): slot 2 of [B, T, L, Hk, d]
-    buffers gets k and v (rows not a multiple of the row tile, Hk*d not a power of two), the other
-    slots keep their values."""
-    from flash_depth.ops.depth_triton import write_slot
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    kb, vb = (torch.randn(2, 7, 4, 3, 20, device=device).to(dtype) for _ in range(2))
-    k, v = (torch.randn(2, 7, 3, 20, device=device).to(dtype) for _ in range(2))
-    want_k, want_v = kb.clone(), vb.clone()
-    want_k[:, :, 2], want_v[:, :, 2] = k, v
-    write_slot(kb.select(2, 2), vb.select(2, 2), k, v)
-    assert torch.equal(kb, want_k) and torch.equal(vb, want_v)

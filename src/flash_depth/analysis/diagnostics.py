@@ -52,7 +52,7 @@ class Recorder:
         if stream is None or not stream.count:
             return None, None
         spans = stream.spans(**(window or {}))
-        k_depth = torch.cat([k for k, _ in stream.span_views(spans)], 2)
+        k_depth = stream.stacked(spans)[0]  # a copy; an fp8 stream's slots dequantised
         return k_depth, torch.cat([torch.arange(a, b) for a, b in spans])
 
     def _slot_mass(self, layer, mass, slots, count):

@@ -23,6 +23,7 @@ import torch
 
 from flash_depth.ops import depth_attention, moda_attention
 from flash_depth.ops.fp8 import check_fp8_device, dequantize_fp8, quantize_fp8
+from flash_depth.ops._checks import check_depth_inputs, check_moda_inputs
 from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
@@ -55,20 +56,17 @@ class DepthStream(SlotStream):
         super().write(k, v)
 
     def store(self, slot: int, values) -> None:
+        """Puts k, v into slot ``slot``; an fp8 stream quantises them, with their scales."""
         if not self.quantized:
-            k, v = values
-            if k.is_cuda and k.is_contiguous() and v.is_contiguous():
-                from flash_depth.ops.depth_triton import write_slot  # triton: imported only where it runs
-
-                # both in one launch at the copy bandwidth
-                return write_slot(*(buf.select(self.slot_dim, slot) for buf in self.buffers), k, v)
-            return super().store(slot, values)
+            super().store(slot, values)
+            return
         if self.scales is None:
             self.scales = [buf.new_empty(buf.shape[:-1], dtype=torch.float32) for buf in self.buffers]
         for buf, scales, x in zip(self.buffers, self.scales, values):
             quantize_fp8(x, out=buf.select(self.slot_dim, slot), scale_out=scales.select(self.slot_dim, slot))
 
     def grad_dtype(self) -> torch.dtype:
+        """The slot gradients' dtype: float32 (float64 for float64 values), also for fp8 slots."""
         return torch.float64 if self.value_dtype == torch.float64 else torch.float32
 
     def span_scales(self, spans) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -279,7 +277,9 @@ def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str
     check_window(window, anchors)
     if stream.count == 0:
         return moda_attention(q, k, v, causal=causal, backend=backend, **masks)
-    return _read(stream, q, k, v, causal, backend, masks, stream.spans(window, anchors))
+    spans = stream.spans(window, anchors)
+    check_moda_inputs(q, k, v, *_slots_like(stream, q, spans), causal)
+    return _read(stream, q, k, v, causal, backend, masks, spans)
 
 
 @torch.compiler.disable
@@ -292,7 +292,20 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto", cu_seqlens=None
         raise ValueError("read_depth needs at least one written depth slot")
     check_window(window, anchors)
     masks = check_masks(q, None, cu_seqlens, max_seqlen, None)
-    return _read(stream, q, None, None, False, backend, masks, stream.spans(window, anchors))
+    spans = stream.spans(window, anchors)
+    check_depth_inputs(q, *_slots_like(stream, q, spans))
+    return _read(stream, q, None, None, False, backend, masks, spans)
+
+
+def _slots_like(stream: DepthStream, q, spans) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins ``[B, T, n, Hk, d]`` (n: the slots in ``spans``) of the stream's slots for the ops'
+    input checks, which take one tensor per operand: a broadcast of one element on the stream's
+    device, in its dtype (an fp8 stream's: q's, which the slots dequantise to)."""
+    buf = stream.buffers[0]
+    B, T, _, Hk, d = buf.shape
+    dtype = q.dtype if stream.quantized else buf.dtype
+    like = buf.new_empty((), dtype=dtype).expand(B, T, sum(b - a for a, b in spans), Hk, d)
+    return like, like
 
 
 def _fused_forward(stream: DepthStream, q, k, v, causal: bool, chosen: str, masks: dict, spans):

@@ -458,28 +458,3 @@ def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: 
     )
     return dk, dv
 
-
-@triton.jit
-def _write_slot_kernel(K, V, KB, VB, rows, cols, sk_r, sv_r, skb_r, svb_r,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    mask = (r < rows)[:, None] & (c < cols)[None, :]
-    k = tl.load(K + r[:, None] * sk_r + c[None, :], mask=mask)
-    v = tl.load(V + r[:, None] * sv_r + c[None, :], mask=mask)
-    tl.store(KB + r[:, None] * skb_r + c[None, :], k.to(KB.dtype.element_ty), mask=mask)
-    tl.store(VB + r[:, None] * svb_r + c[None, :], v.to(VB.dtype.element_ty), mask=mask)
-
-
-def write_slot(k_slot: torch.Tensor, v_slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """k_slot[:] = k and v_slot[:] = v in one launch: the slot views ``[B, T, Hk, d]`` of a stream
-    buffer (rows of Hk*d contiguous values, a slot-count stride apart), k, v contiguous. torch's
-    copy takes such strided destinations element by element, at about a third of the bandwidth."""
-    B, T, Hk, d = k.shape
-    rows, cols = B * T, Hk * d
-    views = [x.view(rows, cols) for x in (k, v)] + [x.as_strided((rows, cols), (x.stride(1), 1)) for x in
-                                                   (k_slot, v_slot)]
-    block_c = triton.next_power_of_2(cols)
-    block_r = max(1, 8192 // block_c)
-    _write_slot_kernel[(cdiv(rows, block_r),)](*views, rows, cols, *(x.stride(0) for x in views),
-                                               BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
