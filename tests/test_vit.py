@@ -147,8 +147,8 @@ def test_bad_inputs():
 
 
 def test_vit_demo_accuracy_rises(capsys, monkeypatch):
-    """The demo on a fifth of the digits, one block, two epochs: a row per epoch, and accuracy far
-    above chance (0.1) on held-out images."""
+    """The demo on a fifth of the digits, two blocks (so the second reads the first's depth slots),
+    three epochs: a row per epoch, and accuracy far above chance (0.1) on held-out images."""
     pytest.importorskip("sklearn")
     from flash_depth.train import vision
 
@@ -159,11 +159,11 @@ def test_vit_demo_accuracy_rises(capsys, monkeypatch):
         return train_x[:400], train_y[:400], test_x[:200], test_y[:200]
 
     monkeypatch.setattr(vision, "load_digits_split", fifth)
-    assert cli.main(["vit-demo", "--epochs", "2", "--layers", "1", "--batch-size", "16", "--mechanisms", "moda"]) == 0
+    assert cli.main(["vit-demo", "--epochs", "3", "--layers", "2", "--batch-size", "16", "--mechanisms", "moda"]) == 0
     out = capsys.readouterr().out
     assert "400 training / 200 test images" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [r[0] for r in rows] == ["1", "2"] and float(rows[-1][1]) > 0.3, rows
+    assert [r[0] for r in rows] == ["1", "2", "3"] and float(rows[-1][1]) > 0.3, rows
 
 
 def test_vit_demo_user_faults_are_one_line(capsys, monkeypatch):

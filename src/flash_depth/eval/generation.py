@@ -81,7 +81,7 @@ def compiled_decoding(model, **options):
     ``mode="reduce-overhead"`` replay from CUDA graphs)."""
     import torch
 
-    from flash_depth.models.modeling_flash_depth import _is_fixed_length
+    from flash_depth.models.modeling_flash_depth import is_fixed_length
 
     if not isinstance(model, torch.nn.Module) or "forward" in model.__dict__:
         raise ValueError(f"model must be a torch.nn.Module whose forward is not already replaced, got "
@@ -93,7 +93,7 @@ def compiled_decoding(model, **options):
     def forward(*args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        step = ids is not None and ids.shape[1] == 1 and _is_fixed_length(cache)
+        step = ids is not None and ids.shape[1] == 1 and is_fixed_length(cache)
         return (compiled if step else eager)(*args, **kwargs)
 
     model.forward = forward

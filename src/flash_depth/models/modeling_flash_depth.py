@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, HyperConnection, MoDAAttention,
@@ -56,11 +56,15 @@ def _resolve_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
 
-def _is_fixed_length(cache) -> bool:
-    """Whether ``cache`` has a fixed number of slots, written in place (transformers 5.x says so
-    with is_compileable; 4.x's StaticCache family has a max cache shape, DynamicCache none)."""
+def is_fixed_length(cache) -> bool:
+    """Whether ``cache`` (a transformers ``Cache``, or None) has a fixed number of slots, written in
+    place (transformers 5.x says so with is_compileable; 4.x's StaticCache family has a max cache
+    shape, DynamicCache none)."""
     if cache is None:
         return False
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache (or past_key_values) must be a transformers Cache, got {type(cache).__name__}: "
+                        "legacy tuples of tensors are not taken")
     flag = getattr(cache, "is_compileable", None)
     return bool(flag) if flag is not None else cache.get_max_cache_shape() is not None
 
@@ -410,7 +414,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         B, T, D = x.shape
         if use_cache and cache is None:
             cache = DynamicCache()
-        static = _is_fixed_length(cache)
+        static = is_fixed_length(cache)
         if static and T == 1:  # a decoding step on a fixed-length cache: no host syncs from here on
             masks, positions = self._static_decode_inputs(cache, cache_position, attention_mask, position_ids, B)
             cos, sin = self.rotary.tables(positions)
@@ -462,7 +466,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         """Masks, RoPE positions (None: after the cache), packed documents and the cache's length
         of a forward that is not a decoding step on a fixed-length cache (host syncs allowed)."""
         B, T, _ = x.shape
-        static = _is_fixed_length(cache)
+        static = is_fixed_length(cache)
         start = int(cache.get_seq_length()) if cache is not None else 0
         if static:
             width = _max_cache_len(cache)

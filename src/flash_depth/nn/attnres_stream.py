@@ -18,7 +18,7 @@ import torch
 
 from flash_depth.ops.attnres import attention_residual, fused_backward, fused_forward, select_attnres_backend
 
-from .slot_stream import SlotStream
+from .slot_stream import SlotStream, check_slots
 
 
 class SourceStream(SlotStream):
@@ -134,8 +134,7 @@ class SourceList:
     ``dtype``: the sources' (None: the first write's)."""
 
     def __init__(self, slots: int, dtype: torch.dtype | None = None):
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        check_slots(slots)
         self.slots_max, self.dtype, self.count = slots, dtype, 0
         self.buffer: torch.Tensor | None = None  # allocated at the first write
 

@@ -27,7 +27,7 @@ from flash_depth.ops._checks import check_depth_inputs, check_moda_inputs
 from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
-from .slot_stream import SlotStream
+from .slot_stream import SlotStream, check_slots
 
 
 class DepthStream(SlotStream):
@@ -35,8 +35,7 @@ class DepthStream(SlotStream):
     first write's dtype (``dtype=None``) or as fp8 (``dtype=torch.float8_e4m3fn``, see module doc)."""
 
     def __init__(self, slots: int, dtype: torch.dtype | None = None):
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        check_slots(slots)
         fp8 = getattr(torch, "float8_e4m3fn", None)
         if dtype is not None and (fp8 is None or dtype != fp8):
             raise ValueError(f"dtype must be None (the first write's dtype) or torch.float8_e4m3fn, got {dtype!r}")
@@ -162,8 +161,7 @@ class DepthSlots:
     written (the values an fp8 :class:`DepthStream` reads), kept in the written dtype."""
 
     def __init__(self, slots: int, fp8: bool = False):
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        check_slots(slots)
         if not isinstance(fp8, bool):
             raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
         self.slots_max, self.count, self.fp8 = slots, 0, fp8

@@ -204,6 +204,9 @@ class MoDAAttention(nn.Module):
                              f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
         masks = dict(masks or {})
         slots, kv_len, key_mask = [masks.pop(name, None) for name in _STATIC]
+        if key_mask is None and isinstance(stream, DepthSlots):
+            raise ValueError("a DepthSlots stream is for a decoding step on a fixed-length cache: pass masks with "
+                             "key_mask (the model does), or use a DepthStream")
         if key_mask is not None and (T != 1 or kv_len is not None or isinstance(stream, DepthStream) or not self.causal):
             raise ValueError(f"key_mask is for a decoding step of a causal layer: one token (got T={T}), no kv_len, "
                              f"and DepthSlots as the stream (got {type(stream).__name__})")

@@ -20,6 +20,12 @@ from __future__ import annotations
 import torch
 
 
+def check_slots(slots) -> None:
+    """ValueError unless ``slots`` (a stream's capacity) is a positive int."""
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be a positive int, got {slots!r}")
+
+
 class SlotStream:
     """One or more buffers that share a slot dimension ``slot_dim`` of size ``slots``."""
 

@@ -37,8 +37,7 @@ def train_epoch(model: FlashDepthViTForImageClassification, optimizer: torch.opt
     smaller); returns the mean training loss."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"images and labels must have the same length, got {images.shape[0]} and {labels.shape[0]}")
+    _check_images(images, labels)
     model.train()
     total = 0.0
     order = torch.randperm(len(labels), generator=generator)
@@ -52,13 +51,23 @@ def train_epoch(model: FlashDepthViTForImageClassification, optimizer: torch.opt
     return total / len(labels)
 
 
+def _check_images(images, labels) -> None:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"images must be a float tensor [N, C, H, W], got {got}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.dim() != 1:
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an int64 tensor [N], got {got}")
+    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"images and labels must hold the same number N >= 1 of examples, got {images.shape[0]} "
+                         f"and {labels.shape[0]}")
+
+
 @torch.no_grad()
 def accuracy(model: FlashDepthViTForImageClassification, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 512) -> float:
     """Fraction of ``images [N, C, H, W]`` whose argmax logit is their label ``[N]``."""
-    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-        raise ValueError(f"images and labels must have the same non-zero length, got {images.shape[0]} and "
-                         f"{labels.shape[0]}")
+    _check_images(images, labels)
     model.eval()
     correct = sum(int((model(images[i:i + batch_size]).logits.argmax(-1) == labels[i:i + batch_size]).sum())
                   for i in range(0, len(labels), batch_size))
