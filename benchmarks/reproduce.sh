@@ -26,9 +26,10 @@ case "${1:-}" in
   attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log" ;;
   model)    python benchmarks/bench_model.py --presets small-48 700m
             python benchmarks/bench_model.py --presets small-48 --compile
-            python benchmarks/bench_model.py --presets small-48 --cuda-graph --variants residual "moda + FFN KV" attnres
+            python benchmarks/bench_model.py --presets small-48 --cuda-graph --variants residual "moda + FFN KV" post-norm \
+              attnres
             python benchmarks/bench_model.py --presets small-48 700m --compile --cuda-graph \
-              --variants residual "moda + FFN KV" attnres ;;
+              --variants residual "moda + FFN KV" post-norm "window 16" fp8 attnres mhc "hc (4" mudd ;;
   varlen)   python benchmarks/bench_varlen.py ;;
   generate) # one run per group: each compiles its models at both batch sizes (about a minute each)
             python benchmarks/bench_generate.py --quick
