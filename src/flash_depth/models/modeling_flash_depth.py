@@ -70,9 +70,11 @@ def is_fixed_length(cache) -> bool:
 
 
 def _max_cache_len(cache) -> int:
-    """The slots of a fixed-length cache (transformers 4.x: get_max_cache_shape, 5.x: get_max_length)."""
-    get = getattr(cache, "get_max_cache_shape", None) or cache.get_max_length
-    return int(get())
+    """The slots of a fixed-length cache: get_max_length on transformers 5.x (where
+    get_max_cache_shape is deprecated, then gone), get_max_cache_shape on 4.x (4.46 deprecates
+    get_max_length, 4.57 has only get_max_cache_shape)."""
+    new_api = hasattr(cache, "is_compileable") and hasattr(cache, "get_max_length")
+    return int(cache.get_max_length() if new_api else cache.get_max_cache_shape())
 
 
 def static_cache_mask(attention_mask, width: int):
