@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_slug, save_results
+from common import device_slug, save_results, time_training
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.accounting import flops_per_token, parameter_count
-from flash_depth.train.cuda_graph import GraphedStep, prepare_for_capture
+from flash_depth.train.cuda_graph import prepare_for_capture
 
 VARIANTS = [
     ("residual", {}),
@@ -69,26 +69,7 @@ def run(preset: str, name: str, overrides: dict, seq_len: int, steps: int, compi
             prepare_for_capture(opt, torch.device("cuda"))
         ids = torch.randint(0, cfg.vocab_size, (BATCH[preset], seq_len), device="cuda")
 
-        def step(ids):
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        if graphed:
-            step = GraphedStep(step, warmup=3)
-        for _ in range(5):  # graphed: 3 eager steps, the capture, one replay
-            step(ids)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            loss = step(ids)
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / steps
+        ms, loss = time_training(lambda x: model(x, labels=x).loss, opt, ids, steps, graphed)
         row.update(ms_per_step=ms, tokens_per_s=BATCH[preset] * seq_len / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss))
     except Exception as err:  # noqa: BLE001 - an out-of-memory variant is a result too

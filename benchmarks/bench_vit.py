@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_slug, save_results
+from common import device_slug, save_results, time_training
 
 from flash_depth.models import FlashDepthViTConfig, FlashDepthViTForImageClassification
-from flash_depth.train.cuda_graph import GraphedStep, prepare_for_capture
+from flash_depth.train.cuda_graph import prepare_for_capture
 
 VARIANTS = [
     ("residual", {}),
@@ -68,26 +68,9 @@ def run(layers: int, name: str, overrides: dict, batch: int, steps: int, compile
         images = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, device=device)
         labels = torch.randint(0, cfg.num_labels, (batch,), device=device)
 
-        def step(images):
-            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-                loss = model(images, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        if graphed:
-            step = GraphedStep(step, warmup=3)
-        for _ in range(1 if smoke else 5):  # graphed: 3 eager steps, the capture, one replay
-            step(images)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = step(images)
-        sync()
-        ms = (time.perf_counter() - start) * 1e3 / steps
-        row.update(ms_per_step=ms, images_per_s=batch / ms * 1e3, loss=loss.detach().item())
+        ms, loss = time_training(lambda x: model(x, labels=labels).loss, opt, images, steps, graphed,
+                                 warm_steps=1 if smoke else 5)
+        row.update(ms_per_step=ms, images_per_s=batch / ms * 1e3, loss=loss)
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     except Exception as err:  # noqa: BLE001 - an out-of-memory variant is a result too

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,43 @@ def fwd_bwd(forward, inputs):
         torch.autograd.grad(o, inputs, do)
 
     return step
+
+
+def time_training(loss_of, opt, inputs, steps: int, graphed: bool, warm_steps: int = 5) -> tuple[float, float]:
+    """(milliseconds per training step, last loss). A step is ``loss_of(inputs)`` under bf16
+    autocast, backward and ``opt.step()``; with ``graphed`` it is replayed from a CUDA graph
+    (:class:`~flash_depth.train.cuda_graph.GraphedStep`: 3 eager steps, the capture, then replays,
+    so ``warm_steps`` >= 5). ``warm_steps`` untimed steps, then ``steps`` timed ones: CUDA events on
+    a GPU, the wall clock on a CPU."""
+    from flash_depth.train.cuda_graph import GraphedStep
+
+    device_type = inputs.device.type
+
+    def step(x):
+        with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False):
+            loss = loss_of(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if graphed:
+        step = GraphedStep(step, warmup=3)
+    for _ in range(warm_steps):
+        step(inputs)
+    if device_type != "cuda":
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step(inputs)
+        return (time.perf_counter() - start) * 1e3 / steps, float(loss)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        loss = step(inputs)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps, float(loss)
 
 
 def device_slug() -> tuple[str, str]:
