@@ -97,10 +97,11 @@ def _depth_fwd_kernel(
             KD + b * skd_b + col_tok64[:, None] * skd_t + col_slot[:, None] * skd_l + hk * skd_h + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
         )
-        if FP8:  # dequantised in registers, to q's dtype: from here on the math of a q-dtype slot
+        if FP8:  # e4m3 codes are exact in q's dtype; a slot row's scale multiplies its score column
             ks = tl.load(KS + b * sks_b + col_tok64 * sks_t + col_slot * sks_l + hk * sks_h, mask=col_ok, other=0.0)
-            kd = (kd.to(tl.float32) * ks[:, None]).to(q.dtype)
-        s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(kd.to(q.dtype)), input_precision=PRECISION) * (ks * qk_scale)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * qk_scale
         keep = row_ok[:, None] & col_ok[None, :] & (row_tok[:, None] == col_tok[None, :])
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,10 +113,11 @@ def _depth_fwd_kernel(
             VD + b * svd_b + col_tok64[:, None] * svd_t + col_slot[:, None] * svd_l + hk * svd_h + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
         )
-        if FP8:
+        if FP8:  # ... and its probability column
             vs = tl.load(VS + b * svs_b + col_tok64 * svs_t + col_slot * svs_l + hk * svs_h, mask=col_ok, other=0.0)
-            vd = (vd.to(tl.float32) * vs[:, None]).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(q.dtype), vd.to(q.dtype), input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd, input_precision=PRECISION)
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -187,17 +189,23 @@ def _depth_bwd_kernel(
         cmask = col_ok[:, None] & dim_ok[None, :]
         kd = tl.load(KD + b * skd_b + col_tok64[:, None] * skd_t + col_slot[:, None] * skd_l + hk * skd_h + dims[None, :], mask=cmask, other=0.0)
         vd = tl.load(VD + b * svd_b + col_tok64[:, None] * svd_t + col_slot[:, None] * svd_l + hk * svd_h + dims[None, :], mask=cmask, other=0.0)
-        if FP8:  # dequantised in registers, as in the forward
+        if FP8:  # the scales multiply score, dP and dS columns, as in the forward
             ks = tl.load(KS + b * sks_b + col_tok64 * sks_t + col_slot * sks_l + hk * sks_h, mask=col_ok, other=0.0)
             vs = tl.load(VS + b * svs_b + col_tok64 * svs_t + col_slot * svs_l + hk * svs_h, mask=col_ok, other=0.0)
-            kd = (kd.to(tl.float32) * ks[:, None]).to(q.dtype)
-            vd = (vd.to(tl.float32) * vs[:, None]).to(q.dtype)
-        s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * qk_scale
+            kd, vd = kd.to(q.dtype), vd.to(q.dtype)
+            s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * (ks * qk_scale)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(kd), input_precision=PRECISION) * qk_scale
         keep = row_ok[:, None] & col_ok[None, :] & (row_tok[:, None] == col_tok[None, :])
         p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vd), input_precision=PRECISION)
+        if FP8:
+            dp = dp * vs[None, :]
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kd.dtype), kd, input_precision=PRECISION)
+        if FP8:
+            dq += tl.dot((ds * ks[None, :]).to(kd.dtype), kd, input_precision=PRECISION)
+        else:
+            dq += tl.dot(ds.to(kd.dtype), kd, input_precision=PRECISION)
         if SLOT_GRADS:
             dkd = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
             dvd = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)

@@ -51,7 +51,9 @@ def quantize_fp8(x: torch.Tensor, out: torch.Tensor | None = None,
             raise ValueError(f"{name} must be {dtype} {tuple(shape)} on {x.device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
     amax = x.detach().abs().amax(-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax, FP8_MAX) / FP8_MAX
+    # times the float32 reciprocal, not "/ 448": CUDA divides a tensor by a Python number that way
+    # and the CPU does not, and the codes must not depend on the device
+    scale = torch.where(amax > 0, amax, FP8_MAX) * (1.0 / FP8_MAX)
     values = x.detach() / scale  # float32: the division is rounded once, before the cast
     if out is None:
         out = values.to(fp8)
