@@ -144,26 +144,36 @@ def test_a_decoding_step_makes_no_host_sync():
     assert rel_err(step, full) < 1e-5
 
 
-def test_decode_attention_is_moda_over_the_kept_keys():
+@pytest.mark.parametrize("tq", [1, 3], ids=["one-token", "three-tokens"])
+@pytest.mark.parametrize("depth", [True, False], ids=["moda", "sequence-only"])
+def test_decode_attention_is_moda_over_the_kept_keys(tq, depth):
+    """Each query token attends every kept key (no causal mask) and its own depth slots; one token
+    goes through one fused attention call with its slots among the keys, several through einsums."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 1, 4, 8, generator=g)
+    q = torch.randn(2, tq, 4, 8, generator=g)
     k, v = torch.randn(2, 2, 9, 2, 8, generator=g).unbind(1)
-    kd, vd = torch.randn(2, 2, 1, 3, 2, 8, generator=g).unbind(1)
+    kd, vd = torch.randn(2, 2, tq, 3, 2, 8, generator=g).unbind(1) if depth else (None, None)
     key_mask = torch.zeros(2, 9, dtype=torch.bool)
     key_mask[0, :6] = True  # row 0: six tokens cached, three unwritten slots
     key_mask[1, 2:7] = True  # row 1: two padding slots, five tokens, two unwritten
     out = decode_attention(q, k, v, kd, vd, key_mask=key_mask)
     for row, (a, b) in enumerate(((0, 6), (2, 7))):
-        want = moda_attention(q[row:row + 1], k[row:row + 1, a:b], v[row:row + 1, a:b], kd[row:row + 1],
-                              vd[row:row + 1], backend="reference")
-        assert rel_err(out[row], want[0]) < 1e-6, row
-    assert rel_err(decode_attention(q, None, None, kd, vd), depth_attention(q, kd, vd, backend="reference")) < 1e-6
+        for t in range(tq):  # moda_attention's causal=False: the token sees all the row's keys
+            one = slice(row, row + 1)
+            slots = (kd[one, t:t + 1], vd[one, t:t + 1]) if depth else ()
+            want = moda_attention(q[one, t:t + 1], k[one, a:b], v[one, a:b], *slots, causal=False,
+                                  backend="reference")
+            assert rel_err(out[row, t], want[0, 0]) < 1e-6, (row, t)
+    if depth:
+        want = depth_attention(q, kd, vd, backend="reference")
+        assert rel_err(decode_attention(q, None, None, kd, vd), want) < 1e-6
     with pytest.raises(ValueError, match=r"key_mask must be a bool tensor \[B=2, Tk=9\] with k, got torch.int64"):
         decode_attention(q, k, v, key_mask=key_mask.long())
     with pytest.raises(ValueError, match="needs sequence keys .* or depth slots"):
         decode_attention(q, None, None)
-    with pytest.raises(ValueError, match=r"k_depth and v_depth must be \[B=2, Tq=1, L, Hk=2, d=8\]"):
-        decode_attention(q, k, v, kd[:, :, :, :1], vd[:, :, :, :1], key_mask=key_mask)
+    bad = torch.zeros(2, tq, 3, 1, 8)
+    with pytest.raises(ValueError, match=rf"k_depth and v_depth must be \[B=2, Tq={tq}, L, Hk=2, d=8\]"):
+        decode_attention(q, k, v, bad, bad, key_mask=key_mask)
 
 
 def test_static_cache_refuses_right_padding_and_overflow():

@@ -17,6 +17,7 @@ them and it has not been run here against the reference, so it is not used.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import cudnn_sdpa
 from ._checks import (
@@ -285,20 +286,30 @@ def decode_attention(
         raise ValueError(f"k_depth and v_depth must be [B={B}, Tq={Tq}, L, Hk={Hk}, d={d}], got "
                          f"{tuple(k_depth.shape)} and {tuple(v_depth.shape)}")
     scale = resolve_scale(scale, d)
-    qg = q.reshape(B, Tq, Hk, Hq // Hk, d)
-    # scores in the inputs' dtype (the matmuls), softmax in float32: the cache is read once, never
-    # converted whole
+    G = Hq // Hk
+    if k is not None and (k_depth is None or Tq == 1):
+        # One fused attention call (cuDNN / memory-efficient on CUDA): the mask is per key, not per
+        # query, so a KV head's G query heads and Tq tokens are rows of one query block (no GQA
+        # expansion of the cache), and a single token's depth slots join the keys.
+        qh = q.reshape(B, Tq, Hk, G, d).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Tq, d)
+        kh, vh, mask = k.transpose(1, 2), v.transpose(1, 2), key_mask
+        if k_depth is not None:
+            kh = torch.cat([kh, k_depth[:, 0].transpose(1, 2).to(kh.dtype)], 2)
+            vh = torch.cat([vh, v_depth[:, 0].transpose(1, 2).to(vh.dtype)], 2)
+            mask = torch.cat([key_mask, key_mask.new_ones(B, k_depth.shape[2])], 1)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale)
+        return o.reshape(B, Hk, G, Tq, d).permute(0, 3, 1, 2, 4).reshape(B, Tq, Hq, d).to(q.dtype)
+    qg = q.reshape(B, Tq, Hk, G, d)
+    # depth slots per query token (several tokens, or no sequence keys): scores in the inputs'
+    # dtype (the matmuls), softmax in float32
     scores = []
     if k is not None:
         s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k).float() * scale
         scores.append(s.masked_fill(~key_mask[:, None, None, None, :], float("-inf")))
-    if k_depth is not None:
-        scores.append(torch.einsum("bqhgd,bqlhd->bhgql", qg, k_depth).float() * scale)
+    scores.append(torch.einsum("bqhgd,bqlhd->bhgql", qg, k_depth).float() * scale)
     p = torch.softmax(torch.cat(scores, -1), dim=-1)
     n_seq = 0 if k is None else k.shape[1]
-    o = 0
+    o = torch.einsum("bhgql,bqlhd->bqhgd", p[..., n_seq:].to(v_depth.dtype), v_depth)
     if k is not None:
-        o = torch.einsum("bhgqk,bkhd->bqhgd", p[..., :n_seq].to(v.dtype), v)
-    if k_depth is not None:
-        o = o + torch.einsum("bhgql,bqlhd->bqhgd", p[..., n_seq:].to(v_depth.dtype), v_depth)
+        o = o + torch.einsum("bhgqk,bkhd->bqhgd", p[..., :n_seq].to(v.dtype), v)
     return o.reshape(B, Tq, Hq, d).to(q.dtype)
