@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
                       cache_implementation="static")
         with torch.no_grad():
-            def generate(n):
+            def generate(n, model=model):
                 return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
             for n in (1, new):

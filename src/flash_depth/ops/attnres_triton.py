@@ -207,13 +207,15 @@ def _attnres_query_grad_kernel(
 
 @functools.lru_cache(maxsize=None)  # on every call's host path (next_power_of_2 costs microseconds)
 def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps), from sweeps on an H100 (benchmarks/bench_attnres.py --tune,
-    log in benchmarks/results/logs/): the forward wants about 16 values per thread and one row
-    per program (two for D <= 512); the backward, which keeps four row tiles live, 2-4 rows."""
+    """(BLOCK_M, BLOCK_D, num_warps), from sweeps (benchmarks/bench_attnres.py --tune on an H100,
+    benchmarks/results/logs/tune_attnres_d384_h200.log on an H200): the forward wants one row per
+    program and about 16 values per thread (at D <= 512 one warp: 78% of copy bandwidth at D=384 on
+    the H200, where the H100's two rows on two warps ranked below the sweep's top six, <= 68%);
+    the backward, which keeps four row tiles live, 2-4 rows."""
     block_d = triton.next_power_of_2(D)
     if backward:
         return max(2, min(4, 4096 // block_d)), block_d, 2 if block_d <= 512 else 4
-    return (2 if block_d <= 512 else 1), block_d, max(2, min(8, block_d // 1024))
+    return 1, block_d, 1 if block_d <= 512 else max(2, min(8, block_d // 1024))
 
 
 def _query_strides(query: torch.Tensor, norm_weight: torch.Tensor | None) -> tuple[int, int]:
