@@ -190,7 +190,13 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else Path(__file__).parent / "results"
     names = QUICK if args.quick else args.variants or list(VARIANTS)
     names = sorted(names, key=list(VARIANTS).index)  # olmo2 and residual first: the ratios' bases
-    rows = []
+    import transformers
+
+    meta = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "shape": f"{preset} preset, prompt {prompt}, {new} new tokens, {'float32' if args.smoke else 'bf16'}"}
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    rows, md = [], ""
     for name in names:
         for batch in args.batches:
             t0 = time.time()
@@ -203,16 +209,11 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name} batch {batch} ({time.time() - t0:.0f}s): prefill {row['prefill_tok_s']:.0f} tok/s, "
                   f"decode {row['decode_tok_s']:.1f} tok/s", flush=True)
-    add_ratios(rows)
-    import transformers
-
-    meta = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "shape": f"{preset} preset, prompt {prompt}, {new} new tokens, {'float32' if args.smoke else 'bf16'}"}
-    order = {name: i for i, name in enumerate(VARIANTS)}
-    md = save_results(out, f"generate_{slug}", meta, rows, key=lambda r: (r["variant"], r["batch"]),
-                      order=lambda r: (r["batch"], order.get(r["variant"], len(order))),
-                      markdown=lambda rows, meta: to_markdown(rows, device, meta))
+            add_ratios(rows)
+            # written after every row: a run cut off by a time limit keeps what it measured
+            md = save_results(out, f"generate_{slug}", meta, rows, key=lambda r: (r["variant"], r["batch"]),
+                              order=lambda r: (r["batch"], order.get(r["variant"], len(order))),
+                              markdown=lambda rows, meta: to_markdown(rows, device, meta))
     print(md)
     print(f"written to {out}", file=sys.stderr)
     return 0
