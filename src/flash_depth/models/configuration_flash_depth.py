@@ -53,8 +53,8 @@ class FlashDepthConfig(PreTrainedConfig):
         depth_stream_dtype: (moda, depth_attention) None stores the depth K/V slots in the dtype they
             are computed in (the autocast dtype under autocast); ``"fp8"`` stores them as float8 e4m3
             with a float32 scale per token and KV head (about half the bytes of bf16; gradients
-            straight through; needs a GPU of compute capability >= 8.9, or the CPU). Experimental:
-            part of its GPU tests failed on the last H200 run (docs/model.md, "fp8 depth stream").
+            straight through; needs a GPU of compute capability >= 8.9, or the CPU). Opt-in: slower
+            than bf16 at 700m today (its writes quantise in PyTorch; docs/model.md, "fp8 depth stream").
         hc_streams: parallel residual streams of ``mhc`` / ``hc``.
     """
 
