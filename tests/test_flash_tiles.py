@@ -61,8 +61,10 @@ def _int(x):
 @pytest.fixture()
 def tile_counts(monkeypatch):
     """{(kernel, masked): tiles run}, counted by wrapping the kernels' loop helpers (interpreter only)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
     counts = {(name, masked): 0 for name in LOOPS for masked in (False, True)}
-    if not hasattr(flash_triton._fwd_tiles_loop, "rewrite"):  # compiled, not interpreted: no counts
+    if not isinstance(flash_triton._fwd_tiles_loop, InterpretedFunction):  # compiled: no counts
         return None
     for name, attr in LOOPS.items():
         loop = getattr(flash_triton, attr)
