@@ -23,7 +23,8 @@ gpu() { python -c "import torch; print(torch.cuda.get_device_name().split()[1].l
 case "${1:-}" in
   tests)    python -m pytest tests 2>&1 | tee "$logs/gpu_tests_$(gpu).log" ;;
   moda)     python benchmarks/bench_moda.py ;;
-  attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log" ;;
+  attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log"
+            python benchmarks/tune_attnres.py 2>&1 | tee "$logs/tune_attnres_d384_$(gpu).log" ;;
   model)    python benchmarks/bench_model.py --presets small-48 700m
             python benchmarks/bench_model.py --presets small-48 --compile
             python benchmarks/bench_model.py --presets small-48 --cuda-graph --variants residual "moda + FFN KV" post-norm \
@@ -35,7 +36,9 @@ case "${1:-}" in
             python benchmarks/bench_generate.py --quick
             python benchmarks/bench_generate.py --variants olmo2 residual "residual (dynamic)" "moda (attn KV)" \
               depth_attention
-            python benchmarks/bench_generate.py --variants olmo2 residual attnres_full denseformer mhc hc ;;
+            python benchmarks/bench_generate.py --variants olmo2 residual attnres_full denseformer mhc hc
+            python benchmarks/profile_generate.py --variants olmo2 residual "moda + FFN KV" 2>&1 \
+              | tee "$logs/profile_generate_b1_$(gpu).log" ;;
   vit)      python benchmarks/bench_vit.py ;;
   multigpu)
     common="data.source=data/mixed/shards model.preset=small-24 model.depth_mechanism=moda train.seq_len=1024
