@@ -98,6 +98,26 @@ def test_kernels_read_fp8_slots_as_their_dequantised_values():
     assert rel_err(dk.movedim(0, 2), dk_ref[:, :, 1:]) < 1e-5 and rel_err(dv.movedim(0, 2), dv_ref[:, :, 1:]) < 1e-5
 
 
+
+def test_fp16_queries_keep_small_fp8_slots():
+    """fp16 q/dO on fp8 slots of small values (V ~ 1e-3, dS ~ 1e-5): the scaled probability and dS
+    columns (scale = amax / 448) would be fp16 subnormals; the kernels take them through bf16."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, d, L = 1, 6, 4, 2, 16, 5
+    q = torch.randn(B, T, Hq, d).half()
+    kd8, ks = quantize_fp8(torch.randn(B, T, L, Hk, d) * 1e-2)
+    vd8, vs = quantize_fp8(torch.randn(B, T, L, Hk, d) * 1e-3)
+    kd, vd = (dequantize_fp8(x, s, torch.float64) for x, s in ((kd8, ks), (vd8, vs)))
+    qd = q.double().requires_grad_()
+    o_ref, lse_ref = naive_moda(qd, None, None, kd, vd, causal=False)
+    o, lse = depth_forward(q, kd8, vd8, d**-0.5, slot_scales=(ks, vs))
+    assert rel_err(o, o_ref) < 1e-2
+    do = torch.randn(B, T, Hq, d).half()
+    (dq_ref,) = torch.autograd.grad(o_ref, qd, do.double())
+    dq, _, _ = depth_backward(q, kd8, vd8, o_ref.half().detach(), lse_ref.float().detach(), do, d**-0.5,
+                              slot_grads=False, delta_out=torch.empty(B, Hq, T), slot_scales=(ks, vs))
+    assert rel_err(dq, dq_ref) < 1e-2
+
 def test_kernels_refuse_fp8_slots_without_scales_and_scales_without_fp8():
     q = torch.randn(1, 3, 2, 16)
     kd8, ks = quantize_fp8(torch.randn(1, 3, 2, 1, 16))

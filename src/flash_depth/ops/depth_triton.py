@@ -49,7 +49,7 @@ def _depth_fwd_kernel(
     T, L, HK, scale,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEQ: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SEQ: tl.constexpr, FP8: tl.constexpr, COL_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // G
     pid_t = tl.program_id(0)
@@ -115,7 +115,8 @@ def _depth_fwd_kernel(
         )
         if FP8:  # ... and its probability column
             vs = tl.load(VS + b * svs_b + col_tok64 * svs_t + col_slot * svs_l + hk * svs_h, mask=col_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(q.dtype), vd.to(q.dtype), input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(COL_DTYPE), vd.to(COL_DTYPE),
+                                                input_precision=PRECISION)
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd, input_precision=PRECISION)
         m_i = m_new
@@ -150,7 +151,7 @@ def _depth_bwd_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DQ_IN: tl.constexpr, SLOT_GRADS: tl.constexpr, STORE_DELTA: tl.constexpr, FP8: tl.constexpr,
-    PRECISION: tl.constexpr,
+    COL_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // G
     pid_t = tl.program_id(0)
@@ -203,7 +204,7 @@ def _depth_bwd_kernel(
             dp = dp * vs[None, :]
         ds = p * (dp - delta[:, None])
         if FP8:
-            dq += tl.dot((ds * ks[None, :]).to(kd.dtype), kd, input_precision=PRECISION)
+            dq += tl.dot((ds * ks[None, :]).to(COL_DTYPE), kd.to(COL_DTYPE), input_precision=PRECISION)
         else:
             dq += tl.dot(ds.to(kd.dtype), kd, input_precision=PRECISION)
         if SLOT_GRADS:
@@ -315,6 +316,13 @@ def _depth_slot_grad_kernel(
         tl.store(DVD + dv_row + sdv_l, dv1.to(DVD.dtype.element_ty), mask=rmask)
 
 
+def _scaled_column_dtype(dtype: torch.dtype):
+    """The operand dtype of fp8 slots' scaled probability and dS columns (and of the codes beside
+    them): q's, except float32 (tf32 dots) for fp16 queries, whose columns (times amax / 448) fall
+    into fp16's subnormals. e4m3 codes are exact in all three."""
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
+
+
 def _slot_scales(k_depth, v_depth, slot_scales):
     """(FP8, KS, VS, their 8 strides) for a launch. fp8 slots need ``slot_scales`` = (k_scale, v_scale)
     ``[B, T, L, Hk]`` float32, one per row of d values; other slots take none (placeholders: never read)."""
@@ -381,7 +389,8 @@ def depth_forward(q, k_depth, v_depth, scale: float, o_seq=None, lse_seq=None, t
         lse.stride(0), lse.stride(1), lse.stride(2),
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SEQ=has_seq, FP8=fp8, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        HAS_SEQ=has_seq, FP8=fp8, COL_DTYPE=_scaled_column_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
 
@@ -427,6 +436,7 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
         T, L, Hk, scale,
         G=G, HEAD_DIM=d, BLOCK_D=head_dim_tile(d), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_DQ_IN=has_dq_in, SLOT_GRADS=slot_grads, STORE_DELTA=delta_out is not None, FP8=fp8,
+        COL_DTYPE=_scaled_column_dtype(q.dtype),
         PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dkd, dvd
