@@ -65,6 +65,16 @@ def _key_range(pid_m, DOC, CU, KVS, b, TQ, TK, shift, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _score_mask(keep, offs_m, offs_n, n_ok, q_doc, DOC, shift, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    """``keep`` [M, N] narrowed to the causal scores and (VARLEN) those within one document."""
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+    if VARLEN:
+        keep = keep & (q_doc[:, None] == tl.load(DOC + offs_n, mask=n_ok, other=-2)[None, :])
+    return keep
+
+
+@triton.jit
 def _fwd_tiles_loop(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, q_doc, DOC, TK, shift, qk_scale,
                     start, stop, dims, dim_ok, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     VARLEN: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
@@ -80,11 +90,7 @@ def _fwd_tiles_loop(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, q_doc,
         k = tl.load(k_base + offs_n64[:, None] * sk_t + dims[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
-            if VARLEN:
-                keep = keep & (q_doc[:, None] == tl.load(DOC + offs_n, mask=n_ok, other=-2)[None, :])
+            keep = _score_mask(n_ok[None, :], offs_m, offs_n, n_ok, q_doc, DOC, shift, CAUSAL, VARLEN)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -298,11 +304,7 @@ def _dq_tiles_loop(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, m
         v = tl.load(v_base + offs_n64[:, None] * sv_t + dims[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            keep = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
-            if VARLEN:
-                keep = keep & (q_doc[:, None] == tl.load(DOC + offs_n, mask=n_ok, other=-2)[None, :])
+            keep = _score_mask(m_ok[:, None] & n_ok[None, :], offs_m, offs_n, n_ok, q_doc, DOC, shift, CAUSAL, VARLEN)
             p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
         else:
             p = tl.exp2(s - lse2[:, None])
