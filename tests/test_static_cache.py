@@ -146,9 +146,16 @@ def test_a_decoding_step_makes_no_host_sync():
 
 @pytest.mark.parametrize("tq", [1, 3], ids=["one-token", "three-tokens"])
 @pytest.mark.parametrize("depth", [True, False], ids=["moda", "sequence-only"])
-def test_decode_attention_is_moda_over_the_kept_keys(tq, depth):
+def test_decode_attention_is_moda_over_the_kept_keys(tq, depth, monkeypatch):
     """Each query token attends every kept key (no causal mask) and its own depth slots; one token
-    goes through one fused attention call with its slots among the keys, several through einsums."""
+    (or no depth slots) goes through one fused attention call with its slots among the keys,
+    several tokens with depth slots through einsums."""
+    import flash_depth.ops.moda as moda_ops
+
+    sdpa_calls = []
+    sdpa = moda_ops.F.scaled_dot_product_attention
+    monkeypatch.setattr(moda_ops.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa_calls.append(a[1].shape) or sdpa(*a, **kw))
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, tq, 4, 8, generator=g)
     k, v = torch.randn(2, 2, 9, 2, 8, generator=g).unbind(1)
@@ -157,6 +164,9 @@ def test_decode_attention_is_moda_over_the_kept_keys(tq, depth):
     key_mask[0, :6] = True  # row 0: six tokens cached, three unwritten slots
     key_mask[1, 2:7] = True  # row 1: two padding slots, five tokens, two unwritten
     out = decode_attention(q, k, v, kd, vd, key_mask=key_mask)
+    fused = tq == 1 or not depth
+    assert sdpa_calls == ([(2, 2, 9 + (3 if depth else 0), 8)] if fused else [])  # [B, Hk, keys + slots, d]
+    monkeypatch.undo()
     for row, (a, b) in enumerate(((0, 6), (2, 7))):
         for t in range(tq):  # moda_attention's causal=False: the token sees all the row's keys
             one = slice(row, row + 1)
