@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import triton
-from common import bench, bench_interleaved, device_slug, fwd_bwd, save_results
+from common import bench, bench_interleaved, copy_bandwidth, device_slug, fwd_bwd, save_results
 
 from flash_depth import attention_residual
 from flash_depth.ops import attnres_triton
@@ -99,13 +99,6 @@ def peer_versions() -> dict:
         except PackageNotFoundError:
             pass
     return found
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), rep_ms=200)
-    return 2 * src.numel() * 2 / ms / 1e6
 
 
 def tune(N: int, D: int) -> dict:

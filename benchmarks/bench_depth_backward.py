@@ -20,7 +20,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from common import bench, device_slug, save_results
+from common import bench, copy_bandwidth, device_slug, save_results
 
 from flash_depth.ops import depth_triton
 from flash_depth.ops.fp8 import quantize_fp8
@@ -29,13 +29,6 @@ SHAPES = {  # preset: (B, T, Hq, Hk, d, blocks)
     "700m": (2, 4096, 16, 8, 64, 36),
     "small-48": (4, 4096, 6, 2, 64, 48),
 }
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a large device copy (read + write counted)."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * x.numel() / (bench(lambda: y.copy_(x), rep_ms=200) * 1e-3)
 
 
 def run(preset: str, old_module, block_ts, fp8: bool = False) -> list[dict]:
@@ -140,7 +133,7 @@ def main(argv=None) -> int:
 
     device, slug = device_slug()
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "copy_gb_s": copy_bandwidth() / 1e9}
+            "date": datetime.date.today().isoformat(), "copy_gb_s": copy_bandwidth()}
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]
     rows = [r for preset in args.presets for r in run(preset, old, tiles, args.fp8)]
     md = save_results(Path(args.out), f"depth_backward_{slug}", meta, rows, key=lambda r: (r["preset"], r["kernel"]),

@@ -16,6 +16,14 @@ def bench(fn, rep_ms: int = 60) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
 
 
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy (bytes read + written): what memory-bound kernels are
+    measured against, in the same run."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / bench(lambda: dst.copy_(src), rep_ms=200) / 1e6
+
+
 def bench_interleaved(fns: dict, rounds: int = 5) -> dict:
     """Median over ``rounds`` rounds, each round timing every candidate once, in turn: clocks
     drift by a few percent over a run, and interleaving spreads the drift over all columns."""

@@ -15,18 +15,12 @@ import itertools
 import torch
 from triton.testing import do_bench
 
+from common import copy_bandwidth
 from flash_depth.ops import attnres_triton as at
 from flash_depth.ops._triton_common import cdiv
 
 D, M, N, READERS, EPS = 384, 16384, 48, 48, 1e-6
 BLOCK_D = 512
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy (bytes read + written)."""
-    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / do_bench(lambda: dst.copy_(src), rep=200) / 1e6
 
 
 def sweep(name: str, launch, configs, nbytes: int, copy: float, default=None) -> None:
