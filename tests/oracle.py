@@ -92,3 +92,13 @@ def naive_attnres(sources, query, norm_weight, eps):
         outs.append((torch.softmax(logits, 0)[..., None] * v).sum(0))
         lses.append(torch.logsumexp(logits, 0))
     return torch.stack(outs), torch.stack(lses)
+
+
+def cu_seqlens(lengths):
+    """int32 ``[len(lengths) + 1]``: the offsets of documents of these lengths packed end to end."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def float64_leaves(inputs):
+    """Each tensor of ``inputs`` (None stays None) as a float64 leaf that requires grad."""
+    return [None if x is None else x.detach().double().requires_grad_() for x in inputs]

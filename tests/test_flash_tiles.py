@@ -12,7 +12,7 @@ import inspect
 import numpy
 import pytest
 import torch
-from oracle import make_inputs, naive_moda, rel_err
+from oracle import cu_seqlens, float64_leaves, make_inputs, naive_moda, rel_err
 
 from flash_depth import moda_attention
 from flash_depth.ops import flash_triton
@@ -94,7 +94,7 @@ def _key_mask(B, Tq, Tk, lengths=None, kv_start=None):
 
 def _check(inputs, causal, key_mask, tile_counts, **masks):
     o, lse = moda_attention(*inputs, causal=causal, backend="triton", return_lse=True, **masks)
-    ref = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
+    ref = float64_leaves(inputs)
     o_ref, lse_ref = naive_moda(*ref, causal=causal, key_mask=key_mask)
     assert rel_err(o, o_ref) < TOL, ("o", rel_err(o, o_ref))
     assert torch.equal(lse.isinf(), lse_ref.isinf())  # padded queries with no depth: lse = -inf
@@ -124,6 +124,6 @@ def test_packed(case, tile_counts):
     lengths, Hq, Hk, d, L, causal = case
     total = sum(lengths)
     inputs = make_inputs(1, total, total, Hq, Hk, d, L, torch.float32, seed=total + L)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens(lengths)
     _check(inputs, causal, _key_mask(1, total, total, lengths=lengths), tile_counts, cu_seqlens=cu,
            max_seqlen=max(lengths))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flash_depth import depth_attention, moda_attention
-from oracle import make_inputs, naive_moda, rel_err
+from oracle import float64_leaves, make_inputs, naive_moda, rel_err
 
 # (B, Tq, Tk, Hq, Hk, d, L, causal): T=1, T off every block size, L=1, G=1, G=Hq, decoding Tq<Tk.
 # T=1 uses several (batch, head) pairs: with one pair, dk is one softmax-backward difference of
@@ -33,7 +33,7 @@ def _compare(backend, dtype, shape, tol):
     B, Tq, Tk, Hq, Hk, d, L, causal = shape
     inputs = make_inputs(B, Tq, Tk, Hq, Hk, d, L, dtype)
     o, lse = moda_attention(*inputs, causal=causal, return_lse=True, backend=backend)
-    ref_inputs = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
+    ref_inputs = float64_leaves(inputs)
     o_ref, lse_ref = naive_moda(*ref_inputs, causal=causal)
     assert o.shape == (B, Tq, Hq, d) and o.dtype == dtype
     assert lse.shape == (B, Hq, Tq)

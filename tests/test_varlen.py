@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flash_depth import depth_attention, moda_attention
-from oracle import make_inputs, naive_moda, rel_err
+from oracle import cu_seqlens, float64_leaves, make_inputs, naive_moda, rel_err
 
 BACKENDS = [("reference", torch.float64, 1e-10), ("triton", torch.float32, 1e-5)]
 
@@ -22,16 +22,8 @@ PACKED = [
 ]
 
 
-def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-
 def _grads(out, inputs, do):
     return torch.autograd.grad((out.double() * do).sum(), [x for x in inputs if x is not None])
-
-
-def _float64(inputs):
-    return [None if x is None else x.detach().double().requires_grad_() for x in inputs]
 
 
 @pytest.mark.parametrize("case", PACKED, ids=lambda c: f"{c[0]}-G{c[1] // c[2]}-L{c[4]}-{'causal' if c[5] else 'full'}")
@@ -40,7 +32,7 @@ def test_packed_equals_each_document_alone(case, backend, dtype, tol):
     lengths, Hq, Hk, d, L, causal = case
     total = sum(lengths)
     inputs = make_inputs(1, total, total, Hq, Hk, d, L, dtype, seed=len(lengths) + total)
-    cu = _cu(lengths)
+    cu = cu_seqlens(lengths)
     o, lse = moda_attention(*inputs, causal=causal, backend=backend, cu_seqlens=cu, max_seqlen=max(lengths),
                             return_lse=True)
     _check_against_documents_alone(inputs, cu, causal, o, lse, tol)
@@ -49,7 +41,7 @@ def test_packed_equals_each_document_alone(case, backend, dtype, tol):
 def _check_against_documents_alone(inputs, cu, causal, o, lse, tol):
     """o, lse and every gradient of a packed call against the float64 formula on each document."""
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(o.device)
-    alone = _float64([None if x is None else x.cpu() for x in inputs])
+    alone = float64_leaves([None if x is None else x.cpu() for x in inputs])
     bounds = cu.tolist()
     pieces = [naive_moda(*(None if x is None else x[:, s:e] for x in alone), causal=causal)
               for s, e in zip(bounds[:-1], bounds[1:])]
@@ -63,12 +55,12 @@ def _check_against_documents_alone(inputs, cu, causal, o, lse, tol):
 @pytest.mark.parametrize("backend,dtype,tol", BACKENDS, ids=[b[0] for b in BACKENDS])
 def test_one_document_is_the_dense_call(backend, dtype, tol):
     inputs = make_inputs(1, 13, 13, 4, 2, 16, 2, dtype, seed=3)
-    packed = moda_attention(*inputs, backend=backend, cu_seqlens=_cu([13]), max_seqlen=13)
+    packed = moda_attention(*inputs, backend=backend, cu_seqlens=cu_seqlens([13]), max_seqlen=13)
     dense = moda_attention(*inputs, backend=backend)
     assert rel_err(packed, dense) < tol
     q, _, _, kd, vd = inputs
     depth = depth_attention(q, kd, vd, backend=backend)
-    assert torch.equal(depth_attention(q, kd, vd, backend=backend, cu_seqlens=_cu([4, 9]), max_seqlen=9), depth)
+    assert torch.equal(depth_attention(q, kd, vd, backend=backend, cu_seqlens=cu_seqlens([4, 9]), max_seqlen=9), depth)
 
 
 # (B, Tq, Tk, Hq, Hk, d, L, causal, kv_start): every row a different padding, a row of padding
@@ -91,7 +83,7 @@ def test_left_padding_masks_keys(case, backend, dtype, tol):
     o, lse = moda_attention(*inputs, causal=causal, backend=backend, kv_start=kv_start, return_lse=True)
     assert torch.isfinite(o).all()
     mask = (torch.arange(Tk)[None, None, :] >= kv_start[:, None, None]).expand(B, Tq, Tk)
-    ref = _float64(inputs)
+    ref = float64_leaves(inputs)
     o_ref, lse_ref = naive_moda(*ref, causal=causal, key_mask=mask)
     assert rel_err(o, o_ref) < tol
     assert torch.equal(lse.isinf(), lse_ref.isinf())  # a query with nothing to attend to: lse = -inf, o = 0
@@ -103,16 +95,16 @@ def test_left_padding_masks_keys(case, backend, dtype, tol):
 
 def _ok():
     q, k, v, kd, vd = make_inputs(1, 8, 8, 4, 2, 16, 3, torch.float32, seed=0)
-    return (q, k, v, kd, vd), dict(cu_seqlens=_cu([3, 5]), max_seqlen=5)
+    return (q, k, v, kd, vd), dict(cu_seqlens=cu_seqlens([3, 5]), max_seqlen=5)
 
 
 BAD = [
     ("int64", dict(cu_seqlens=torch.tensor([0, 3, 8])), TypeError, "cu_seqlens must be int32"),
     ("list", dict(cu_seqlens=[0, 3, 8]), TypeError, "cu_seqlens must be an int32 torch.Tensor"),
-    ("2-D", dict(cu_seqlens=_cu([3, 5])[None]), ValueError, "cu_seqlens must be 1-D"),
+    ("2-D", dict(cu_seqlens=cu_seqlens([3, 5])[None]), ValueError, "cu_seqlens must be 1-D"),
     ("one entry", dict(cu_seqlens=torch.zeros(1, dtype=torch.int32)), ValueError, "at least 2 entries"),
     ("start", dict(cu_seqlens=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError, "must start at 0, got 1"),
-    ("end", dict(cu_seqlens=_cu([3, 4])), ValueError, "must end at the total token count 8"),
+    ("end", dict(cu_seqlens=cu_seqlens([3, 4])), ValueError, "must end at the total token count 8"),
     ("decreasing", dict(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError, "non-decreasing"),
     ("max_seqlen small", dict(max_seqlen=4), ValueError, r"at least the longest document \(5 tokens\), got 4"),
     ("max_seqlen type", dict(max_seqlen=5.0), TypeError, "max_seqlen must be an int"),
@@ -138,7 +130,7 @@ def test_bad_shapes_and_padding_rejected():
     with pytest.raises(ValueError, match="as many keys as queries.*Tq=8 and Tk=11"):
         moda_attention(q, torch.cat([k, k[:, :3]], 1), torch.cat([v, v[:, :3]], 1), causal=False, **kw)
     with pytest.raises(ValueError, match="cu_seqlens must end at the total token count 8"):
-        depth_attention(q, kd, vd, cu_seqlens=_cu([3, 6]), max_seqlen=6)
+        depth_attention(q, kd, vd, cu_seqlens=cu_seqlens([3, 6]), max_seqlen=6)
     with pytest.raises(TypeError, match="kv_start must be int32"):
         moda_attention(q, k, v, kv_start=torch.zeros(1, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"kv_start must have shape \[B=1\], got \(2,\)"):
@@ -165,13 +157,13 @@ def test_masked_calls_run_on_the_triton_kernels_on_cuda():
     total = sum(lengths)
     inputs = make_inputs(1, total, total, 8, 2, 64, 4, torch.bfloat16, device="cuda", seed=0)
     assert select_backend("auto", inputs[0], inputs[1], True, masked=True) == "triton"
-    cu = _cu(lengths).cuda()
+    cu = cu_seqlens(lengths).cuda()
     o, lse = moda_attention(*inputs, cu_seqlens=cu, max_seqlen=190, return_lse=True)
     _check_against_documents_alone(inputs, cu.cpu(), True, o, lse, 2e-2)
     inputs = make_inputs(2, 150, 150, 8, 2, 64, 0, torch.bfloat16, device="cuda", seed=1)
     kv_start = torch.tensor([0, 77], dtype=torch.int32, device="cuda")
     o = moda_attention(*inputs, kv_start=kv_start)
     mask = (torch.arange(150)[None, None, :] >= kv_start.cpu()[:, None, None]).expand(2, 150, 150)
-    ref = _float64([None if x is None else x.cpu() for x in inputs])
+    ref = float64_leaves([None if x is None else x.cpu() for x in inputs])
     o_ref, _ = naive_moda(*ref, causal=True, key_mask=mask)
     assert rel_err(o.cpu(), o_ref) < 2e-2
