@@ -22,16 +22,28 @@ approximation, the PyTorch one (and this one) the exact erf GELU; the JAX code's
 
 The kept outputs live in one :class:`MuddStream` buffer ``[L+1, B, T, D]`` written in place
 (:mod:`flash_depth.nn.slot_stream`): a mix reads the slice ``[:i+1]`` without restacking, and its
-backward adds the outputs' gradients into the stream's float32 gradient buffer.
+backward adds the outputs' gradients into the stream's float32 gradient buffer. The mixes are
+ops/dense_mix.py: Triton kernels on CUDA that read each kept output once per pass for all four
+ways, plain PyTorch elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flash_depth.ops.dense_mix import (
+    MIX_BACKENDS,
+    mix_backward,
+    mix_forward,
+    mix_reference,
+    mix_reference_backward,
+    select_mix_backend,
+)
 
 from ._recorder import record
 from .slot_stream import SlotStream
@@ -65,36 +77,13 @@ class DenseWeights(nn.Module):
         return self.w2(F.gelu(self.w1(x))).unflatten(-1, self.bias.shape) + self.bias
 
 
-def _mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a ``[B, T, S, n]``, states ``[n, B, T, D]`` -> ``[S, B, T, D]``: out[s] = sum_j a[..., s, j] states[j]."""
-    if torch.compiler.is_compiling():
-        # Inductor fuses the product into one reduction over j: every state is read once, in
-        # float32, and no [S, n, B, T, D] temporary is formed
-        return (a.permute(2, 3, 0, 1)[..., None] * states[None].float()).sum(1).to(out_dtype)
-    # eager: one batched GEMM over tokens (the states are read in place: batch stride D, row stride B*T*D)
-    out = torch.bmm(a.flatten(0, 1).to(states.dtype), states.flatten(1, 2).transpose(0, 1))
-    return out.transpose(0, 1).unflatten(1, a.shape[:2]).to(out_dtype)
-
-
-def _mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad_states: torch.Tensor) -> torch.Tensor:
-    """Adds d states ``[n, B, T, D]`` into ``grad_states`` (float32); returns da ``[B, T, S, n]`` (a's dtype)."""
-    if torch.compiler.is_compiling():
-        da = (dout[:, None].float() * states[None].float()).sum(-1).permute(2, 3, 0, 1)
-        grad_states += (a.permute(3, 2, 0, 1)[..., None].float() * dout[None].float()).sum(1)
-        return da.to(a.dtype)
-    flat_states, flat_dout = states.flatten(1, 2), dout.flatten(1, 2)  # [n, M, D], [S, M, D]
-    da = torch.bmm(flat_dout.transpose(0, 1).to(states.dtype), flat_states.permute(1, 2, 0))
-    grad_states.flatten(1, 2).transpose(0, 1).baddbmm_(a.flatten(0, 1).transpose(1, 2).to(grad_states.dtype),
-                                                       flat_dout.transpose(0, 1).to(grad_states.dtype))
-    return da.unflatten(0, a.shape[:2]).to(a.dtype)
-
-
 class MuddStream(SlotStream):
     """The kept block outputs ``X_0 .. X_i`` ``[B, T, D]`` of one forward (slot 0: the embedding)."""
 
     def __init__(self, slots: int, dtype: torch.dtype | None = None):
         super().__init__(slots, slot_dim=0, names=("states",), dtype=dtype)
-        self.kernels = (_mix_forward, _mix_backward)
+        # (forward, backward) with the signatures of ops.dense_mix.mix_reference(_backward)
+        self.kernels = (mix_reference, mix_reference_backward)
 
     def states(self, n: int | None = None) -> torch.Tensor:
         """The first n (default: all written) outputs ``[n, B, T, D]`` (a view, no gradient)."""
@@ -142,34 +131,42 @@ class MuddConnections(nn.Module):
 
     ways = ("q", "k", "v", "r")
 
-    def __init__(self, dim: int, num_layers: int, last_expand: int = 4, eps: float = 1e-6, device=None, dtype=None):
+    def __init__(self, dim: int, num_layers: int, last_expand: int = 4, eps: float = 1e-6, device=None, dtype=None,
+                 backend: str = "auto"):
         super().__init__()
         for name, value in (("dim", dim), ("num_layers", num_layers), ("last_expand", last_expand)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.dim, self.num_layers = dim, num_layers
+        if backend not in MIX_BACKENDS:
+            raise ValueError(f"backend must be one of {MIX_BACKENDS}, got {backend!r}")
+        self.dim, self.num_layers, self.backend = dim, num_layers, backend
         self.weights = nn.ModuleList(
             DenseWeights(dim, i + 1, 1 if i == num_layers else len(self.ways), last_expand if i == num_layers else 1,
                          eps, device, dtype)
             for i in range(1, num_layers + 1)
         )
-        self.kernels = (_mix_forward, _mix_backward)
+        self.reference = (mix_reference, mix_reference_backward)  # the mix where the Triton kernels do not run
 
     def new_stream(self, x0: torch.Tensor, dtype: torch.dtype | None = None) -> MuddStream:
         """A stream for one forward holding ``X_0 = x0`` ``[B, T, D]``; ``dtype`` (default x0's) is
-        what the outputs are stored and mixed in."""
+        what the outputs are stored and mixed in. Its mixes run on ``backend`` (ops/dense_mix.py;
+        "auto": the Triton kernels on CUDA)."""
         self._check_x(x0, "x0")
         stream = MuddStream(self.num_layers + 1, dtype=dtype)
-        stream.kernels = self.kernels
         stream.write(x0)
+        if select_mix_backend(self.backend, stream.states(), len(self.ways)) == "triton":
+            stream.kernels = (partial(mix_forward, backend="triton"), partial(mix_backward, backend="triton"))
+        else:
+            stream.kernels = self.reference
         return stream
 
     def compile_mixing(self, **options) -> None:
-        """``torch.compile`` the mix (its forward and backward) with dynamic shapes by default: one
-        graph serves every depth. ``options`` go to ``torch.compile``. The weight MLPs stay eager:
-        torch.compile keeps parameter shapes static, so each block's would be a graph of its own."""
+        """``torch.compile`` the reference mix (its forward and backward; the path wherever the
+        Triton kernels do not run, e.g. CPU) with dynamic shapes by default: one graph serves every
+        depth. ``options`` go to ``torch.compile``. The weight MLPs stay eager: torch.compile keeps
+        parameter shapes static, so each block's would be a graph of its own."""
         options = {"dynamic": True, **options}
-        self.kernels = tuple(torch.compile(fn, **options) for fn in (_mix_forward, _mix_backward))
+        self.reference = tuple(torch.compile(fn, **options) for fn in (mix_reference, mix_reference_backward))
 
     def mix_weights(self, stream: MuddStream, x: torch.Tensor) -> torch.Tensor:
         """A ``[B, T, ways, i+1]`` after block i (ways = 4, or 1 after the last block), from its output x."""
