@@ -4,6 +4,7 @@ parameter's gradient; input checks."""
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -313,6 +314,8 @@ def test_input_checks_name_the_argument():
         expand_streams(torch.randn(2, 8), 0)
     with pytest.raises(ValueError, match="num_layers"):
         MuddConnections(8, 0)
+    with pytest.raises(ValueError, match="backend"):
+        MuddConnections(8, 2, backend="cuda")
     mudd = MuddConnections(8, 2)
     with pytest.raises(TypeError, match="stream"):
         mudd([torch.randn(2, 3, 8)], torch.randn(2, 3, 8))
@@ -349,3 +352,23 @@ def test_mudd_compiled_mixing_matches_eager():
     (out, grads), (out_c, grads_c) = results
     assert (out - out_c).abs().max() < 1e-5 * out.abs().max()
     assert all((g - h).abs().max() <= 1e-5 * g.abs().max() for g, h in zip(grads, grads_c))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="runs the Triton kernels (the interpreter on CPU)")
+def test_mudd_triton_mixing_matches_reference():
+    """backend="triton" (ops/dense_mix.py, as on CUDA) through the stream, its float32 gradient
+    buffer and the last block's single way: the reference backend's outputs and gradients."""
+    D, L = 12, 3
+    results = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        mudd = MuddConnections(D, L, backend=backend)
+        _randomise(mudd, 0.3)
+        blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
+        emb = torch.randn(2, 5, D, requires_grad=True)
+        out = _mudd_stack(mudd, blocks, emb)
+        results.append((out, torch.autograd.grad(out.square().sum(), [emb, *mudd.parameters()])))
+    (out, grads), (out_t, grads_t) = results
+    assert (out - out_t).abs().max() < 1e-5 * out.abs().max()
+    assert all((g - h).abs().max() <= 1e-5 * g.abs().max() for g, h in zip(grads, grads_t))
