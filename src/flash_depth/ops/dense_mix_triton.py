@@ -179,6 +179,8 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
     if not accumulate:  # every element is written once, with the whole sum over the ways
         grad_states = torch.empty((n, B, T, D), dtype=states.dtype, device=states.device)
     block_m, block_d, num_warps = tiles or _tiles(S, D, backward=True)
+    if block_d < D:
+        raise ValueError(f"the backward's BLOCK_D must hold a whole row (D={D}), got tiles {tiles}")
     sa, sx, sdo, sda, sdx = a.stride(), states.stride(), dout.stride(), da.stride(), grad_states.stride()
     _mix_bwd_kernel[(cdiv(M, block_m),)](
         a, states, dout, da, grad_states,
