@@ -51,6 +51,22 @@ def test_kernels_match_float64_formula(S, n, B, T, D):
     assert rel_err(da, ref[0].grad) < 1e-5 and rel_err(grad - before, ref[1].grad) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("S,S2,n", [(4, 4, 3), (4, 1, 5), (1, 4, 1)])
+def test_pending_read_joins_the_gradient_pass(backend, S, S2, n):
+    """grad_from = n-1 adds only the newest output's gradient; a pending read (a2 over n+1
+    outputs, its own number of ways) adds its terms for the first n outputs in the next call."""
+    a2, states = _case(S2, n + 1, 2, 7, 33, torch.float32)
+    a, _ = _case(S, n, 2, 7, 33, torch.float32)
+    dout, dout2 = torch.randn(S, 2, 7, 33, device=DEVICE), torch.randn(S2, 2, 7, 33, device=DEVICE)
+    grad = torch.zeros(states.shape, device=DEVICE)
+    mix_backward(a2, states, dout2, grad, backend, grad_from=n)
+    da = mix_backward(a, states[:n], dout, grad[:n], backend, pending=(a2, dout2))
+    ref, ref2 = float64_leaves([a, states]), float64_leaves([a2, states])
+    ((naive_mix(ref[0], ref[1][:n]) * dout.double()).sum() + (naive_mix(*ref2) * dout2.double()).sum()).backward()
+    assert rel_err(da, ref[0].grad) < 1e-5 and rel_err(grad, ref[1].grad + ref2[1].grad) < 1e-5
+
+
 def test_half_precision_states_accumulate_in_float32():
     """fp16 states and outputs, float32 weights: out and da in their own dtypes, errors at the
     16-bit rounding of the result (not of every term)."""
@@ -83,6 +99,11 @@ def test_backends_agree_and_auto_picks_reference_on_cpu():
     (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 5), torch.zeros_like(x)), "dout", ValueError),
     (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8), torch.zeros(2, 2, 3, 8)), "grad_states", ValueError),
     (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8), x.half()), "grad_states", TypeError),
+    (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8), torch.zeros_like(x), grad_from=4), "grad_from", ValueError),
+    (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8), torch.zeros_like(x), pending=(a[..., :2], x[0])),
+     "a2", ValueError),
+    (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8), torch.zeros_like(x), pending=(a, x[0])),
+     "dout2", ValueError),
 ])
 def test_input_checks_name_the_argument(call, match, error):
     a, states = _case(4, 3, 2, 3, 8, torch.float32, device="cpu")

@@ -200,9 +200,11 @@ def test_mudd_mixes_match_formula(dtype, tol):
     assert len(last) == 1 and mudd.weights[-1].w2.out_features == 1 * (L + 1)
 
 
-def test_mudd_gradients_match_autograd_of_the_formula():
+@pytest.mark.parametrize("unused", [None, 3])
+def test_mudd_gradients_match_autograd_of_the_formula(unused):
     """The stream's hand-routed backward (weights and every kept output) against autograd through
-    the float64 formula written with plain tensors."""
+    the float64 formula written with plain tensors. ``unused``: that block ignores its inputs, so
+    the mix before it never runs its backward (and the mix after it defers to no successor)."""
     D, L = 8, 3
     mudd = MuddConnections(D, L).double()
     _randomise(mudd, 0.3)
@@ -213,21 +215,22 @@ def test_mudd_gradients_match_autograd_of_the_formula():
     stream, ins, loss = mudd.new_stream(xs[0]), None, 0
     states = [xs[0]]
     for i in range(1, L + 1):
-        x = xs[i] if ins is None else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
+        x = xs[i] if ins is None or i == unused else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
         ins = mudd(stream, x)
         states.append(x)
     stream.close()
     loss = (ins[0] * w).sum()
-    got = torch.autograd.grad(loss, xs + list(mudd.parameters()))
+    got = torch.autograd.grad(loss, xs + list(mudd.parameters()), allow_unused=True)
     ins, states = None, [xs[0]]
     for i in range(1, L + 1):
-        x = xs[i] if ins is None else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
+        x = xs[i] if ins is None or i == unused else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
         states.append(x)
         a = ref.weights[i - 1](x)  # [B, T, ways, i + 1]
         ins = [sum(a[..., s, j, None] * states[j] for j in range(i + 1)) for s in range(a.shape[-2])]
-    want = torch.autograd.grad((ins[0] * w).sum(), xs + list(ref.parameters()))
+    want = torch.autograd.grad((ins[0] * w).sum(), xs + list(ref.parameters()), allow_unused=True)
+    assert [g is None for g in got] == [h is None for h in want] and (unused is None) == all(g is not None for g in got)
     for g, h in zip(got, want):
-        assert (g - h).abs().max() <= 1e-12 * h.abs().max()
+        assert g is None or (g - h).abs().max() <= 1e-12 * h.abs().max()
 
 
 def _grads(module, loss):

@@ -22,9 +22,9 @@ approximation, the PyTorch one (and this one) the exact erf GELU; the JAX code's
 
 The kept outputs live in one :class:`MuddStream` buffer ``[L+1, B, T, D]`` written in place
 (:mod:`flash_depth.nn.slot_stream`): a mix reads the slice ``[:i+1]`` without restacking, and its
-backward adds the outputs' gradients into the stream's float32 gradient buffer. The mixes are
-ops/dense_mix.py: Triton kernels on CUDA that read each kept output once per pass for all four
-ways, plain PyTorch elsewhere.
+backward adds the outputs' gradients into the stream's float32 gradient buffer, two mixes per
+pass over it (:meth:`MuddStream.read_backward`). The mixes are ops/dense_mix.py: Triton kernels
+on CUDA that read each kept output once per pass for all four ways, plain PyTorch elsewhere.
 """
 
 from __future__ import annotations
@@ -84,10 +84,43 @@ class MuddStream(SlotStream):
         super().__init__(slots, slot_dim=0, names=("states",), dtype=dtype)
         # (forward, backward) with the signatures of ops.dense_mix.mix_reference(_backward)
         self.kernels = (mix_reference, mix_reference_backward)
+        # (a, dout) of a mix whose terms of the gradients of all but its newest output wait for
+        # the next mix's backward: both are added in one read-modify-write of the float32 buffer
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def states(self, n: int | None = None) -> torch.Tensor:
         """The first n (default: all written) outputs ``[n, B, T, D]`` (a view, no gradient)."""
         return self.views(n)[0]
+
+    def read_backward(self, a: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+        """Backward of the mix a ``[B, T, S, n]`` for dout ``[S, B, T, D]``: returns da. On
+        return the gradient of X_(n-1), whose write's backward comes next, is complete. Backward
+        runs the mixes newest first; every other one defers its terms for X_0 .. X_(n-2) to the
+        next (the mix over one output fewer), which adds both, so each gradient buffer element is
+        read and written once per two mixes."""
+        n = a.shape[-1]
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0].shape[-1] != n + 1:  # not the mix before this one
+            self._flush(pending)
+            pending = None
+        (grad,) = self.grad_views(n)
+        if pending is None:
+            self.pending = (a, dout)
+            return self.kernels[1](a, self.states(n), dout, grad, grad_from=n - 1)
+        return self.kernels[1](a, self.states(n), dout, grad, pending=pending)
+
+    def _flush(self, pending) -> None:
+        """Adds a deferred mix's terms for its outputs but the newest (its da is recomputed, unused)."""
+        a, dout = pending
+        m = a.shape[-1] - 1
+        if m > 0:
+            self.kernels[1](a[..., :m], self.states(m), dout, self.grad_views(m)[0])
+
+    def slot_grads(self, slot, dtypes):
+        if self.pending is not None and slot < self.pending[0].shape[-1] - 1:
+            pending, self.pending = self.pending, None
+            self._flush(pending)
+        return super().slot_grads(slot, dtypes)
 
     @torch.compiler.disable  # reads of the in-place buffer run eagerly under torch.compile
     def mix(self, a: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
@@ -107,16 +140,14 @@ class MuddStream(SlotStream):
 class _Mix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stream, handle, a, out_dtype):
-        ctx.stream, ctx.n, ctx.has_handle = stream, stream.count, handle is not None
+        ctx.stream, ctx.has_handle = stream, handle is not None
         ctx.save_for_backward(a)
         return stream.kernels[0](a, stream.states(), out_dtype)
 
     @staticmethod
     def backward(ctx, dout):
         (a,) = ctx.saved_tensors
-        stream, n = ctx.stream, ctx.n
-        (grad_states,) = stream.grad_views(n)
-        da = stream.kernels[1](a, stream.states(n), dout, grad_states)
+        da = ctx.stream.read_backward(a, dout)
         return None, torch.zeros((), device=dout.device) if ctx.has_handle else None, da, None
 
 

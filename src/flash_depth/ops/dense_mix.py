@@ -69,18 +69,26 @@ def mix_reference(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype)
     return out.transpose(0, 1).unflatten(1, a.shape[:2]).to(out_dtype)
 
 
-def mix_reference_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor,
-                           grad_states: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch backward: adds d states into ``grad_states`` (float32 or float64) in place;
-    returns da ``[B, T, S, n]`` in a's dtype."""
+def mix_reference_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad_states: torch.Tensor,
+                           pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           grad_from: int = 0) -> torch.Tensor:
+    """Plain PyTorch backward: adds d states[grad_from:] (and the pending read's terms, see
+    :func:`mix_backward`) into ``grad_states`` (float32 or float64) in place; returns da
+    ``[B, T, S, n]`` in a's dtype."""
+    n = states.shape[0]
     if torch.compiler.is_compiling():
         da = (dout[:, None].float() * states[None].float()).sum(-1).permute(2, 3, 0, 1)
-        grad_states += (a.permute(3, 2, 0, 1)[..., None].float() * dout[None].float()).sum(1)
+        grad_states[grad_from:] += (a[..., grad_from:].permute(3, 2, 0, 1)[..., None].float() * dout[None].float()).sum(1)
+        if pending is not None:
+            grad_states += (pending[0][..., :n].permute(3, 2, 0, 1)[..., None].float() * pending[1][None].float()).sum(1)
         return da.to(a.dtype)
     flat_states, flat_dout = states.flatten(1, 2), dout.flatten(1, 2)  # [n, M, D], [S, M, D]
     da = torch.bmm(flat_dout.transpose(0, 1).to(states.dtype), flat_states.permute(1, 2, 0))
-    grad_states.flatten(1, 2).transpose(0, 1).baddbmm_(a.flatten(0, 1).transpose(1, 2).to(grad_states.dtype),
-                                                       flat_dout.transpose(0, 1).to(grad_states.dtype))
+    for w, d, start in ((a, dout, grad_from), *([] if pending is None else [(pending[0][..., :n], pending[1], 0)])):
+        # grad[j, m] += sum_s w[m, s, j] d[s, m]: a GEMM per token m, written into the buffer in place
+        grad_states[start:].flatten(1, 2).transpose(0, 1).baddbmm_(
+            w[..., start:].flatten(0, 1).transpose(1, 2).to(grad_states.dtype),
+            d.flatten(1, 2).transpose(0, 1).to(grad_states.dtype))
     return da.unflatten(0, a.shape[:2]).to(a.dtype)
 
 
@@ -98,10 +106,16 @@ def mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype | 
 
 
 def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad_states: torch.Tensor,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", *, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 grad_from: int = 0) -> torch.Tensor:
     """Backward of :func:`mix_forward` for dout ``[S, B, T, D]``: adds d states into
     ``grad_states`` ``[n, B, T, D]`` (float32, or float64 for float64 states) in place and returns
-    da ``[B, T, S, n]`` in a's dtype."""
+    da ``[B, T, S, n]`` in a's dtype.
+
+    ``grad_from``: only d states[grad_from:] is added (the rest is left to a later call, as
+    ``pending``). ``pending``: (a2 ``[B, T, S2, n2 >= n]``, dout2 ``[S2, B, T, D]``) of another
+    read of these states, whose terms sum_s a2[..., s, j] dout2_s for j < n are added in the same
+    pass (its da is not formed): two reads' gradients for one read-modify-write of the buffer."""
     _check(a, states, backend)
     want = (a.shape[2], *states.shape[1:])
     if not isinstance(dout, torch.Tensor) or dout.shape != want:
@@ -111,11 +125,25 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
                          f"{_shape(grad_states)}")
     if grad_states.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"grad_states must be float32 or float64 (a running sum over readers), got {grad_states.dtype}")
+    n = states.shape[0]
+    if isinstance(grad_from, bool) or not isinstance(grad_from, int) or not 0 <= grad_from <= n:
+        raise ValueError(f"grad_from must be an int in [0, n={n}], got {grad_from!r}")
+    if pending is not None:
+        if not isinstance(pending, tuple) or len(pending) != 2:
+            raise ValueError(f"pending must be None or a tuple (a2, dout2), got {type(pending).__name__}")
+        a2, dout2 = pending
+        B, T = states.shape[1:3]
+        if (not isinstance(a2, torch.Tensor) or a2.dim() != 4 or a2.shape[:2] != (B, T) or a2.shape[3] < n
+                or not 1 <= a2.shape[2] <= MAX_WAYS or a2.device != states.device):
+            raise ValueError(f"pending's a2 must be a tensor [B={B}, T={T}, S2 <= {MAX_WAYS}, >= n={n}] on "
+                             f"{states.device}, got {_shape(a2)}")
+        if not isinstance(dout2, torch.Tensor) or dout2.shape != (a2.shape[2], *states.shape[1:]):
+            raise ValueError(f"pending's dout2 must be a tensor {[a2.shape[2], *states.shape[1:]]}, got {_shape(dout2)}")
     if select_mix_backend(backend, states, a.shape[2]) == "reference":
-        return mix_reference_backward(a, states, dout, grad_states)
+        return mix_reference_backward(a, states, dout, grad_states, pending, grad_from)
     from .dense_mix_triton import mix_backward as fused
 
-    return fused(a, states, dout, grad_states)[0]
+    return fused(a, states, dout, grad_states, pending, grad_from)[0]
 
 
 def dense_mix(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype | None = None, *,

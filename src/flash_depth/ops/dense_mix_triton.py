@@ -8,7 +8,9 @@ kernel walks j = 0 .. n-1 once per row block, so every byte of X is read once fo
 - backward: a program owns BLOCK_M whole rows (the dot over D is complete in the program) and
   keeps the S rows of dout in registers; per j it writes da[t, s, j] = <dout_s, X_j> and
   dX_j = sum_s a[s, j] dout_s, added into a float32 buffer (the model's stream, which every
-  later mix adds into) or stored (the only reader).
+  later mix adds into) or stored (the only reader). The stream pairs its mixes: one adds only
+  dX of its newest state (``GRAD_FROM``), the next adds its own dX_j together with the terms of
+  that pending one (A2, DO2) in a single read-modify-write of the float32 buffer.
 
 Tiles are ``[BLOCK_M, BLOCK_D]`` with one tile per way (at most 4: ``MAX_WAYS`` in ops/dense_mix.py, unrolled at
 compile time): a 3-D ``[S, BLOCK_M, BLOCK_D]`` tile compiled (sm_90, Triton 3.9) with a layout
@@ -79,52 +81,80 @@ def _mix_fwd_kernel(
 
 
 @triton.jit
-def _bwd_way(dx, do, x, A, DA, a_offs, da_offs, row_ok):
-    """da of one way at one j (stored) and its term of dX_j (returned)."""
-    tl.store(DA + da_offs, tl.sum(do * x, 1).to(DA.dtype.element_ty), mask=row_ok)
-    w = tl.load(A + a_offs, mask=row_ok, other=0.0).to(tl.float32)
-    return dx + w[:, None] * do
+def _load_ways(DO, offs, s_s, mask, S: tl.constexpr):
+    """The first S (<= 4) way tiles of dout in float32; placeholders for the rest (never read)."""
+    do0 = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    do1, do2, do3 = do0, do0, do0
+    if S > 1:
+        do1 = tl.load(DO + offs + s_s, mask=mask, other=0.0).to(tl.float32)
+    if S > 2:
+        do2 = tl.load(DO + offs + 2 * s_s, mask=mask, other=0.0).to(tl.float32)
+    if S > 3:
+        do3 = tl.load(DO + offs + 3 * s_s, mask=mask, other=0.0).to(tl.float32)
+    return do0, do1, do2, do3
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit
+def _dx_ways(dx, do0, do1, do2, do3, A, a_offs, sa_s, row_ok, S: tl.constexpr):
+    """dx + sum_s a[s, j] dout_s over S ways (A at column j)."""
+    dx += tl.load(A + a_offs, mask=row_ok, other=0.0).to(tl.float32)[:, None] * do0
+    if S > 1:
+        dx += tl.load(A + a_offs + sa_s, mask=row_ok, other=0.0).to(tl.float32)[:, None] * do1
+    if S > 2:
+        dx += tl.load(A + a_offs + 2 * sa_s, mask=row_ok, other=0.0).to(tl.float32)[:, None] * do2
+    if S > 3:
+        dx += tl.load(A + a_offs + 3 * sa_s, mask=row_ok, other=0.0).to(tl.float32)[:, None] * do3
+    return dx
+
+
+@triton.jit
+def _store_da(DA, offs, do, x, row_ok):
+    tl.store(DA + offs, tl.sum(do * x, 1).to(DA.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["N", "GRAD_FROM"])
 def _mix_bwd_kernel(
-    A, X, DO, DA, DX,
+    A, X, DO, DA, DX, A2, DO2,
     sa_b, sa_t, sa_s, sa_j, sx_j, sx_b, sx_t, sdo_s, sdo_b, sdo_t, sda_b, sda_t, sda_s, sda_j,
-    sdx_j, sdx_b, sdx_t,
-    T, M, N, D,
-    S: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    sdx_j, sdx_b, sdx_t, sa2_b, sa2_t, sa2_s, sa2_j, sdo2_s, sdo2_b, sdo2_t,
+    T, M, N, D, GRAD_FROM,
+    S: tl.constexpr, S2: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """da of this read for every j; dX_j for j >= GRAD_FROM, with the terms of a pending read
+    (A2, DO2: S2 ways, 0 for none) added in the same read-modify-write."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     dims = tl.max_contiguous(tl.arange(0, BLOCK_D), 4)  # X and dout (16-bit) in the float32 layout of dX
     row_ok = rows < M
     mask = row_ok[:, None] & (dims < D)[None, :]
-    do_ptrs = DO + _row_offsets(rows, T, sdo_b, sdo_t)[:, None] + dims[None, :]
-    do0 = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
-    do1, do2, do3 = do0, do0, do0  # placeholders for the ways S leaves out (never read)
-    if S > 1:
-        do1 = tl.load(do_ptrs + sdo_s, mask=mask, other=0.0).to(tl.float32)
-    if S > 2:
-        do2 = tl.load(do_ptrs + 2 * sdo_s, mask=mask, other=0.0).to(tl.float32)
-    if S > 3:
-        do3 = tl.load(do_ptrs + 3 * sdo_s, mask=mask, other=0.0).to(tl.float32)
+    do0, do1, do2, do3 = _load_ways(DO, _row_offsets(rows, T, sdo_b, sdo_t)[:, None] + dims[None, :], sdo_s, mask, S)
+    if S2 > 0:
+        pd0, pd1, pd2, pd3 = _load_ways(DO2, _row_offsets(rows, T, sdo2_b, sdo2_t)[:, None] + dims[None, :], sdo2_s,
+                                        mask, S2)
     x_offs = _row_offsets(rows, T, sx_b, sx_t)[:, None] + dims[None, :]
     dx_offs = _row_offsets(rows, T, sdx_b, sdx_t)[:, None] + dims[None, :]
     a_offs = _row_offsets(rows, T, sa_b, sa_t)
+    a2_offs = _row_offsets(rows, T, sa2_b, sa2_t)
     da_offs = _row_offsets(rows, T, sda_b, sda_t)
-    for _ in range(N):
+    for j in range(N):
         x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
-        dx = _bwd_way(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), do0, x, A, DA, a_offs, da_offs, row_ok)
+        _store_da(DA, da_offs, do0, x, row_ok)
         if S > 1:
-            dx = _bwd_way(dx, do1, x, A, DA, a_offs + sa_s, da_offs + sda_s, row_ok)
+            _store_da(DA, da_offs + sda_s, do1, x, row_ok)
         if S > 2:
-            dx = _bwd_way(dx, do2, x, A, DA, a_offs + 2 * sa_s, da_offs + 2 * sda_s, row_ok)
+            _store_da(DA, da_offs + 2 * sda_s, do2, x, row_ok)
         if S > 3:
-            dx = _bwd_way(dx, do3, x, A, DA, a_offs + 3 * sa_s, da_offs + 3 * sda_s, row_ok)
-        if ACCUMULATE:
-            dx += tl.load(DX + dx_offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+            _store_da(DA, da_offs + 3 * sda_s, do3, x, row_ok)
+        if j >= GRAD_FROM:
+            dx = _dx_ways(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), do0, do1, do2, do3, A, a_offs, sa_s,
+                          row_ok, S)
+            if S2 > 0:
+                dx = _dx_ways(dx, pd0, pd1, pd2, pd3, A2, a2_offs, sa2_s, row_ok, S2)
+            if ACCUMULATE:
+                dx += tl.load(DX + dx_offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
         X += sx_j
         A += sa_j
+        A2 += sa2_j
         DA += sda_j
         DX += sdx_j
 
@@ -163,30 +193,36 @@ def mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype,
 
 
 def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad_states: torch.Tensor | None,
+                 pending: tuple[torch.Tensor, torch.Tensor] | None = None, grad_from: int = 0,
                  tiles: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`mix_forward` for dout ``[S, B, T, D]``. Returns (da ``[B, T, S, n]`` in
     a's dtype, d states ``[n, B, T, D]``). With ``grad_states`` (``[n, B, T, D]``, any float
     dtype, unit stride in D: written in place) d states is added into it and it is returned;
-    without, a new tensor in the states' dtype."""
+    without, a new tensor in the states' dtype. Only d states[grad_from:] is formed. ``pending``:
+    (a2 ``[B, T, S2, >= n]``, dout2 ``[S2, B, T, D]``) of another read, whose terms
+    sum_s a2[s, j] dout2_s for j < n join d states (its da is not formed)."""
     if grad_states is not None and grad_states.stride(-1) != 1:
         raise ValueError(f"grad_states must have unit stride in D (added into in place), got strides "
                          f"{grad_states.stride()}")
     states, dout = last_dim_contiguous(states), last_dim_contiguous(dout)
     n, B, T, D = states.shape
     S, M = a.shape[2], B * T
+    a2, dout2 = (a, dout) if pending is None else (pending[0], last_dim_contiguous(pending[1]))
+    S2 = 0 if pending is None else a2.shape[2]
     da = torch.empty((B, T, S, n), dtype=a.dtype, device=a.device)
     accumulate = grad_states is not None
     if not accumulate:  # every element is written once, with the whole sum over the ways
         grad_states = torch.empty((n, B, T, D), dtype=states.dtype, device=states.device)
-    block_m, block_d, num_warps = tiles or _tiles(S, D, backward=True)
+    block_m, block_d, num_warps = tiles or _tiles(S + S2, D, backward=True)
     if block_d < D:
         raise ValueError(f"the backward's BLOCK_D must hold a whole row (D={D}), got tiles {tiles}")
     sa, sx, sdo, sda, sdx = a.stride(), states.stride(), dout.stride(), da.stride(), grad_states.stride()
+    sa2, sdo2 = a2.stride(), dout2.stride()
     _mix_bwd_kernel[(cdiv(M, block_m),)](
-        a, states, dout, da, grad_states,
+        a, states, dout, da, grad_states, a2, dout2,
         sa[0], sa[1], sa[2], sa[3], sx[0], sx[1], sx[2], sdo[0], sdo[1], sdo[2], sda[0], sda[1], sda[2], sda[3],
-        sdx[0], sdx[1], sdx[2],
-        T, M, n, D,
-        S=S, ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        sdx[0], sdx[1], sdx[2], sa2[0], sa2[1], sa2[2], sa2[3], sdo2[0], sdo2[1], sdo2[2],
+        T, M, n, D, grad_from,
+        S=S, S2=S2, ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     return da, grad_states
