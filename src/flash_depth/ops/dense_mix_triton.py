@@ -70,27 +70,34 @@ def _mix_fwd_kernel(
             acc3 = _fwd_way(acc3, A, a_offs + 3 * sa_s, row_ok, x)
         X += sx_j  # 64-bit base pointers step by step: j * sx_j passes 2^31 at training shapes
         A += sa_j
-    O += _row_offsets(rows, T, so_b, so_t)[:, None] + dims[None, :]
-    tl.store(O, acc0.to(O.dtype.element_ty), mask=mask)
-    if S > 1:
-        tl.store(O + so_s, acc1.to(O.dtype.element_ty), mask=mask)
+    o_ptrs = O + _row_offsets(rows, T, so_b, so_t)[:, None] + dims[None, :]
+    tl.store(o_ptrs, acc0.to(O.dtype.element_ty), mask=mask)
+    if S > 1:  # pointers step by step here too: 3 * so_s can pass 2^31 where so_s does not
+        o_ptrs += so_s
+        tl.store(o_ptrs, acc1.to(O.dtype.element_ty), mask=mask)
     if S > 2:
-        tl.store(O + 2 * so_s, acc2.to(O.dtype.element_ty), mask=mask)
+        o_ptrs += so_s
+        tl.store(o_ptrs, acc2.to(O.dtype.element_ty), mask=mask)
     if S > 3:
-        tl.store(O + 3 * so_s, acc3.to(O.dtype.element_ty), mask=mask)
+        o_ptrs += so_s
+        tl.store(o_ptrs, acc3.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _load_ways(DO, offs, s_s, mask, S: tl.constexpr):
     """The first S (<= 4) way tiles of dout in float32; placeholders for the rest (never read)."""
-    do0 = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    ptrs = DO + offs
+    do0 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     do1, do2, do3 = do0, do0, do0
-    if S > 1:
-        do1 = tl.load(DO + offs + s_s, mask=mask, other=0.0).to(tl.float32)
+    if S > 1:  # pointers step by step: 3 * s_s can pass 2^31
+        ptrs += s_s
+        do1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if S > 2:
-        do2 = tl.load(DO + offs + 2 * s_s, mask=mask, other=0.0).to(tl.float32)
+        ptrs += s_s
+        do2 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if S > 3:
-        do3 = tl.load(DO + offs + 3 * s_s, mask=mask, other=0.0).to(tl.float32)
+        ptrs += s_s
+        do3 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     return do0, do1, do2, do3
 
 
