@@ -117,6 +117,7 @@ class MuddStream(SlotStream):
             self.kernels[1](a[..., :m], self.states(m), dout, self.grad_views(m)[0])
 
     def slot_grads(self, slot, dtypes):
+        """As :meth:`SlotStream.slot_grads`, after adding a deferred mix's terms if it owes this slot."""
         if self.pending is not None and slot < self.pending[0].shape[-1] - 1:
             pending, self.pending = self.pending, None
             self._flush(pending)
@@ -158,6 +159,8 @@ class MuddConnections(nn.Module):
     ``X_0 .. X_{i-1}``, 1 <= i <= num_layers) and returns the next block's inputs ``(x_q, x_k, x_v,
     x_r)``, each ``[B, T, D]`` in the stream's dtype; after the last block (i == num_layers) it returns
     ``(x_out,)``. Block 1 takes ``X_0`` for every way. Start a forward with :meth:`new_stream`.
+    ``backend`` picks where the mixes run (ops/dense_mix.py): "auto" (the Triton kernels on CUDA),
+    "reference" or "triton".
     """
 
     ways = ("q", "k", "v", "r")

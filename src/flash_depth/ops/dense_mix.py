@@ -26,7 +26,7 @@ def _shape(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _check(a, states, backend) -> None:
+def _check(a, states) -> None:
     if not isinstance(states, torch.Tensor) or states.dim() != 4 or states.numel() == 0:
         raise ValueError(f"states must be a non-empty tensor [n, B, T, D], got {_shape(states)}")
     n, B, T, _ = states.shape
@@ -37,8 +37,6 @@ def _check(a, states, backend) -> None:
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if a.device != states.device:
         raise ValueError(f"a is on {a.device} but states is on {states.device}")
-    if backend not in MIX_BACKENDS:
-        raise ValueError(f"backend must be one of {MIX_BACKENDS}, got {backend!r}")
 
 
 def select_mix_backend(backend: str, states: torch.Tensor, ways: int = 1) -> str:
@@ -96,7 +94,7 @@ def mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype | 
                 backend: str = "auto") -> torch.Tensor:
     """The mix without autograd: a ``[B, T, S, n]``, states ``[n, B, T, D]`` (read in place: any
     strides) -> ``[S, B, T, D]`` in ``out_dtype`` (default the states')."""
-    _check(a, states, backend)
+    _check(a, states)
     out_dtype = out_dtype or states.dtype
     if select_mix_backend(backend, states, a.shape[2]) == "reference":
         return mix_reference(a, states, out_dtype)
@@ -116,7 +114,7 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
     ``pending``). ``pending``: (a2 ``[B, T, S2, n2 >= n]``, dout2 ``[S2, B, T, D]``) of another
     read of these states, whose terms sum_s a2[..., s, j] dout2_s for j < n are added in the same
     pass (its da is not formed): two reads' gradients for one read-modify-write of the buffer."""
-    _check(a, states, backend)
+    _check(a, states)
     want = (a.shape[2], *states.shape[1:])
     if not isinstance(dout, torch.Tensor) or dout.shape != want:
         raise ValueError(f"dout must be a tensor {list(want)} (the mix's output), got {_shape(dout)}")
@@ -157,10 +155,11 @@ def dense_mix(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype | No
         backend: ``"auto"`` (Triton on CUDA, reference otherwise), ``"reference"`` or ``"triton"``.
 
     Returns:
-        ``[S, B, T, D]``: ``out[s] = sum_j a[..., s, j] states[j]``, accumulated in float32 (or
-        float64 for float64 inputs on the reference backend).
+        ``[S, B, T, D]``: ``out[s] = sum_j a[..., s, j] states[j]``. The Triton kernels take a in
+        its own dtype and accumulate in float32; the eager reference is a batched GEMM in the
+        states' dtype (a rounded to it).
     """
-    _check(a, states, backend)
+    _check(a, states)
     return _DenseMix.apply(a, states, out_dtype or states.dtype, select_mix_backend(backend, states, a.shape[2]))
 
 
