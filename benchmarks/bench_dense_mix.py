@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     print("| S | n | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2))
     for r in rows:
         if r["n"] in (2, 3, 9, 17, 25, 33, 41, 48, 49):
-            print(f"| {r['S']} | {r['n']} | " + " | ".join(f"{r[k]:.3f}" if "ms" in k else f"{r[k]:.0f}" for k in keys) + " |")
+            cells = [f"{r[k]:.3f}" if "ms" in k else f"{r[k]:.0f}" for k in keys]
+            print(f"| {r['S']} | {r['n']} | " + " | ".join(cells) + " |")
     total = {k: sum(r[k] for r in rows) for k in keys if "ms" in k}
     ideal = sum(gigabytes(S, n, False) + gigabytes(S, n, True) for S, n in depths)
     print(f"step total (ms): {', '.join(f'{k} {v:.1f}' for k, v in total.items())}; "
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
                 for warps in (1, 2, 4, 8):
                     if block_m * 512 >= 32 * warps:
                         r = time_depth(4, n, None, (None, (block_m, 512, warps)))
-                        print(f"bwd n={n} BLOCK_M={block_m} warps={warps}: {r['bwd_ms']:.3f} ms {r['bwd_GBps']:.0f} GB/s")
+                        print(f"bwd n={n} BLOCK_M={block_m} warps={warps}: {r['bwd_ms']:.3f} ms "
+                              f"{r['bwd_GBps']:.0f} GB/s")
     return 0
 
 

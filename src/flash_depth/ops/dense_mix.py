@@ -73,16 +73,16 @@ def mix_reference_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Te
     """Plain PyTorch backward: adds d states[grad_from:] (and the pending read's terms, see
     :func:`mix_backward`) into ``grad_states`` (float32 or float64) in place; returns da
     ``[B, T, S, n]`` in a's dtype."""
-    n = states.shape[0]
+    # (weights, dout, first state) of each read whose terms join the gradient
+    terms = [(a, dout, grad_from)] + ([] if pending is None else [(pending[0][..., :states.shape[0]], pending[1], 0)])
     if torch.compiler.is_compiling():
         da = (dout[:, None].float() * states[None].float()).sum(-1).permute(2, 3, 0, 1)
-        grad_states[grad_from:] += (a[..., grad_from:].permute(3, 2, 0, 1)[..., None].float() * dout[None].float()).sum(1)
-        if pending is not None:
-            grad_states += (pending[0][..., :n].permute(3, 2, 0, 1)[..., None].float() * pending[1][None].float()).sum(1)
+        for w, d, start in terms:
+            grad_states[start:] += (w[..., start:].permute(3, 2, 0, 1)[..., None].float() * d[None].float()).sum(1)
         return da.to(a.dtype)
     flat_states, flat_dout = states.flatten(1, 2), dout.flatten(1, 2)  # [n, M, D], [S, M, D]
     da = torch.bmm(flat_dout.transpose(0, 1).to(states.dtype), flat_states.permute(1, 2, 0))
-    for w, d, start in ((a, dout, grad_from), *([] if pending is None else [(pending[0][..., :n], pending[1], 0)])):
+    for w, d, start in terms:
         # grad[j, m] += sum_s w[m, s, j] d[s, m]: a GEMM per token m, written into the buffer in place
         grad_states[start:].flatten(1, 2).transpose(0, 1).baddbmm_(
             w[..., start:].flatten(0, 1).transpose(1, 2).to(grad_states.dtype),
@@ -136,7 +136,8 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
             raise ValueError(f"pending's a2 must be a tensor [B={B}, T={T}, S2 <= {MAX_WAYS}, >= n={n}] on "
                              f"{states.device}, got {_shape(a2)}")
         if not isinstance(dout2, torch.Tensor) or dout2.shape != (a2.shape[2], *states.shape[1:]):
-            raise ValueError(f"pending's dout2 must be a tensor {[a2.shape[2], *states.shape[1:]]}, got {_shape(dout2)}")
+            raise ValueError(f"pending's dout2 must be a tensor {[a2.shape[2], *states.shape[1:]]}, "
+                             f"got {_shape(dout2)}")
     if select_mix_backend(backend, states, a.shape[2]) == "reference":
         return mix_reference_backward(a, states, dout, grad_states, pending, grad_from)
     from .dense_mix_triton import mix_backward as fused

@@ -12,11 +12,11 @@ kernel walks j = 0 .. n-1 once per row block, so every byte of X is read once fo
   dX of its newest state (``GRAD_FROM``), the next adds its own dX_j together with the terms of
   that pending one (A2, DO2) in a single read-modify-write of the float32 buffer.
 
-Tiles are ``[BLOCK_M, BLOCK_D]`` with one tile per way (at most 4: ``MAX_WAYS`` in ops/dense_mix.py, unrolled at
-compile time): a 3-D ``[S, BLOCK_M, BLOCK_D]`` tile compiled (sm_90, Triton 3.9) with a layout
-conversion of X through shared memory at every j, the per-way tiles with none. Rows are tokens
-(b, t), addressed through the B and T strides of each tensor: X is a slice of the stream buffer,
-a may be any view.
+Tiles are ``[BLOCK_M, BLOCK_D]``, one per way (at most 4, ``MAX_WAYS`` in ops/dense_mix.py;
+unrolled at compile time): a 3-D ``[S, BLOCK_M, BLOCK_D]`` tile compiled (sm_90, Triton 3.9) with
+a layout conversion of X through shared memory at every j, the per-way tiles with none. Rows are
+tokens (b, t), addressed through the B and T strides of each tensor: X is a slice of the stream
+buffer, a may be any view.
 """
 
 from __future__ import annotations
