@@ -363,13 +363,15 @@ def test_mudd_triton_mixing_matches_reference():
     """backend="triton" (ops/dense_mix.py, as on CUDA) through the stream, its float32 gradient
     buffer and the last block's single way: the reference backend's outputs and gradients."""
     D, L = 12, 3
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU
     results = []
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
         mudd = MuddConnections(D, L, backend=backend)
         _randomise(mudd, 0.3)
-        blocks = [tuple(nn.Linear(D, D) for _ in range(3)) for _ in range(L)]
-        emb = torch.randn(2, 5, D, requires_grad=True)
+        mudd.to(device)
+        blocks = [tuple(nn.Linear(D, D, device=device) for _ in range(3)) for _ in range(L)]
+        emb = torch.randn(2, 5, D, device=device, requires_grad=True)
         out = _mudd_stack(mudd, blocks, emb)
         results.append((out, torch.autograd.grad(out.square().sum(), [emb, *mudd.parameters()])))
     (out, grads), (out_t, grads_t) = results

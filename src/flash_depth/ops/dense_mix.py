@@ -49,10 +49,10 @@ def select_mix_backend(backend: str, states: torch.Tensor, ways: int = 1) -> str
     if backend == "triton":
         if ways > MAX_WAYS:
             raise ValueError(f"backend='triton' mixes at most {MAX_WAYS} ways at once, got {ways}")
-        if not triton_usable(states):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {states.device}")
         if states.dtype == torch.float64:
             raise TypeError("backend='triton' takes float16, bfloat16 or float32 states, got float64")
+        if not triton_usable(states):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {states.device}")
     return backend
 
 
