@@ -151,7 +151,7 @@ def test_model_bf16_autocast_trains():
 
 
 @pytest.mark.parametrize("mech, extra", [("residual", ()), ("moda", ()), ("attnres_block", ()),
-                                         ("moda", ("train.compile=true",))])
+                                         ("moda", ("train.compile=true",)), ("mudd", ("train.compile=true",))])
 def test_cuda_graph_training_follows_the_eager_run(tmp_path, corpus, mech, extra):
     """train.cuda_graph: the replayed steps give the un-graphed run's losses, with the learning-rate
     schedule moving (warm-up) and across a resume, whose optimizer state comes back as floats."""

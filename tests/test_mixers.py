@@ -4,6 +4,7 @@ parameter's gradient; input checks."""
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -199,9 +200,11 @@ def test_mudd_mixes_match_formula(dtype, tol):
     assert len(last) == 1 and mudd.weights[-1].w2.out_features == 1 * (L + 1)
 
 
-def test_mudd_gradients_match_autograd_of_the_formula():
+@pytest.mark.parametrize("unused", [None, 3])
+def test_mudd_gradients_match_autograd_of_the_formula(unused):
     """The stream's hand-routed backward (weights and every kept output) against autograd through
-    the float64 formula written with plain tensors."""
+    the float64 formula written with plain tensors. ``unused``: that block ignores its inputs, so
+    the mix before it never runs its backward (and the mix after it defers to no successor)."""
     D, L = 8, 3
     mudd = MuddConnections(D, L).double()
     _randomise(mudd, 0.3)
@@ -212,21 +215,22 @@ def test_mudd_gradients_match_autograd_of_the_formula():
     stream, ins, loss = mudd.new_stream(xs[0]), None, 0
     states = [xs[0]]
     for i in range(1, L + 1):
-        x = xs[i] if ins is None else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
+        x = xs[i] if ins is None or i == unused else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
         ins = mudd(stream, x)
         states.append(x)
     stream.close()
     loss = (ins[0] * w).sum()
-    got = torch.autograd.grad(loss, xs + list(mudd.parameters()))
+    got = torch.autograd.grad(loss, xs + list(mudd.parameters()), allow_unused=True)
     ins, states = None, [xs[0]]
     for i in range(1, L + 1):
-        x = xs[i] if ins is None else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
+        x = xs[i] if ins is None or i == unused else xs[i] + ins[0] * ins[1] + ins[2].sin() + 0.5 * ins[3]
         states.append(x)
         a = ref.weights[i - 1](x)  # [B, T, ways, i + 1]
         ins = [sum(a[..., s, j, None] * states[j] for j in range(i + 1)) for s in range(a.shape[-2])]
-    want = torch.autograd.grad((ins[0] * w).sum(), xs + list(ref.parameters()))
+    want = torch.autograd.grad((ins[0] * w).sum(), xs + list(ref.parameters()), allow_unused=True)
+    assert [g is None for g in got] == [h is None for h in want] and (unused is None) == all(g is not None for g in got)
     for g, h in zip(got, want):
-        assert (g - h).abs().max() <= 1e-12 * h.abs().max()
+        assert g is None or (g - h).abs().max() <= 1e-12 * h.abs().max()
 
 
 def _grads(module, loss):
@@ -313,6 +317,8 @@ def test_input_checks_name_the_argument():
         expand_streams(torch.randn(2, 8), 0)
     with pytest.raises(ValueError, match="num_layers"):
         MuddConnections(8, 0)
+    with pytest.raises(ValueError, match="backend"):
+        MuddConnections(8, 2, backend="cuda")
     mudd = MuddConnections(8, 2)
     with pytest.raises(TypeError, match="stream"):
         mudd([torch.randn(2, 3, 8)], torch.randn(2, 3, 8))
@@ -349,3 +355,25 @@ def test_mudd_compiled_mixing_matches_eager():
     (out, grads), (out_c, grads_c) = results
     assert (out - out_c).abs().max() < 1e-5 * out.abs().max()
     assert all((g - h).abs().max() <= 1e-5 * g.abs().max() for g, h in zip(grads, grads_c))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="runs the Triton kernels (the interpreter on CPU)")
+def test_mudd_triton_mixing_matches_reference():
+    """backend="triton" (ops/dense_mix.py, as on CUDA) through the stream, its float32 gradient
+    buffer and the last block's single way: the reference backend's outputs and gradients."""
+    D, L = 12, 3
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU
+    results = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        mudd = MuddConnections(D, L, backend=backend)
+        _randomise(mudd, 0.3)
+        mudd.to(device)
+        blocks = [tuple(nn.Linear(D, D, device=device) for _ in range(3)) for _ in range(L)]
+        emb = torch.randn(2, 5, D, device=device, requires_grad=True)
+        out = _mudd_stack(mudd, blocks, emb)
+        results.append((out, torch.autograd.grad(out.square().sum(), [emb, *mudd.parameters()])))
+    (out, grads), (out_t, grads_t) = results
+    assert (out - out_t).abs().max() < 1e-5 * out.abs().max()
+    assert all((g - h).abs().max() <= 1e-5 * g.abs().max() for g, h in zip(grads, grads_t))

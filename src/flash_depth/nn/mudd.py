@@ -22,16 +22,28 @@ approximation, the PyTorch one (and this one) the exact erf GELU; the JAX code's
 
 The kept outputs live in one :class:`MuddStream` buffer ``[L+1, B, T, D]`` written in place
 (:mod:`flash_depth.nn.slot_stream`): a mix reads the slice ``[:i+1]`` without restacking, and its
-backward adds the outputs' gradients into the stream's float32 gradient buffer.
+backward adds the outputs' gradients into the stream's float32 gradient buffer, two mixes per
+pass over it (:meth:`MuddStream.read_backward`). The mixes are ops/dense_mix.py: Triton kernels
+on CUDA that read each kept output once per pass for all four ways, plain PyTorch elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flash_depth.ops.dense_mix import (
+    MIX_BACKENDS,
+    mix_backward,
+    mix_forward,
+    mix_reference,
+    mix_reference_backward,
+    select_mix_backend,
+)
 
 from ._recorder import record
 from .slot_stream import SlotStream
@@ -65,40 +77,51 @@ class DenseWeights(nn.Module):
         return self.w2(F.gelu(self.w1(x))).unflatten(-1, self.bias.shape) + self.bias
 
 
-def _mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a ``[B, T, S, n]``, states ``[n, B, T, D]`` -> ``[S, B, T, D]``: out[s] = sum_j a[..., s, j] states[j]."""
-    if torch.compiler.is_compiling():
-        # Inductor fuses the product into one reduction over j: every state is read once, in
-        # float32, and no [S, n, B, T, D] temporary is formed
-        return (a.permute(2, 3, 0, 1)[..., None] * states[None].float()).sum(1).to(out_dtype)
-    # eager: one batched GEMM over tokens (the states are read in place: batch stride D, row stride B*T*D)
-    out = torch.bmm(a.flatten(0, 1).to(states.dtype), states.flatten(1, 2).transpose(0, 1))
-    return out.transpose(0, 1).unflatten(1, a.shape[:2]).to(out_dtype)
-
-
-def _mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad_states: torch.Tensor) -> torch.Tensor:
-    """Adds d states ``[n, B, T, D]`` into ``grad_states`` (float32); returns da ``[B, T, S, n]`` (a's dtype)."""
-    if torch.compiler.is_compiling():
-        da = (dout[:, None].float() * states[None].float()).sum(-1).permute(2, 3, 0, 1)
-        grad_states += (a.permute(3, 2, 0, 1)[..., None].float() * dout[None].float()).sum(1)
-        return da.to(a.dtype)
-    flat_states, flat_dout = states.flatten(1, 2), dout.flatten(1, 2)  # [n, M, D], [S, M, D]
-    da = torch.bmm(flat_dout.transpose(0, 1).to(states.dtype), flat_states.permute(1, 2, 0))
-    grad_states.flatten(1, 2).transpose(0, 1).baddbmm_(a.flatten(0, 1).transpose(1, 2).to(grad_states.dtype),
-                                                       flat_dout.transpose(0, 1).to(grad_states.dtype))
-    return da.unflatten(0, a.shape[:2]).to(a.dtype)
-
-
 class MuddStream(SlotStream):
     """The kept block outputs ``X_0 .. X_i`` ``[B, T, D]`` of one forward (slot 0: the embedding)."""
 
     def __init__(self, slots: int, dtype: torch.dtype | None = None):
         super().__init__(slots, slot_dim=0, names=("states",), dtype=dtype)
-        self.kernels = (_mix_forward, _mix_backward)
+        # (forward, backward) with the signatures of ops.dense_mix.mix_reference(_backward)
+        self.kernels = (mix_reference, mix_reference_backward)
+        # (a, dout) of a mix whose terms of the gradients of all but its newest output wait for
+        # the next mix's backward: both are added in one read-modify-write of the float32 buffer
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def states(self, n: int | None = None) -> torch.Tensor:
         """The first n (default: all written) outputs ``[n, B, T, D]`` (a view, no gradient)."""
         return self.views(n)[0]
+
+    def read_backward(self, a: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+        """Backward of the mix a ``[B, T, S, n]`` for dout ``[S, B, T, D]``: returns da. On
+        return the gradient of X_(n-1), whose write's backward comes next, is complete. Backward
+        runs the mixes newest first; every other one defers its terms for X_0 .. X_(n-2) to the
+        next (the mix over one output fewer), which adds both, so each gradient buffer element is
+        read and written once per two mixes."""
+        n = a.shape[-1]
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0].shape[-1] != n + 1:  # not the mix before this one
+            self._flush(pending)
+            pending = None
+        (grad,) = self.grad_views(n)
+        if pending is None:
+            self.pending = (a, dout)
+            return self.kernels[1](a, self.states(n), dout, grad, grad_from=n - 1)
+        return self.kernels[1](a, self.states(n), dout, grad, pending=pending)
+
+    def _flush(self, pending) -> None:
+        """Adds a deferred mix's terms for its outputs but the newest (its da is recomputed, unused)."""
+        a, dout = pending
+        m = a.shape[-1] - 1
+        if m > 0:
+            self.kernels[1](a[..., :m], self.states(m), dout, self.grad_views(m)[0])
+
+    def slot_grads(self, slot, dtypes):
+        """As :meth:`SlotStream.slot_grads`, after adding a deferred mix's terms if it owes this slot."""
+        if self.pending is not None and slot < self.pending[0].shape[-1] - 1:
+            pending, self.pending = self.pending, None
+            self._flush(pending)
+        return super().slot_grads(slot, dtypes)
 
     @torch.compiler.disable  # reads of the in-place buffer run eagerly under torch.compile
     def mix(self, a: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
@@ -118,16 +141,14 @@ class MuddStream(SlotStream):
 class _Mix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stream, handle, a, out_dtype):
-        ctx.stream, ctx.n, ctx.has_handle = stream, stream.count, handle is not None
+        ctx.stream, ctx.has_handle = stream, handle is not None
         ctx.save_for_backward(a)
         return stream.kernels[0](a, stream.states(), out_dtype)
 
     @staticmethod
     def backward(ctx, dout):
         (a,) = ctx.saved_tensors
-        stream, n = ctx.stream, ctx.n
-        (grad_states,) = stream.grad_views(n)
-        da = stream.kernels[1](a, stream.states(n), dout, grad_states)
+        da = ctx.stream.read_backward(a, dout)
         return None, torch.zeros((), device=dout.device) if ctx.has_handle else None, da, None
 
 
@@ -138,38 +159,48 @@ class MuddConnections(nn.Module):
     ``X_0 .. X_{i-1}``, 1 <= i <= num_layers) and returns the next block's inputs ``(x_q, x_k, x_v,
     x_r)``, each ``[B, T, D]`` in the stream's dtype; after the last block (i == num_layers) it returns
     ``(x_out,)``. Block 1 takes ``X_0`` for every way. Start a forward with :meth:`new_stream`.
+    ``backend`` picks where the mixes run (ops/dense_mix.py): "auto" (the Triton kernels on CUDA),
+    "reference" or "triton".
     """
 
     ways = ("q", "k", "v", "r")
 
-    def __init__(self, dim: int, num_layers: int, last_expand: int = 4, eps: float = 1e-6, device=None, dtype=None):
+    def __init__(self, dim: int, num_layers: int, last_expand: int = 4, eps: float = 1e-6, device=None, dtype=None,
+                 backend: str = "auto"):
         super().__init__()
         for name, value in (("dim", dim), ("num_layers", num_layers), ("last_expand", last_expand)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.dim, self.num_layers = dim, num_layers
+        if backend not in MIX_BACKENDS:
+            raise ValueError(f"backend must be one of {MIX_BACKENDS}, got {backend!r}")
+        self.dim, self.num_layers, self.backend = dim, num_layers, backend
         self.weights = nn.ModuleList(
             DenseWeights(dim, i + 1, 1 if i == num_layers else len(self.ways), last_expand if i == num_layers else 1,
                          eps, device, dtype)
             for i in range(1, num_layers + 1)
         )
-        self.kernels = (_mix_forward, _mix_backward)
+        self.reference = (mix_reference, mix_reference_backward)  # the mix where the Triton kernels do not run
 
     def new_stream(self, x0: torch.Tensor, dtype: torch.dtype | None = None) -> MuddStream:
         """A stream for one forward holding ``X_0 = x0`` ``[B, T, D]``; ``dtype`` (default x0's) is
-        what the outputs are stored and mixed in."""
+        what the outputs are stored and mixed in. Its mixes run on ``backend`` (ops/dense_mix.py;
+        "auto": the Triton kernels on CUDA)."""
         self._check_x(x0, "x0")
         stream = MuddStream(self.num_layers + 1, dtype=dtype)
-        stream.kernels = self.kernels
         stream.write(x0)
+        if select_mix_backend(self.backend, stream.states(), len(self.ways)) == "triton":
+            stream.kernels = (partial(mix_forward, backend="triton"), partial(mix_backward, backend="triton"))
+        else:
+            stream.kernels = self.reference
         return stream
 
     def compile_mixing(self, **options) -> None:
-        """``torch.compile`` the mix (its forward and backward) with dynamic shapes by default: one
-        graph serves every depth. ``options`` go to ``torch.compile``. The weight MLPs stay eager:
-        torch.compile keeps parameter shapes static, so each block's would be a graph of its own."""
+        """``torch.compile`` the reference mix (its forward and backward; the path wherever the
+        Triton kernels do not run, e.g. CPU) with dynamic shapes by default: one graph serves every
+        depth. ``options`` go to ``torch.compile``. The weight MLPs stay eager: torch.compile keeps
+        parameter shapes static, so each block's would be a graph of its own."""
         options = {"dynamic": True, **options}
-        self.kernels = tuple(torch.compile(fn, **options) for fn in (_mix_forward, _mix_backward))
+        self.reference = tuple(torch.compile(fn, **options) for fn in (mix_reference, mix_reference_backward))
 
     def mix_weights(self, stream: MuddStream, x: torch.Tensor) -> torch.Tensor:
         """A ``[B, T, ways, i+1]`` after block i (ways = 4, or 1 after the last block), from its output x."""
