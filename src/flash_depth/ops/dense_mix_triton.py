@@ -168,16 +168,17 @@ def _mix_bwd_kernel(
 
 @functools.lru_cache(maxsize=None)  # on every call's host path
 def _tiles(S: int, D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps). Not tuned on a GPU yet: the forward splits D into
-    128-column chunks, 16 values of X per thread per step (two 16-byte loads of bf16) and S
-    accumulators of them; the backward holds whole rows (D padded to a power of two, for the dot
-    over D) and at most 64 values of dout per thread."""
+    """(BLOCK_M, BLOCK_D, num_warps): one row per program on one warp (per 512 columns). Swept on
+    an H200 at D=384, S=4 (benchmarks/bench_dense_mix.py --tune, log
+    benchmarks/results/logs/s9_bench_dense_mix_h200.log): the forward's 128-column chunks ran at
+    3142 GB/s on (1, 128, 1) against 2785 on the (8, 128, 2) first guess, and the pairing
+    backward (whole rows, D padded to a power of two for the dot over D) at 3090 GB/s on
+    (1, 512, 1) against 1999 on (2, 512, 2): small programs keep more of them, and so more
+    loads, in flight per SM."""
     if backward:
         block_d = triton.next_power_of_2(D)
-        num_warps = 2 if block_d <= 512 else 4
-        return max(1, min(4, 64 * 32 * num_warps // (S * block_d))), block_d, num_warps
-    block_d = min(128, triton.next_power_of_2(D))
-    return max(1, min(16, 1024 // block_d)), block_d, 2
+        return 1, block_d, max(1, block_d // 512)
+    return 1, min(128, triton.next_power_of_2(D)), 1
 
 
 def mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype,
