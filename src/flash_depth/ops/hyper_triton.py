@@ -26,10 +26,17 @@ _GRAM_BLOCK_M = 16
 
 
 @triton.jit
+def _div(a, b):
+    """a / b broadcast, rounded to nearest as torch divides (``/`` on float32 is approximate)."""
+    a, b = tl.broadcast(a, b)
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def _row_col_step(m, eps, AXIS_FIRST: tl.constexpr, AXIS_SECOND: tl.constexpr):
     """One normalisation along AXIS_FIRST then AXIS_SECOND, as torch's ``m / m.sum().clamp_min(eps)``."""
-    m = m / tl.maximum(tl.sum(m, AXIS_FIRST), eps).expand_dims(AXIS_FIRST)
-    return m / tl.maximum(tl.sum(m, AXIS_SECOND), eps).expand_dims(AXIS_SECOND)
+    m = _div(m, tl.maximum(tl.sum(m, AXIS_FIRST), eps).expand_dims(AXIS_FIRST))
+    return _div(m, tl.maximum(tl.sum(m, AXIS_SECOND), eps).expand_dims(AXIS_SECOND))
 
 
 @triton.jit
@@ -38,8 +45,8 @@ def _softmax_col(logits_ptr, offs, mask, row_valid, eps):
     x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
     x_max = tl.where(row_valid, tl.max(x, 2), 0.0)
     e = tl.where(mask, tl.exp(x - x_max.expand_dims(2)), 0.0)
-    p = e / tl.where(row_valid, tl.sum(e, 2), 1.0).expand_dims(2)
-    return p, p / tl.maximum(tl.sum(p, 1), eps).expand_dims(1)
+    p = _div(e, tl.where(row_valid, tl.sum(e, 2), 1.0).expand_dims(2))
+    return p, _div(p, tl.maximum(tl.sum(p, 1), eps).expand_dims(1))
 
 
 @triton.jit
@@ -63,6 +70,17 @@ def _sinkhorn_fwd_kernel(logits, out, R, iters, eps, N: tl.constexpr, NP: tl.con
 
 
 @triton.jit
+def _normalise_bwd(g, m, eps, mask, AXIS: tl.constexpr):
+    """dL/dm from g = dL/dm' for m' = m / max(s, eps), s = sum(m, AXIS):
+    (g - [s >= eps] sum(g m', AXIS)) / max(s, eps), as torch's clamp_min passes where s >= eps.
+    Re-masked: padding would otherwise grow as 1/eps each step."""
+    s = tl.sum(m, AXIS)
+    r = tl.maximum(s, eps).expand_dims(AXIS)
+    dot = tl.where(s >= eps, tl.sum(g * _div(m, r), AXIS), 0.0).expand_dims(AXIS)
+    return tl.where(mask, _div(g - dot, r), 0.0)
+
+
+@triton.jit
 def _sinkhorn_bwd_kernel(logits, grad, dlogits, scratch, R, iters, eps,
                          N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
     offs, mask, row_valid = _tile(R, N, NP, BLOCK)
@@ -73,27 +91,12 @@ def _sinkhorn_bwd_kernel(logits, grad, dlogits, scratch, R, iters, eps,
         tl.store(scratch + (k - 1) * plane + offs, m, mask=mask)
         m = _row_col_step(m, eps, 2, 1)
     g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-    # reverse mode of m' = m / max(s, eps), s the sum along an axis:
-    # dm = (g - [s >= eps] * sum(g * m', axis)) / max(s, eps)  (torch's clamp_min passes where s >= eps);
-    # g is re-masked after every step: padding would otherwise grow as 1/eps
     for k in range(iters - 1, 0, -1):
         a = tl.load(scratch + (k - 1) * plane + offs, mask=mask, other=0.0)
-        s_row = tl.sum(a, 2)
-        r_row = tl.maximum(s_row, eps)
-        b = a / r_row.expand_dims(2)
-        s_col = tl.sum(b, 1)
-        r_col = tl.maximum(s_col, eps)
-        c = b / r_col.expand_dims(1)
-        g = (g - tl.where(s_col >= eps, tl.sum(g * c, 1), 0.0).expand_dims(1)) / r_col.expand_dims(1)
-        g = tl.where(mask, g, 0.0)
-        g = (g - tl.where(s_row >= eps, tl.sum(g * b, 2), 0.0).expand_dims(2)) / r_row.expand_dims(2)
-        g = tl.where(mask, g, 0.0)
-    s_col = tl.sum(p, 1)
-    r_col = tl.maximum(s_col, eps)
-    c = p / r_col.expand_dims(1)
-    g = (g - tl.where(s_col >= eps, tl.sum(g * c, 1), 0.0).expand_dims(1)) / r_col.expand_dims(1)
-    g = tl.where(mask, g, 0.0)
-    dx = p * (g - tl.sum(g * p, 2).expand_dims(2))
+        g = _normalise_bwd(g, _div(a, tl.maximum(tl.sum(a, 2), eps).expand_dims(2)), eps, mask, 1)
+        g = _normalise_bwd(g, a, eps, mask, 2)
+    g = _normalise_bwd(g, p, eps, mask, 1)
+    dx = p * (g - tl.sum(g * p, 2).expand_dims(2))  # softmax
     tl.store(dlogits + offs, dx.to(dlogits.dtype.element_ty), mask=mask)
 
 
