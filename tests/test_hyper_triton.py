@@ -7,7 +7,7 @@ import torch
 from oracle import rel_err
 
 from flash_depth.nn.hyper_connections import HyperConnection, sinkhorn
-from flash_depth.ops.hyper_triton import fused_sinkhorn, stream_gram
+from flash_depth.ops.hyper_triton import fused_sinkhorn, stream_gram, write_backward, write_backward_fusable
 
 
 def _logits(shape, n, spread=0.7, device="cpu"):
@@ -104,3 +104,20 @@ def test_hyper_kernels_on_gpu(dtype):
     a = torch.randn(M, n, D, device="cuda").to(dtype)
     b = torch.randn(M, 1, D, device="cuda").to(dtype).expand(M, n, D)
     assert rel_err(stream_gram(a, b), torch.einsum("mid,mjd->ij", a.double(), b.double())) < 1e-5
+
+
+@pytest.mark.parametrize("n,dtype", [(3, torch.float32), (4, torch.bfloat16)])
+def test_write_backward_matches_float64(n, dtype):
+    M, D = 23, 70  # a partial token block and a partial D chunk
+    X = torch.randn(M, 1, D).to(dtype).expand(M, n, D)  # expand_streams' stride-0 entry
+    y, g = torch.randn(M, D).to(dtype), torch.randn(M, n, D).to(dtype)
+    h_post, h_res = torch.rand(M, n) * 2, torch.rand(M, n, n)
+    assert write_backward_fusable(X, y, h_post, h_res)
+    dX, dy, dh_post, dh_res = write_backward(g, X, y, h_post, h_res)
+    X64, y64, hp64, hr64 = (t.double() for t in (X, y, h_post, h_res))
+    assert dX.dtype == dtype and dy.dtype == dtype and dh_res.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # dX and dy are rounded to bfloat16
+    assert rel_err(dX, torch.einsum("mij,mid->mjd", hr64, g.double())) < tol
+    assert rel_err(dy, torch.einsum("mi,mid->md", hp64, g.double())) < tol
+    assert rel_err(dh_post, torch.einsum("mid,md->mi", g.double(), y64)) < 1e-5
+    assert rel_err(dh_res, torch.einsum("mid,mjd->mij", g.double(), X64)) < 1e-5

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.hyper_triton import fused_sinkhorn, stream_gram
+from ..ops.hyper_triton import fused_sinkhorn, stream_gram, write_backward, write_backward_fusable
 from ._recorder import record
 
 
@@ -133,6 +133,24 @@ class _StaticWrite(torch.autograd.Function):
         return dX, dy, dh_post.to(h_post.dtype), dh_res.to(h_res.dtype)
 
 
+class _DynamicWrite(torch.autograd.Function):
+    """mHC's write with its backward in one kernel: the compiler's version reads the streams several
+    times (per-token reductions over D for H_res and H_post, then H_res^T g)."""
+
+    @staticmethod
+    def forward(ctx, X, y, h_post, h_res):
+        ctx.save_for_backward(X, y, h_post, h_res)
+        return _write(X, y, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, g):
+        X, y, h_post, h_res = ctx.saved_tensors
+        n, D = X.shape[-2:]
+        dX, dy, dh_post, dh_res = write_backward(_tokens(g), _tokens(X), y.reshape(-1, D), h_post.reshape(-1, n),
+                                                 h_res.reshape(-1, n, n))
+        return dX.view(X.shape), dy.view(y.shape), dh_post.view(h_post.shape), dh_res.view(h_res.shape)
+
+
 class HyperConnection(nn.Module):
     """The read/write of n residual streams ``X [B, T, n, D]`` around one sublayer.
 
@@ -210,6 +228,8 @@ class HyperConnection(nn.Module):
                              f"{getattr(y, 'shape', type(y).__name__)}")
         if h_res.dim() == 2:
             return _StaticWrite.apply(X, y, h_post, h_res)
+        if write_backward_fusable(X, y, h_post, h_res):
+            return _DynamicWrite.apply(X, y, h_post, h_res)
         return _write(X, y, h_post, h_res)
 
     def forward(self, X: torch.Tensor, fn) -> torch.Tensor:

@@ -236,3 +236,76 @@ def stream_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"a and b must be floating point on one device, got {a.dtype} on {a.device} and "
                         f"{b.dtype} on {b.device}")
     return _stream_gram_op(a, b)
+
+
+@triton.jit
+def _write_bwd_kernel(g, X, y, H, h_post, dX, dy, dH, dh_post, M, D, sx_m, sx_n, sy_m,
+                      N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, NP)
+    m_ok = rm < M
+    m2, n2 = rm.expand_dims(1), rn.expand_dims(0)
+    mn_ok = m_ok.expand_dims(1) & (n2 < N)
+    m3, n3 = m2.expand_dims(2), n2.expand_dims(2)
+    h_post_all = tl.load(h_post + m2 * N + n2, mask=mn_ok, other=0.0).to(tl.float32)
+    acc_h = tl.zeros([BLOCK_M, NP, NP], dtype=tl.float32)  # dH [m, i, j]
+    acc_p = tl.zeros([BLOCK_M, NP], dtype=tl.float32)  # dh_post [m, i]
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d2 = rd.expand_dims(0)
+        md_ok = m_ok.expand_dims(1) & (d2 < D)
+        d3 = d2.expand_dims(1)
+        mnd_ok = mn_ok.expand_dims(2) & (d3 < D)
+        x = tl.load(X + m3 * sx_m + n3 * sx_n + d3, mask=mnd_ok, other=0.0).to(tl.float32)  # [m, j, d]
+        yv = tl.load(y + m2 * sy_m + d2, mask=md_ok, other=0.0).to(tl.float32)
+        dx = tl.zeros([BLOCK_M, NP, BLOCK_D], dtype=tl.float32)
+        dyv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(N):
+            gi = tl.load(g + (m2 * N + i) * D + d2, mask=md_ok, other=0.0).to(tl.float32)  # [m, d]
+            h_i = tl.load(H + (m2 * N + i) * N + n2, mask=mn_ok, other=0.0).to(tl.float32)  # H[m, i, j]
+            dx += h_i.expand_dims(2) * gi.expand_dims(1)
+            dyv += tl.sum(tl.where(n2 == i, h_post_all, 0.0), 1).expand_dims(1) * gi
+            sel = n3 == i  # [1, NP, 1]: row i of dH, entry i of dh_post
+            acc_h += tl.where(sel, tl.sum(gi.expand_dims(1) * x, 2).expand_dims(1), 0.0)
+            acc_p += tl.where(n2 == i, tl.sum(gi * yv, 1).expand_dims(1), 0.0)
+        tl.store(dX + (m3 * N + n3) * D + d3, dx.to(dX.dtype.element_ty), mask=mnd_ok)
+        tl.store(dy + m2 * D + d2, dyv.to(dy.dtype.element_ty), mask=md_ok)
+    j3 = rn.expand_dims(0).expand_dims(1)
+    tl.store(dH + (m3 * N + n3) * N + j3, acc_h, mask=mn_ok.expand_dims(2) & (j3 < N))
+    tl.store(dh_post + m2 * N + n2, acc_p, mask=mn_ok)
+
+
+_WRITE_BLOCK_M, _WRITE_BLOCK_D = 16, 64
+
+
+@torch.library.custom_op("flash_depth::hyper_write_backward", mutates_args=())
+def _write_backward_op(g: torch.Tensor, X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor,
+                       h_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, n, D = X.shape
+    g, X, y = g.contiguous(), last_dim_contiguous(X), last_dim_contiguous(y)
+    h_post, h_res = h_post.contiguous(), h_res.contiguous()
+    dX = torch.empty(M, n, D, device=X.device, dtype=X.dtype)
+    dy = torch.empty_like(y, memory_format=torch.contiguous_format)
+    dH, dh_post = torch.empty_like(h_res), torch.empty_like(h_post)
+    if M > 0:
+        _write_bwd_kernel[(cdiv(M, _WRITE_BLOCK_M),)](
+            g, X, y, h_res, h_post, dX, dy, dH, dh_post, M, D, X.stride(0), X.stride(1), y.stride(0),
+            N=n, NP=triton.next_power_of_2(n), BLOCK_M=_WRITE_BLOCK_M, BLOCK_D=_WRITE_BLOCK_D)
+    return dX, dy, dh_post, dH
+
+
+@_write_backward_op.register_fake
+def _(g, X, y, h_post, h_res):
+    return X.new_empty(X.shape), y.new_empty(y.shape), torch.empty_like(h_post), torch.empty_like(h_res)
+
+
+def write_backward_fusable(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> bool:
+    """:func:`write_backward` applies: CUDA (or interpreted) half/float32 streams, float32 mixes."""
+    return _fused(X) and _fused(y) and h_res.dtype == h_post.dtype == torch.float32
+
+
+def write_backward(g, X, y, h_post, h_res):
+    """Gradients of the token-dependent write ``X' = H_res @ X + H_post y`` (HyperConnection.post)
+    in one pass: ``g, X [M, n, D]``, ``y [M, D]``, ``h_post [M, n]``, ``h_res [M, n, n]`` (float32)
+    -> (dX in X's dtype, dy in y's, dh_post, dh_res). Only where :func:`write_backward_fusable`."""
+    return _write_backward_op(g, X, y, h_post, h_res)
