@@ -7,7 +7,8 @@ import torch
 from oracle import rel_err
 
 from flash_depth.nn.hyper_connections import HyperConnection, sinkhorn
-from flash_depth.ops.hyper_triton import fused_sinkhorn, stream_gram, write_backward, write_backward_fusable
+from flash_depth.ops.hyper_triton import (fused_sinkhorn, projection_fusable, rms_projection, stream_gram,
+                                         write_backward, write_backward_fusable)
 
 
 def _logits(shape, n, spread=0.7, device="cpu"):
@@ -121,3 +122,21 @@ def test_write_backward_matches_float64(n, dtype):
     assert rel_err(dy, torch.einsum("mi,mid->md", hp64, g.double())) < tol
     assert rel_err(dh_post, torch.einsum("mid,md->mi", g.double(), y64)) < 1e-5
     assert rel_err(dh_res, torch.einsum("mid,mjd->mij", g.double(), X64)) < 1e-5
+
+
+@pytest.mark.parametrize("n,dtype,expand", [(2, torch.float32, False), (3, torch.bfloat16, True),
+                                            (4, torch.float32, True)])
+def test_rms_projection_matches_float64(n, dtype, expand):
+    M, D, eps = 70, 20, 1e-6  # two token blocks (one partial), a partial D chunk, two splits of the phi sums
+    X = torch.randn(M, 1 if expand else n, D).to(dtype).expand(M, n, D)  # expand: the entry's stride-0 streams
+    phi = torch.randn(n * D, n * (n + 2)) * (n * D) ** -0.5
+    Xl, phil = X.detach().requires_grad_(), phi.requires_grad_()
+    X64, phi64 = X.detach().double().requires_grad_(), phi.detach().double().requires_grad_()
+    assert projection_fusable(Xl, phil)
+    out = rms_projection(Xl, phil, eps)
+    ref = torch.nn.functional.rms_norm(X64.flatten(-2), (n * D,), None, eps) @ phi64
+    g = torch.randn_like(ref)
+    got, want = torch.autograd.grad(out, (Xl, phil), g.float()), torch.autograd.grad(ref, (X64, phi64), g)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-5
+    assert rel_err(got[1], want[1]) < 1e-5
+    assert rel_err(got[0], want[0]) < (1e-5 if dtype == torch.float32 else 1e-2)  # dX rounded to X's dtype

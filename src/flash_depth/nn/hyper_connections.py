@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.hyper_triton import fused_sinkhorn, stream_gram, write_backward, write_backward_fusable
+from ..ops.hyper_triton import (fused_sinkhorn, projection_fusable, rms_projection, stream_gram, write_backward,
+                                write_backward_fusable)
 from ._recorder import record
 
 
@@ -203,9 +204,12 @@ class HyperConnection(nn.Module):
         if self.kind == "hc":
             return self.h_pre, self.h_post, self.h_res
         n, dt = self.streams, torch.promote_types(X.dtype, torch.float32)
-        x = F.rms_norm(X.flatten(-2).to(dt), (n * self.dim,), None, self.eps)
         # one matmul for the three projections: X is read once
-        proj = x @ torch.cat([self.phi_pre, self.phi_post, self.phi_res], 1).to(dt)
+        phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], 1).to(dt)
+        if projection_fusable(X, phi):
+            proj = rms_projection(X.flatten(0, -3), phi, self.eps).unflatten(0, X.shape[:-2])
+        else:
+            proj = F.rms_norm(X.flatten(-2).to(dt), (n * self.dim,), None, self.eps) @ phi
         p_pre, p_post, p_res = proj.split([n, n, n * n], -1)
         h_pre = torch.sigmoid(self.alpha_pre * p_pre + self.b_pre)
         h_post = 2 * torch.sigmoid(self.alpha_post * p_post + self.b_post)

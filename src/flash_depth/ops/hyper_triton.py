@@ -309,3 +309,151 @@ def write_backward(g, X, y, h_post, h_res):
     in one pass: ``g, X [M, n, D]``, ``y [M, D]``, ``h_post [M, n]``, ``h_res [M, n, n]`` (float32)
     -> (dX in X's dtype, dy in y's, dh_post, dh_res). Only where :func:`write_backward_fusable`."""
     return _write_backward_op(g, X, y, h_post, h_res)
+
+
+# mHC's projection ``rms_norm(X.flatten(-2)) @ phi`` (phi [n*D, K], K = n*(n+2)): the compiler writes the
+# normalised float32 X (twice X's bytes) for cuBLAS and keeps it for the backward. These kernels read X
+# instead; X is exact in tf32, so tf32x3 dots keep float32 accuracy on tensor cores.
+@triton.jit
+def _proj_fwd_kernel(X, phi, proj, rstd, M, D, sx_m, sx_n, eps, N: tl.constexpr, K: tl.constexpr,
+                     KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, KP)
+    acc = tl.zeros([BLOCK_M, KP], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i in range(N):
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(X + rm[:, None] * sx_m + i * sx_n + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :],
+                        other=0.0).to(tl.float32)
+            w = tl.load(phi + (i * D + rd)[:, None] * K + rk[None, :], mask=(rd < D)[:, None] & (rk < K)[None, :],
+                        other=0.0)
+            sumsq += tl.sum(x * x, 1)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    r = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sqrt_rn(sumsq / (N * D) + eps))
+    tl.store(proj + rm[:, None] * K + rk[None, :], acc * r[:, None], mask=(rm < M)[:, None] & (rk < K)[None, :])
+    tl.store(rstd + rm, r, mask=rm < M)
+
+
+@triton.jit
+def _proj_bwd_x_kernel(X, phi, proj, rstd, dproj, dX, M, D, sx_m, sx_n, N: tl.constexpr, K: tl.constexpr,
+                       KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # dX = r (dproj phi^T) - X r^2 (dproj . proj) / (n D): the rms-norm backward, with
+    # sum_k (dproj phi^T)_k x_k = dproj . proj from the [M, K] tensors
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, KP)
+    mk_ok = (rm < M)[:, None] & (rk < K)[None, :]
+    dp = tl.load(dproj + rm[:, None] * K + rk[None, :], mask=mk_ok, other=0.0)
+    p = tl.load(proj + rm[:, None] * K + rk[None, :], mask=mk_ok, other=0.0)
+    r = tl.load(rstd + rm, mask=rm < M, other=0.0)
+    coef = r * r * tl.sum(dp * p, 1) / (N * D)
+    for i in range(N):
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            md_ok = (rm < M)[:, None] & (rd < D)[None, :]
+            w_t = tl.load(phi + (i * D + rd)[None, :] * K + rk[:, None], mask=(rd < D)[None, :] & (rk < K)[:, None],
+                          other=0.0)
+            x = tl.load(X + rm[:, None] * sx_m + i * sx_n + rd[None, :], mask=md_ok, other=0.0).to(tl.float32)
+            dx = r[:, None] * tl.dot(dp, w_t, input_precision=PRECISION) - x * coef[:, None]
+            tl.store(dX + (rm[:, None] * N + i) * D + rd[None, :], dx.to(dX.dtype.element_ty), mask=md_ok)
+
+
+@triton.jit
+def _proj_bwd_phi_kernel(X, rstd, dproj, part, M, D, sx_m, sx_n, tokens_per_split, N: tl.constexpr, K: tl.constexpr,
+                         KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # dphi[k, :] = sum_m X[m, k] r[m] dproj[m, :], one split of the tokens per program row
+    rk_blk, split = tl.program_id(0), tl.program_id(1)
+    blocks_per_row = tl.cdiv(D, BLOCK_D)
+    i, d0 = rk_blk // blocks_per_row, (rk_blk % blocks_per_row) * BLOCK_D
+    rd = d0 + tl.arange(0, BLOCK_D)
+    rk = tl.arange(0, KP)
+    acc = tl.zeros([BLOCK_D, KP], dtype=tl.float32)
+    start = split.to(tl.int64) * tokens_per_split
+    for m0 in range(0, tokens_per_split, BLOCK_M):
+        rm = start + m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < M  # tokens_per_split is a multiple of BLOCK_M
+        x = tl.load(X + rm[None, :] * sx_m + i * sx_n + rd[:, None], mask=m_ok[None, :] & (rd < D)[:, None],
+                    other=0.0).to(tl.float32)
+        r = tl.load(rstd + rm, mask=m_ok, other=0.0)
+        dp = tl.load(dproj + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
+        acc = tl.dot(x, dp * r[:, None], acc, input_precision=PRECISION)
+    out = part + (split.to(tl.int64) * N * D + i * D + rd[:, None]) * K + rk[None, :]
+    tl.store(out, acc, mask=(rd < D)[:, None] & (rk < K)[None, :])
+
+
+_PROJ_BLOCK_M, _PROJ_BLOCK_D, _PHI_SPLITS = 64, 64, 16
+
+
+def _proj_meta(X, phi):
+    n, D = X.shape[1:]
+    # tf32x3 keeps float32 accuracy on tensor cores; the interpreter computes dots in float32 anyway
+    precision = "ieee" if X.device.type != "cuda" else "tf32x3"
+    return dict(N=n, K=phi.shape[1], KP=max(16, triton.next_power_of_2(phi.shape[1])), BLOCK_M=_PROJ_BLOCK_M,
+                BLOCK_D=min(_PROJ_BLOCK_D, max(16, triton.next_power_of_2(D))), PRECISION=precision)
+
+
+@torch.library.custom_op("flash_depth::mhc_projection", mutates_args=())
+def _projection_op(X: torch.Tensor, phi: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    X, phi = last_dim_contiguous(X), phi.contiguous()
+    M, n, D = X.shape
+    proj = torch.empty(M, phi.shape[1], device=X.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=X.device, dtype=torch.float32)
+    if M > 0:
+        _proj_fwd_kernel[(cdiv(M, _PROJ_BLOCK_M),)](X, phi, proj, rstd, M, D, X.stride(0), X.stride(1), eps,
+                                                   **_proj_meta(X, phi))
+    return proj, rstd
+
+
+@_projection_op.register_fake
+def _(X, phi, eps):
+    return X.new_empty(X.shape[0], phi.shape[1], dtype=torch.float32), X.new_empty(X.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("flash_depth::mhc_projection_backward", mutates_args=())
+def _projection_backward_op(dproj: torch.Tensor, X: torch.Tensor, phi: torch.Tensor, proj: torch.Tensor,
+                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    X, phi, dproj = last_dim_contiguous(X), phi.contiguous(), dproj.contiguous()
+    M, n, D = X.shape
+    meta = _proj_meta(X, phi)
+    dX = torch.empty(M, n, D, device=X.device, dtype=X.dtype)
+    splits = max(1, min(_PHI_SPLITS, cdiv(M, _PROJ_BLOCK_M)))
+    part = torch.zeros(splits, n * D, phi.shape[1], device=X.device, dtype=torch.float32)
+    if M > 0:
+        _proj_bwd_x_kernel[(cdiv(M, _PROJ_BLOCK_M),)](X, phi, proj, rstd, dproj, dX, M, D, X.stride(0), X.stride(1),
+                                                     **meta)
+        per_split = cdiv(cdiv(M, splits), _PROJ_BLOCK_M) * _PROJ_BLOCK_M
+        _proj_bwd_phi_kernel[(n * cdiv(D, meta["BLOCK_D"]), splits)](
+            X, rstd, dproj, part, M, D, X.stride(0), X.stride(1), per_split, **meta)
+    return dX, part.sum(0).to(phi.dtype)
+
+
+@_projection_backward_op.register_fake
+def _(dproj, X, phi, proj, rstd):
+    return X.new_empty(X.shape), torch.empty_like(phi)
+
+
+def _projection_setup(ctx, inputs, output):
+    X, phi, _ = inputs
+    ctx.save_for_backward(X, phi, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _projection_grad(ctx, dproj, _drstd):
+    X, phi, proj, rstd = ctx.saved_tensors
+    dX, dphi = _projection_backward_op(dproj, X, phi, proj, rstd)
+    return dX, dphi, None
+
+
+_projection_op.register_autograd(_projection_grad, setup_context=_projection_setup)
+
+
+def projection_fusable(X: torch.Tensor, phi: torch.Tensor) -> bool:
+    """:func:`rms_projection` applies: CUDA (or interpreted) half/float32 streams, a float32 phi."""
+    return _fused(X) and phi.dtype == torch.float32
+
+
+def rms_projection(X: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.rms_norm(X.flatten(-2).float(), eps=eps) @ phi``: ``X [M, n, D]`` (any strides but the
+    last), ``phi [n*D, K]`` float32 -> ``[M, K]`` float32, without the normalised X in memory.
+    Only where :func:`projection_fusable`."""
+    return _projection_op(X, phi, eps)[0]
