@@ -105,6 +105,47 @@ def test_hyper_kernels_on_gpu(dtype):
     a = torch.randn(M, n, D, device="cuda").to(dtype)
     b = torch.randn(M, 1, D, device="cuda").to(dtype).expand(M, n, D)
     assert rel_err(stream_gram(a, b), torch.einsum("mid,mjd->ij", a.double(), b.double())) < 1e-5
+    y, h_post, h_res = b[:, 0], torch.rand(M, n, device="cuda"), torch.rand(M, n, n, device="cuda")
+    dX, dy, dh_post, dh_res = write_backward(a, b, y, h_post, h_res)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(dX, torch.einsum("mij,mid->mjd", h_res.double(), a.double())) < tol
+    assert rel_err(dh_res, torch.einsum("mid,mjd->mij", a.double(), b.double())) < 1e-5
+    assert rel_err(dh_post, torch.einsum("mid,md->mi", a.double(), y.double())) < 1e-5
+    phi = (torch.randn(n * D, n * (n + 2), device="cuda") * (n * D) ** -0.5).requires_grad_()
+    X = a.detach().requires_grad_()
+    out = rms_projection(X, phi, 1e-6)
+    X64, phi64 = X.detach().double().requires_grad_(), phi.detach().double().requires_grad_()
+    ref = torch.nn.functional.rms_norm(X64.flatten(-2), (n * D,), None, 1e-6) @ phi64
+    g = torch.randn_like(ref)
+    got, want = torch.autograd.grad(out, (X, phi), g.float()), torch.autograd.grad(ref, (X64, phi64), g)
+    assert rel_err(out, ref) < 1e-5 and rel_err(got[1], want[1]) < 1e-5 and rel_err(got[0], want[0]) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mhc", "hc"])
+def test_compiled_hyper_connection_on_gpu(kind):
+    # the custom ops inside torch.compile under bf16 autocast, against the float64 module
+    D, n = 384, 4
+    lin = torch.nn.Linear(D, D, device="cuda")
+    hc = HyperConnection(D, n, kind, layer=1, device="cuda")
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hc64, lin64 = HyperConnection(D, n, kind, layer=1).double().cuda(), torch.nn.Linear(D, D).double().cuda()
+    hc64.load_state_dict(hc.state_dict())
+    lin64.load_state_dict(lin.state_dict())
+    X = torch.randn(2, 999, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    X64 = X.detach().double().requires_grad_()
+    step = torch.compile(lambda x: hc(x, lin), fullgraph=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        out = step(X)
+    ref = hc64(X64, lin64)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [X, *hc.parameters()], g.to(out.dtype))
+    want = torch.autograd.grad(ref, [X64, *hc64.parameters()], g)
+    assert rel_err(out, ref) < 2e-2  # the bf16 sublayer
+    for (name, _), a, b in zip([("X", None), *hc.named_parameters()], got, want):
+        assert rel_err(a, b) < 5e-2, name
 
 
 @pytest.mark.parametrize("n,dtype", [(3, torch.float32), (4, torch.bfloat16)])
