@@ -32,6 +32,10 @@ alternates column and row sums; the entry copies the embedding n times. Differen
     SPEC 10. Both orientations are learned the same way (Sinkhorn is symmetric in rows/columns).
   * their exit (``mhc_head``) is a learned sigmoid read of the streams; ``collapse_streams`` takes the
     mean (the HC paper sums; the final RMSNorm makes sum and mean equal up to its eps).
+
+On CUDA (or under TRITON_INTERPRET=1) the Sinkhorn, mHC's projection and write backward and static HC's
+mix gradients run as Triton custom ops (ops/hyper_triton.py, float32 arithmetic); float64 and other
+devices take the plain PyTorch formulas, which stay the reference (``sinkhorn`` here).
 """
 
 from __future__ import annotations
