@@ -168,7 +168,7 @@ def test_write_backward_matches_float64(n, dtype):
 @pytest.mark.parametrize("n,dtype,expand", [(2, torch.float32, False), (3, torch.bfloat16, True),
                                             (4, torch.float32, True)])
 def test_rms_projection_matches_float64(n, dtype, expand):
-    M, D, eps = 70, 20, 1e-6  # two token blocks (one partial), a partial D chunk, two splits of the phi sums
+    M, D, eps = 70, 20, 1e-6  # three token blocks (one partial), a partial D chunk, three splits of the phi sums
     X = torch.randn(M, 1 if expand else n, D).to(dtype).expand(M, n, D)  # expand: the entry's stride-0 streams
     phi = torch.randn(n * D, n * (n + 2)) * (n * D) ** -0.5
     Xl, phil = X.detach().requires_grad_(), phi.requires_grad_()
