@@ -7,9 +7,13 @@ torch.compile'd blocks call them without a graph break:
 - ``flash_depth::stream_gram``: ``sum_{m, d} a[m, i, d] b[m, j, d]`` for ``a [M, na, D]``,
   ``b [M, nb, D]``: the gradients of static HC's mixes, sums over every token that inductor splits
   badly (1.3 ms per call at M = 16384, n = 4, D = 384).
+- ``flash_depth::hyper_write_backward``: mHC's write ``X' = H_res @ X + H_post y`` backward from one
+  read of g, X and y.
+- ``flash_depth::mhc_projection`` (+ ``_backward``): ``rms_norm(X) @ phi`` without a float32 copy of X.
 
-Both run in float32 on CUDA (or under TRITON_INTERPRET=1) and fall back to PyTorch for float64 or
-other devices.
+All compute in float32 on CUDA (or under TRITON_INTERPRET=1). ``fused_sinkhorn`` and ``stream_gram``
+fall back to PyTorch for float64 or other devices; the write and projection callers check
+``*_fusable`` first and otherwise keep the PyTorch formulas.
 """
 
 from __future__ import annotations
