@@ -11,6 +11,13 @@ from flash_depth.ops.hyper_triton import (fused_sinkhorn, projection_fusable, rm
                                          write_backward, write_backward_fusable)
 
 
+@pytest.fixture(autouse=True)
+def _device():
+    # tensors made in a test live on the GPU where there is one (else the kernels run in the interpreter)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        yield
+
+
 def _logits(shape, n, spread=0.7, device="cpu"):
     # around the init's b_res (0 on the diagonal, -1 off it)
     eye = torch.eye(n, device=device) - 1
