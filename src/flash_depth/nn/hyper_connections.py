@@ -32,6 +32,10 @@ alternates column and row sums; the entry copies the embedding n times. Differen
     SPEC 10. Both orientations are learned the same way (Sinkhorn is symmetric in rows/columns).
   * their exit (``mhc_head``) is a learned sigmoid read of the streams; ``collapse_streams`` takes the
     mean (the HC paper sums; the final RMSNorm makes sum and mean equal up to its eps).
+
+On CUDA (or under TRITON_INTERPRET=1) the Sinkhorn, mHC's projection and write backward and static HC's
+mix gradients run as Triton custom ops (ops/hyper_triton.py, float32 arithmetic); float64 and other
+devices take the plain PyTorch formulas, which stay the reference (``sinkhorn`` here).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.hyper_triton import (fused_sinkhorn, projection_fusable, rms_projection, stream_gram, write_backward,
+                                write_backward_fusable)
 from ._recorder import record
 
 
@@ -74,6 +80,80 @@ def collapse_streams(X: torch.Tensor) -> torch.Tensor:
 def _check_int(name: str, value, low: int):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _read(X, h_pre):
+    """``sum_i h_pre[..., i] X[..., i, :]`` in X's dtype. Products and a sum over n, not a batched
+    [1, n] @ [n, D] matmul: the compiler fuses them into one pass over X (cuBLAS runs such tiny
+    per-token matmuls as slow GEMVs)."""
+    dt = torch.promote_types(X.dtype, h_pre.dtype)
+    return (h_pre.to(dt).unsqueeze(-1) * X.to(dt)).sum(-2).to(X.dtype)
+
+
+def _write(X, y, h_post, h_res):
+    """``H_res @ X + H_post y`` in X's dtype, as products and sums over n (see _read)."""
+    dt = torch.promote_types(X.dtype, h_res.dtype)
+    mixed = (h_res.to(dt).unsqueeze(-1) * X.to(dt).unsqueeze(-3)).sum(-2)
+    return (mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(X.dtype)
+
+
+def _tokens(x):
+    """``[..., k, D]`` -> ``[M, k, D]`` (a view where the leading dimensions allow it)."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+# Static HC's mixes are shared by every token: their gradients are sums over all tokens, which the
+# compiler turns into slow split reductions (1.3 ms a call at 16384 tokens). These two Functions
+# keep the elementwise parts to the compiler and take those sums from one stream_gram kernel.
+class _StaticRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X, h_pre):
+        ctx.save_for_backward(X, h_pre)
+        return _read(X, h_pre)
+
+    @staticmethod
+    def backward(ctx, g):
+        X, h_pre = ctx.saved_tensors
+        dt = torch.promote_types(X.dtype, h_pre.dtype)
+        dX = (h_pre.to(dt).unsqueeze(-1) * g.to(dt).unsqueeze(-2)).to(X.dtype)
+        dh_pre = stream_gram(_tokens(X), _tokens(g.unsqueeze(-2)))[:, 0]
+        return dX, dh_pre.to(h_pre.dtype)
+
+
+class _StaticWrite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X, y, h_post, h_res):
+        ctx.save_for_backward(X, y, h_post, h_res)
+        return _write(X, y, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, g):
+        X, y, h_post, h_res = ctx.saved_tensors
+        dt = torch.promote_types(X.dtype, h_res.dtype)
+        gd = g.to(dt)
+        dX = (h_res.to(dt).unsqueeze(-1) * gd.unsqueeze(-2)).sum(-3).to(X.dtype)  # H_res^T g
+        dy = (h_post.to(dt).unsqueeze(-1) * gd).sum(-2).to(y.dtype)
+        dh_res = stream_gram(_tokens(g), _tokens(X))
+        dh_post = stream_gram(_tokens(g), _tokens(y.unsqueeze(-2)))[:, 0]
+        return dX, dy, dh_post.to(h_post.dtype), dh_res.to(h_res.dtype)
+
+
+class _DynamicWrite(torch.autograd.Function):
+    """mHC's write with its backward in one kernel: the compiler's version reads the streams several
+    times (per-token reductions over D for H_res and H_post, then H_res^T g)."""
+
+    @staticmethod
+    def forward(ctx, X, y, h_post, h_res):
+        ctx.save_for_backward(X, y, h_post, h_res)
+        return _write(X, y, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, g):
+        X, y, h_post, h_res = ctx.saved_tensors
+        n, D = X.shape[-2:]
+        dX, dy, dh_post, dh_res = write_backward(_tokens(g), _tokens(X), y.reshape(-1, D), h_post.reshape(-1, n),
+                                                 h_res.reshape(-1, n, n))
+        return dX.view(X.shape), dy.view(y.shape), dh_post.view(h_post.shape), dh_res.view(h_res.shape)
 
 
 class HyperConnection(nn.Module):
@@ -128,13 +208,16 @@ class HyperConnection(nn.Module):
         if self.kind == "hc":
             return self.h_pre, self.h_post, self.h_res
         n, dt = self.streams, torch.promote_types(X.dtype, torch.float32)
-        x = F.rms_norm(X.flatten(-2).to(dt), (n * self.dim,), None, self.eps)
         # one matmul for the three projections: X is read once
-        proj = x @ torch.cat([self.phi_pre, self.phi_post, self.phi_res], 1).to(dt)
+        phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], 1).to(dt)
+        if projection_fusable(X, phi):
+            proj = rms_projection(X.flatten(0, -3), phi, self.eps).unflatten(0, X.shape[:-2])
+        else:
+            proj = F.rms_norm(X.flatten(-2).to(dt), (n * self.dim,), None, self.eps) @ phi
         p_pre, p_post, p_res = proj.split([n, n, n * n], -1)
         h_pre = torch.sigmoid(self.alpha_pre * p_pre + self.b_pre)
         h_post = 2 * torch.sigmoid(self.alpha_post * p_post + self.b_post)
-        h_res = sinkhorn(self.alpha_res * p_res.unflatten(-1, (n, n)) + self.b_res, self.sinkhorn_iters)
+        h_res = fused_sinkhorn(self.alpha_res * p_res.unflatten(-1, (n, n)) + self.b_res, self.sinkhorn_iters)
         return h_pre, h_post, h_res
 
     def pre(self, X: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -142,22 +225,20 @@ class HyperConnection(nn.Module):
         (H_post, H_res) that ``post`` needs."""
         h_pre, h_post, h_res = self.mixes(X)
         record(self, "hyper", self.layer, h_pre, h_post, h_res)
-        dt = torch.promote_types(X.dtype, h_pre.dtype)
-        # products and a sum over n, not a batched [1, n] @ [n, D] matmul: the compiler fuses
-        # them into one pass over X (cuBLAS runs such tiny per-token matmuls as slow GEMVs)
-        x_in = (h_pre.to(dt).unsqueeze(-1) * X.to(dt)).sum(-2)
-        return x_in.to(X.dtype), (h_post, h_res)
+        if h_pre.dim() == 1:
+            return _StaticRead.apply(X, h_pre), (h_post, h_res)
+        return _read(X, h_pre), (h_post, h_res)
 
     def post(self, X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
         """Write: ``X [B, T, n, D]``, sublayer output ``y [B, T, D]`` -> ``X' [B, T, n, D]``."""
         if not isinstance(y, torch.Tensor) or y.shape != X.shape[:-2] + X.shape[-1:]:
             raise ValueError(f"y must be a tensor {list(X.shape[:-2] + X.shape[-1:])}, got "
                              f"{getattr(y, 'shape', type(y).__name__)}")
-        dt = torch.promote_types(X.dtype, h_res.dtype)
-        # H_res @ X as products and a sum over n (see pre)
-        mixed = (h_res.to(dt).unsqueeze(-1) * X.to(dt).unsqueeze(-3)).sum(-2)
-        out = mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
-        return out.to(X.dtype)
+        if h_res.dim() == 2:
+            return _StaticWrite.apply(X, y, h_post, h_res)
+        if write_backward_fusable(X, y, h_post, h_res):
+            return _DynamicWrite.apply(X, y, h_post, h_res)
+        return _write(X, y, h_post, h_res)
 
     def forward(self, X: torch.Tensor, fn) -> torch.Tensor:
         """``X [B, T, n, D]`` -> ``X' [B, T, n, D]`` around ``fn: [B, T, D] -> [B, T, D]``."""
