@@ -18,7 +18,7 @@ def _device():
         yield
 
 
-def _logits(shape, n, spread=0.7, device="cpu"):
+def _logits(shape, n, spread=0.7, device=None):
     # around the init's b_res (0 on the diagonal, -1 off it)
     eye = torch.eye(n, device=device) - 1
     return eye + torch.randn(*shape, n, n, device=device) * spread
