@@ -192,10 +192,13 @@ KERNEL_SHAPES = [(2, 4, 2, 16, 37, 3), (3, 6, 2, 24, 130, 5), (1, 4, 4, 16, 9, 0
                  (1, 2, 1, 16, 300, 1)]
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture()
 def decode_kernel(monkeypatch):
-    """decode_attention takes the Triton decoding kernel on the CPU too (TRITON_INTERPRET=1, set by
-    conftest) for one query token."""
+    """decode_attention takes the Triton decoding kernel for one query token, on the CPU too
+    (TRITON_INTERPRET=1, set by conftest): the tests run on DEVICE."""
     import flash_depth.ops.moda as moda_ops
 
     monkeypatch.setattr(moda_ops, "_decode_kernel_applies", lambda q, *a: q.shape[1] == 1)
@@ -218,12 +221,14 @@ def test_decode_kernel_is_moda_over_the_kept_keys(shape, decode_kernel, monkeypa
     key_mask = torch.rand(B, Tk) < 0.6
     key_mask[:, Tk // 2:Tk // 2 + 1] = True  # every row keeps a key
     seq = (k, v) if Tk else (None, None)
-    out = decode_attention(q, *seq, kd, vd, key_mask=key_mask if Tk else None)
+    on = [None if x is None else x.to(DEVICE) for x in (q, *seq, kd, vd, key_mask if Tk else None)]
+    out = decode_attention(*on[:5], key_mask=on[5])
     assert calls == [(B, Tk, Hk, d)] and out.shape == q.shape
     want, _ = naive_moda(q, *seq, kd, vd, causal=False, key_mask=key_mask[:, None] if Tk else None)
-    assert rel_err(out, want) < 1e-5
+    assert rel_err(out.cpu(), want) < 1e-5
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: generate() compiles by itself; test_gpu.py covers it")
 def test_compiled_decoding_through_the_decode_kernel_equals_the_dynamic_cache(decode_kernel):
     """The kernel is one opaque op per layer in the compiled step: no graph break, no recompile,
     the greedy tokens of the dynamic cache (with left padding)."""
