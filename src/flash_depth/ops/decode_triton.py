@@ -76,8 +76,10 @@ def _decode_split_kernel(
     else:
         m, s_sum, acc = _scan(q, KD + b * stride_kdb + h * stride_kdh, VD + b * stride_vdb + h * stride_vdh,
                               stride_kdl, 0, L, MASK, offs_d, d_ok, False, BLOCK_G, BLOCK_N, BLOCK_D)
-    lse = tl.where(s_sum > 0, m + tl.log2(s_sum), float("-inf"))
-    out = acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None]
+    kept = s_sum > 0  # a chunk with every key masked: lse = -inf, weight 0 in the merge
+    s_safe = tl.where(kept, s_sum, 1.0)
+    lse = tl.where(kept, m + tl.log2(s_safe), float("-inf"))
+    out = acc / s_safe[:, None]
     n_parts = tl.num_programs(1)
     row = (bh * n_parts + c) * BLOCK_G + offs_g
     tl.store(O_PART + row[:, None] * BLOCK_D + offs_d[None, :], out)
