@@ -348,3 +348,57 @@ def test_vit_fused_path_matches_reference_path(mech):
     assert abs(losses[0] - losses[1]) < 1e-4
     for (name, p), p_ref in zip(models[0].named_parameters(), models[1].parameters()):
         assert rel_err(p.grad, p_ref.grad) < 1e-3, name
+
+
+# (B, Hq, Hk, d, Tk, L): the 700m decoding step (batch 1 and 8, the last layer's 70 slots), G=4 with
+# d=128 and odd sizes, a cache of one chunk, depth only
+@pytest.mark.parametrize("shape", [(1, 16, 8, 64, 640, 70), (8, 16, 8, 64, 640, 70), (3, 32, 8, 128, 1001, 7),
+                                   (2, 6, 2, 40, 5, 1), (4, 16, 8, 64, 0, 9)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_kernel_matches_float64(shape, dtype):
+    """decode_attention's Triton kernel (one CUDA token) over a transposed cache with padding and
+    unwritten slots, and a slice of a slot buffer, against the float64 formula."""
+    from flash_depth.ops import decode_attention
+    from oracle import naive_moda
+
+    B, Hq, Hk, d, Tk, L = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*s):
+        return torch.randn(s, device="cuda", dtype=dtype, generator=g)
+
+    q = rnd(B, 1, Hq, d)
+    k, v = rnd(B, Hk, Tk, d).transpose(1, 2), rnd(B, Hk, Tk, d).transpose(1, 2)
+    slots = rnd(2, B, 1, L + 3, Hk, d)
+    key_mask = torch.zeros(B, Tk, dtype=torch.bool, device="cuda")
+    for row in range(B):
+        key_mask[row, row % 4: max(row % 4 + 1, Tk - 2 * row - 1)] = True  # padding, then unwritten slots
+    seq = (k, v) if Tk else (None, None)
+    out = decode_attention(q, *seq, slots[0, :, :, :L], slots[1, :, :, :L], key_mask=key_mask if Tk else None)
+    want, _ = naive_moda(q, *seq, slots[0, :, :, :L], slots[1, :, :, :L], causal=False,
+                         key_mask=key_mask[:, None] if Tk else None)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, want) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("mech", ["moda", "residual", "depth_attention"])
+def test_compiled_static_generation_on_cuda_equals_the_dynamic_cache(mech):
+    """generate() on CUDA with a static cache (compiled steps, CUDA graphs, the Triton decoding
+    kernel) gives the dynamic cache's greedy tokens, fp32, left-padded rows."""
+    from flash_depth.eval.generation import GENERATE_COMPILES, compiled_decoding
+    from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+
+    torch.manual_seed(0)
+    model = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", depth_mechanism=mech)).cuda().eval()
+    ids = torch.randint(1, 512, (3, 9), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        torch._dynamo.reset()
+        with compiled_decoding(model, mode="reduce-overhead") if not GENERATE_COMPILES else torch.no_grad():
+            for _ in range(2):  # the second replays the recorded graphs
+                assert torch.equal(model.generate(ids, cache_implementation="static", **kw), want)
+    torch._dynamo.reset()

@@ -11,7 +11,7 @@ from flash_depth.eval.generation import GENERATE_COMPILES, compiled_decoding
 from flash_depth.models import DEPTH_MECHANISMS, FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.models.modeling_flash_depth import static_cache_mask
 from flash_depth.ops import decode_attention, depth_attention, moda_attention
-from oracle import rel_err
+from oracle import naive_moda, rel_err
 
 NEW = 5
 
@@ -184,6 +184,71 @@ def test_decode_attention_is_moda_over_the_kept_keys(tq, depth, monkeypatch):
     bad = torch.zeros(2, tq, 3, 1, 8)
     with pytest.raises(ValueError, match=rf"k_depth and v_depth must be \[B=2, Tq={tq}, L, Hk=2, d=8\]"):
         decode_attention(q, k, v, bad, bad, key_mask=key_mask)
+
+
+# (B, Hq, Hk, d, Tk, L): GQA, G=3 (padded to 4 query rows), G=1, d not a power of two, no depth
+# slots, no cache (depth only), a cache of several chunks per KV head
+KERNEL_SHAPES = [(2, 4, 2, 16, 37, 3), (3, 6, 2, 24, 130, 5), (1, 4, 4, 16, 9, 0), (2, 8, 1, 32, 0, 4),
+                 (1, 2, 1, 16, 300, 1)]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture()
+def decode_kernel(monkeypatch):
+    """decode_attention takes the Triton decoding kernel for one query token, on the CPU too
+    (TRITON_INTERPRET=1, set by conftest): the tests run on DEVICE."""
+    import flash_depth.ops.moda as moda_ops
+
+    monkeypatch.setattr(moda_ops, "_decode_kernel_applies", lambda q, *a: q.shape[1] == 1)
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+def test_decode_kernel_is_moda_over_the_kept_keys(shape, decode_kernel, monkeypatch):
+    """The Triton decoding kernel reads a transposed cache and a slice of a slot buffer in place and
+    equals the float64 formula over the kept keys and the slots."""
+    from flash_depth.ops import decode_triton
+
+    calls = []
+    kernel = decode_triton.decode_forward
+    monkeypatch.setattr(decode_triton, "decode_forward", lambda *a: calls.append(a[1].shape) or kernel(*a))
+    B, Hq, Hk, d, Tk, L = shape
+    q = torch.randn(B, 1, Hq, d)
+    k, v = (torch.randn(B, Hk, Tk, d).transpose(1, 2) for _ in range(2))  # transformers' cache layout
+    slots = torch.randn(2, B, 1, L + 2, Hk, d)  # two slots past the read: a slice, as DepthSlots.read
+    kd, vd = (slots[0, :, :, :L], slots[1, :, :, :L]) if L else (None, None)
+    key_mask = torch.rand(B, Tk) < 0.6
+    key_mask[:, 3 * Tk // 4:] = False  # unwritten slots: Tk=300 leaves a chunk with no key kept
+    key_mask[:, Tk // 2:Tk // 2 + 1] = True  # every row keeps a key
+    seq = (k, v) if Tk else (None, None)
+    on = [None if x is None else x.to(DEVICE) for x in (q, *seq, kd, vd, key_mask if Tk else None)]
+    out = decode_attention(*on[:5], key_mask=on[5])
+    assert calls == [(B, Tk, Hk, d)] and out.shape == q.shape
+    want, _ = naive_moda(q, *seq, kd, vd, causal=False, key_mask=key_mask[:, None] if Tk else None)
+    assert rel_err(out.cpu(), want) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: generate() compiles by itself; test_gpu.py covers it")
+def test_compiled_decoding_through_the_decode_kernel_equals_the_dynamic_cache(decode_kernel):
+    """The kernel is one opaque op per layer in the compiled step: no graph break, no recompile,
+    the greedy tokens of the dynamic cache (with left padding)."""
+    model = _model("moda")
+    ids, mask = _prompts(4, 6)
+    want = _generate(model, ids, mask)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with compiled_decoding(model, backend=backend, fullgraph=True):
+            assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), want)
+    torch._dynamo.reset()
+    ops = [n for n in graphs[0].graph.nodes if n.target is torch.ops.flash_depth.decode_attention.default]
+    assert len(graphs) == 1 and len(ops) == model.config.num_hidden_layers
 
 
 def test_static_cache_refuses_right_padding_and_overflow():

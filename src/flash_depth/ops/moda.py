@@ -243,8 +243,9 @@ def decode_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """MoDA for a decoding step over a fixed-length KV cache, in plain PyTorch: one softmax over
-    the sequence keys that ``key_mask`` keeps and the depth slots.
+    """MoDA for a decoding step over a fixed-length KV cache: one softmax over the sequence keys
+    that ``key_mask`` keeps and the depth slots. One CUDA token runs a Triton split-K kernel that
+    reads cache and slots in place (ops/decode_triton.py); anything else plain PyTorch.
 
     Built for ``torch.compile`` and CUDA graphs: no data-dependent control flow, no host syncs,
     shapes that do not change from step to step (the whole cache is scored; unwritten and
@@ -286,6 +287,17 @@ def decode_attention(
         raise ValueError(f"k_depth and v_depth must be [B={B}, Tq={Tq}, L, Hk={Hk}, d={d}], got "
                          f"{tuple(k_depth.shape)} and {tuple(v_depth.shape)}")
     scale = resolve_scale(scale, d)
+    if _decode_kernel_applies(q, k, v, k_depth, v_depth, key_mask):
+        from . import decode_triton  # triton: imported only where it runs
+
+        # Triton split-K over the cache and the slots in place (no cat of the cache, no float mask);
+        # a missing half is an empty view, which the kernel skips
+        if k is None:
+            k = v = k_depth[:, 0, :0]
+            key_mask = torch.ones((B, 1), dtype=torch.bool, device=q.device)[:, :0]
+        elif k_depth is None:
+            k_depth = v_depth = k[:, :1, None, :, :][:, :, :0]
+        return decode_triton.decode_forward(q, k, v, key_mask, k_depth, v_depth, scale)
     G = Hq // Hk
     if k is not None and (k_depth is None or Tq == 1):
         # One fused attention call (cuDNN / memory-efficient on CUDA): the mask is per key, not per
@@ -313,3 +325,12 @@ def decode_attention(
     if k is not None:
         o = o + torch.einsum("bhgqk,bkhd->bqhgd", p[..., :n_seq].to(v.dtype), v)
     return o.reshape(B, Tq, Hq, d).to(q.dtype)
+
+
+def _decode_kernel_applies(q, k, v, k_depth, v_depth, key_mask) -> bool:
+    """Whether :func:`decode_attention` runs the Triton decoding kernel: one CUDA query token,
+    every given tensor in q's float16/bfloat16/float32, all with a contiguous last dim."""
+    given = [x for x in (q, k, v, k_depth, v_depth) if x is not None]
+    return (q.is_cuda and q.shape[1] == 1 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and all(x.dtype == q.dtype and x.stride(-1) == 1 for x in given)
+            and (key_mask is None or key_mask.stride(-1) == 1))
