@@ -10,9 +10,6 @@ from flash_depth.ops.attnres import attention_residual, attention_residual_merge
 from flash_depth.ops.attnres_triton import attnres_backward, attnres_forward, attnres_source_backward
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-# Query gradients sum over rows of (dO.v - dO.o)-sized terms that nearly cancel: in float32 about
-# 1 draw in 40 of 7 rows at D=37 passes 1e-5 (the same before and after the pipelined kernels).
-QUERY_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU
 
 
@@ -126,7 +123,7 @@ def _check_deferred(N, M, D, dtype, tiles, source_tiles, tol):
     """Three reads of the same sources ``[N, M, D]``, their source gradients deferred: each source's
     gradient over the readers 0..2 and 1..2, and the query gradients, against float64 autograd."""
     sources = (torch.randn(N, M, D) * (torch.rand(N, 1, 1) * 3 + 0.1)).to(DEVICE, dtype)
-    queries = [torch.randn(D, device=DEVICE) for _ in range(3)]
+    queries = [torch.randn(D, device=DEVICE) * D**-0.5 for _ in range(3)]  # logits O(1): softmax not saturated
     (u, do, lse, delta), d_queries = _deferred_reads(sources, queries, tiles)
     for readers in ((0, 3), (1, 3)):
         ref_v, *ref_q = float64_leaves([sources, *queries])
@@ -138,13 +135,14 @@ def _check_deferred(N, M, D, dtype, tiles, source_tiles, tol):
             got = attnres_source_backward(sources[j], u, do, lse, delta, readers, 1e-6, tiles=source_tiles)
             assert got.dtype == dtype and rel_err(got, ref_v.grad[j]) < tol, (readers, j)
         if readers[0] == 0:
-            assert all(rel_err(d, q.grad) < QUERY_TOL[dtype] for d, q in zip(d_queries, ref_q))
+            assert all(rel_err(d, q.grad) < tol for d, q in zip(d_queries, ref_q))
 
 
 @pytest.mark.parametrize("N, D, tiles, source_tiles", [
     (1, 37, (1, 1), None),                  # one source; the default tiles
     (3, 37, (2, 1, 3, 20), (1, 1, 3)),      # rows (7) not a multiple of 2; stages; warps per SM
     (2, 16, (4, 2, 1), (4, 2, 1)),          # the old tiles: four rows on two warps, no pipeline
+    (2, 520, None, None),                   # D > 512: the default tiles there
 ])
 def test_deferred_source_gradients_over_readers_match_float64(N, D, tiles, source_tiles):
     _check_deferred(N, 7, D, torch.float32, tiles, source_tiles, 1e-5)
@@ -167,17 +165,15 @@ def test_backward_tiles_match_float64_with_a_partial_sum(tiles):
     """The read backward's gradients written in place (not deferred), odd D, rows not a multiple of
     the tile, at the default tiles and others a sweep takes."""
     sources, query, norm_weight, partial = _case(2, 1, 7, 37, 1, True, torch.float32)
-    rows, p = sources.reshape(2, 7, 37), partial.reshape(7, 37)
+    rows, p, query = sources.reshape(2, 7, 37), partial.reshape(7, 37), query * 37**-0.5  # softmax not saturated
     out, lse, u = attnres_forward(rows, query, norm_weight, p, 1e-6)
     dout = torch.randn_like(out)
     got = attnres_backward(dout, rows, query, norm_weight, p, out, lse, u, 1e-6, tiles=tiles)
     leaves = float64_leaves([rows, query, norm_weight, p])
     ref_out, _ = naive_attnres(torch.cat([leaves[0], leaves[3][None]]), leaves[1], leaves[2], 1e-6)
     (ref_out * dout.double()).sum().backward()
-    names = ("sources", "partial", "query", "norm_weight")
-    tols = (1e-5, 1e-5, QUERY_TOL[torch.float32], QUERY_TOL[torch.float32])
-    for name, g, leaf, tol in zip(names, got, [leaves[i] for i in (0, 3, 1, 2)], tols):
-        assert rel_err(g, leaf.grad) < tol, name
+    for name, g, leaf in zip(("sources", "partial", "query", "norm_weight"), got, [leaves[i] for i in (0, 3, 1, 2)]):
+        assert rel_err(g, leaf.grad) < 1e-5, name
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -215,10 +215,11 @@ def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
     way at D=384 on the H200 (benchmarks/results/logs/tune_attnres_d384_h200.log; two rows on two
     warps <= 68%). The read's backward, pipelined (BWD_STAGES), compiles to 92-96 registers a thread
     at D=384 for sm_90 (triton 3.6 / 3.9) this way; its old 4 rows on 2 warps took 128 and summed du
-    across the warps through shared memory on every source."""
+    across the warps through shared memory on every source. Above D=512 (not swept since) the
+    backward keeps its old 2-4 rows on 4 warps."""
     block_d = triton.next_power_of_2(D)
     if backward:
-        return 1, block_d, max(1, min(8, block_d // 512))
+        return (1, block_d, 1) if block_d <= 512 else (max(2, min(4, 4096 // block_d)), block_d, 4)
     return 1, block_d, 1 if block_d <= 512 else max(2, min(8, block_d // 1024))
 
 
@@ -227,9 +228,10 @@ def _source_tiles(D: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) of the deferred source gradient: 2 rows on one warp (the
     pipeline copies each reader's float32 u ``[D]`` once a program through L2, 2 KB at D=384,
     more than a row's dO: two rows halve that); row sums stay in the warp. 147-164 registers a
-    thread at D=384 for sm_90 (one row: 90-92; the old 8 rows on 2 warps: 255 and spills)."""
+    thread at D=384 for sm_90 (one row: 90-92; the old 8 rows on 2 warps: 255 and spills). Above
+    D=512 the read backward's tiles."""
     block_d = triton.next_power_of_2(D)
-    return 2, block_d, max(1, min(8, block_d // 512))
+    return (2, block_d, 1) if block_d <= 512 else _tiles(D, backward=True)
 
 
 # The forward's source loop: not pipelined, as measured (78% of copy at D=384 on the H200 without
@@ -325,7 +327,8 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
         p_dtype = partial.dtype if S == 1 else torch.promote_types(partial.dtype, torch.float32)
         d_partial = torch.empty((M, D), dtype=p_dtype, device=sources.device)
     block_m, block_d, num_warps = _tiles(D, backward=True)
-    stages, warps_per_sm = BWD_STAGES, WARPS_PER_SM
+    # Above D=512 the pipeline's registers (154 a thread at D=1024) would not fit the 4 programs an SM.
+    stages, warps_per_sm = BWD_STAGES if block_d <= 512 else 1, WARPS_PER_SM
     if tiles is not None:
         block_m, num_warps, stages, warps_per_sm = (*tiles, stages, warps_per_sm)[:4]
     num_blocks = cdiv(M, block_m)
