@@ -3,11 +3,11 @@ float64 formula, forward and every gradient; the stream and two-phase paths of t
 
 import pytest
 import torch
-from oracle import naive_attnres, rel_err
+from oracle import float64_leaves, naive_attnres, rel_err
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
 from flash_depth.ops.attnres import attention_residual, attention_residual_merge
-from flash_depth.ops.attnres_triton import attnres_backward, attnres_forward
+from flash_depth.ops.attnres_triton import attnres_backward, attnres_forward, attnres_source_backward
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU
@@ -102,6 +102,78 @@ def test_backward_accumulates_into_a_gradient_buffer_and_is_deterministic():
     start = buffer.clone()
     attnres_backward(dout, rows, query, norm_weight, None, out, lse, u, 1e-6, grad_sources=buffer)
     assert rel_err(buffer, start + grads[0]) < 1e-6
+
+
+def _deferred_reads(sources, queries, tiles):
+    """Each query's read of every source, its backward deferred: u ``[R, D]``, dO ``[R, M, D]``,
+    lse and rowsums ``[R, M]`` as the source stream keeps them, and the query gradients."""
+    kept, d_queries = [], []
+    for q in queries:
+        out, lse, u = attnres_forward(sources, q, None, None, 1e-6)
+        do = torch.randn_like(out)
+        delta = torch.empty(sources.shape[1], device=DEVICE)
+        grads = attnres_backward(do, sources, q, None, None, out, lse, u, 1e-6, tiles=tiles, delta_out=delta)
+        assert grads[0] is None and rel_err(delta, (do[0].double() * out[0].double()).sum(-1)) < 1e-6
+        kept.append((u[0], do[0], lse[0], delta))
+        d_queries.append(grads[2])
+    return [torch.stack(x) for x in zip(*kept)], d_queries
+
+
+def _check_deferred(N, M, D, dtype, tiles, source_tiles, tol):
+    """Three reads of the same sources ``[N, M, D]``, their source gradients deferred: each source's
+    gradient over the readers 0..2 and 1..2, and the query gradients, against float64 autograd."""
+    sources = (torch.randn(N, M, D) * (torch.rand(N, 1, 1) * 3 + 0.1)).to(DEVICE, dtype)
+    queries = [torch.randn(D, device=DEVICE) * D**-0.5 for _ in range(3)]  # logits O(1): softmax not saturated
+    (u, do, lse, delta), d_queries = _deferred_reads(sources, queries, tiles)
+    for readers in ((0, 3), (1, 3)):
+        ref_v, *ref_q = float64_leaves([sources, *queries])
+        ones = torch.ones(1, D, dtype=torch.float64, device=DEVICE)
+        total = sum((naive_attnres(ref_v, q[None], ones, 1e-6)[0][0] * do[r].double()).sum()
+                    for r, q in enumerate(ref_q) if r >= readers[0])
+        total.backward()
+        for j in range(N):
+            got = attnres_source_backward(sources[j], u, do, lse, delta, readers, 1e-6, tiles=source_tiles)
+            assert got.dtype == dtype and rel_err(got, ref_v.grad[j]) < tol, (readers, j)
+        if readers[0] == 0:
+            assert all(rel_err(d, q.grad) < tol for d, q in zip(d_queries, ref_q))
+
+
+@pytest.mark.parametrize("N, D, tiles, source_tiles", [
+    (1, 37, (1, 1), None),                  # one source; the default tiles
+    (3, 37, (2, 1, 3, 20), (1, 1, 3)),      # rows (7) not a multiple of 2; stages; warps per SM
+    (2, 16, (4, 2, 1), (4, 2, 1)),          # the old tiles: four rows on two warps, no pipeline
+    (2, 520, None, None),                   # D > 512: the default tiles there
+])
+def test_deferred_source_gradients_over_readers_match_float64(N, D, tiles, source_tiles):
+    _check_deferred(N, 7, D, torch.float32, tiles, source_tiles, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])  # bf16: rowsums of a rounded o
+@pytest.mark.parametrize("tiles, source_tiles", [
+    (None, None), ((1, 1, 1), (1, 1, 1)), ((1, 1, 4, 20), (2, 1, 4)), ((2, 1, 3), (4, 2, 1)), ((4, 2, 1), (8, 2, 3)),
+])
+@pytest.mark.parametrize("N", [1, 5])  # one source: fewer loop steps than pipeline stages
+def test_deferred_backward_at_d384_on_cuda(N, dtype, tol, tiles, source_tiles):
+    """The compiled kernels (pipelined loops, persistent grid of the GPU's size), D=384, rows not
+    a multiple of any tile, readers 1..2: fewer than some tiles' stages."""
+    _check_deferred(N, 3001, 384, dtype, tiles, source_tiles, tol)
+
+
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 1, 3), (4, 2, 1)])
+def test_backward_tiles_match_float64_with_a_partial_sum(tiles):
+    """The read backward's gradients written in place (not deferred), odd D, rows not a multiple of
+    the tile, at the default tiles and others a sweep takes."""
+    sources, query, norm_weight, partial = _case(2, 1, 7, 37, 1, True, torch.float32)
+    rows, p, query = sources.reshape(2, 7, 37), partial.reshape(7, 37), query * 37**-0.5  # softmax not saturated
+    out, lse, u = attnres_forward(rows, query, norm_weight, p, 1e-6)
+    dout = torch.randn_like(out)
+    got = attnres_backward(dout, rows, query, norm_weight, p, out, lse, u, 1e-6, tiles=tiles)
+    leaves = float64_leaves([rows, query, norm_weight, p])
+    ref_out, _ = naive_attnres(torch.cat([leaves[0], leaves[3][None]]), leaves[1], leaves[2], 1e-6)
+    (ref_out * dout.double()).sum().backward()
+    for name, g, leaf in zip(("sources", "partial", "query", "norm_weight"), got, [leaves[i] for i in (0, 3, 1, 2)]):
+        assert rel_err(g, leaf.grad) < 1e-5, name
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

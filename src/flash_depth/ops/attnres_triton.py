@@ -53,6 +53,7 @@ def _attnres_fwd_kernel(
     sv_n, sv_m, sp_m, sw_s, sg_s, so_s, so_m, sl_s,
     M, N, D, eps,
     HAS_PARTIAL: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)  # s * so_s passes 2^31 for several queries over large B*T*D
@@ -69,7 +70,7 @@ def _attnres_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     v_ptrs = V + rows[:, None] * sv_m + dims[None, :]
-    for _ in range(N):
+    for _ in tl.range(N, num_stages=STAGES):  # a plain range is not pipelined (see the backward)
         v = tl.load(v_ptrs, mask=mask, other=0.0)
         m_i, l_i, acc = _fwd_step(v.to(tl.float32), u, m_i, l_i, acc, D, eps)
         v_ptrs += sv_n  # 64-bit pointers step by step: no int32 overflow of i * stride
@@ -99,7 +100,7 @@ def _attnres_bwd_kernel(
     sv_n, sv_m, sp_m, so_m, sdo_m, sdv_n, sdv_m, sdp_m,
     M, N, D, eps, num_blocks,
     HAS_PARTIAL: tl.constexpr, ACCUMULATE_V: tl.constexpr, ACCUMULATE_P: tl.constexpr,
-    SOURCE_GRADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOURCE_GRADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     # One query per launch, at its tensors' own base pointers, u read as the forward formed it.
     # Variants that offset by a query index here or formed u = w * g here measured 14-27%
@@ -117,7 +118,9 @@ def _attnres_bwd_kernel(
         lse = tl.load(LSE + rows, mask=rows < M, other=0.0)
         v_ptrs = V + rows[:, None] * sv_m + dims[None, :]
         dv_ptrs = DV + rows[:, None] * sdv_m + dims[None, :]
-        for _ in range(N):
+        # tl.range's stages: later sources load asynchronously while one is reduced (a plain
+        # range inside the persistent loop is not pipelined, whatever the launch's num_stages).
+        for _ in tl.range(N, num_stages=STAGES):
             v = tl.load(v_ptrs, mask=mask, other=0.0)
             dv, du_i = _grad_step(v.to(tl.float32), u, do, delta, lse, D, eps)
             du += du_i
@@ -145,7 +148,7 @@ def _attnres_source_grad_kernel(
     V, U, DO, LSE, DELTA, DV,
     sv_m, su_r, sdo_r, sdo_m, sl_r, sd_r, sdv_m,
     M, D, eps, R_START, R_END,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One source's gradient ``[M, D]`` summed over reads R_START..R_END-1 (each read's u, dO, lse
     and rowsum stacked on a leading reader axis). dv = sum_r alpha_r dO_r + c_r u_r - (c_r logit_r
@@ -159,7 +162,7 @@ def _attnres_source_grad_kernel(
     rstd = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     coef = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for r in range(R_START, R_END):
+    for r in tl.range(R_START, R_END, num_stages=STAGES):  # later readers load while one is reduced
         r64 = rows * 0 + r  # 64-bit reader offsets (the loop index is int32, or an int when interpreted)
         u = tl.load(U + r * su_r + dims, mask=dims < D, other=0.0)
         do = tl.load(DO + r64[:, None] * sdo_r + rows[:, None] * sdo_m + dims[None, :], mask=mask,
@@ -207,15 +210,41 @@ def _attnres_query_grad_kernel(
 
 @functools.lru_cache(maxsize=None)  # on every call's host path (next_power_of_2 costs microseconds)
 def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps), from sweeps (benchmarks/bench_attnres.py --tune on an H100,
-    benchmarks/results/logs/tune_attnres_d384_h200.log on an H200): the forward wants one row per
-    program and about 16 values per thread (at D <= 512 one warp: 78% of copy bandwidth at D=384 on
-    the H200, where the H100's two rows on two warps ranked below the sweep's top six, <= 68%);
-    the backward, which keeps four row tiles live, 2-4 rows."""
+    """(BLOCK_M, BLOCK_D, num_warps): one row per program and about 16 values a thread (at D <= 512
+    one warp), so every row sum stays in one warp. The forward measured 78% of copy bandwidth this
+    way at D=384 on the H200 (benchmarks/results/logs/tune_attnres_d384_h200.log; two rows on two
+    warps <= 68%). The read's backward, pipelined (BWD_STAGES), compiles to 92-96 registers a thread
+    at D=384 for sm_90 (triton 3.6 / 3.9) this way; its old 4 rows on 2 warps took 128 and summed du
+    across the warps through shared memory on every source. Above D=512 (not swept since) the
+    backward keeps its old 2-4 rows on 4 warps."""
     block_d = triton.next_power_of_2(D)
     if backward:
-        return max(2, min(4, 4096 // block_d)), block_d, 2 if block_d <= 512 else 4
+        return (1, block_d, 1) if block_d <= 512 else (max(2, min(4, 4096 // block_d)), block_d, 4)
     return 1, block_d, 1 if block_d <= 512 else max(2, min(8, block_d // 1024))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_tiles(D: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) of the deferred source gradient: 2 rows on one warp (the
+    pipeline copies each reader's float32 u ``[D]`` once a program through L2, 2 KB at D=384,
+    more than a row's dO: two rows halve that); row sums stay in the warp. 147-164 registers a
+    thread at D=384 for sm_90 (one row: 90-92; the old 8 rows on 2 warps: 255 and spills). Above
+    D=512 the read backward's tiles."""
+    block_d = triton.next_power_of_2(D)
+    return (2, block_d, 1) if block_d <= 512 else _tiles(D, backward=True)
+
+
+# The forward's source loop: not pipelined, as measured (78% of copy at D=384 on the H200 without
+# any pipeline; tune_attnres.py sweeps the stages).
+FWD_STAGES = 1
+# Backward source / reader loops: stages of tl.range's pipeline (2 loads in flight ahead of the one
+# being reduced, through shared memory, without holding registers).
+BWD_STAGES = 3
+# Warps per SM of the persistent read backward. A program that does not fit waits for a whole
+# other program to finish, so this stays within what fits at <= 128 registers a thread (16 warps
+# of 32 threads in 65536 registers), above the 92-106 its variants take at the default tiles at
+# D=384 for sm_90 (tune_attnres.py also sweeps 20).
+WARPS_PER_SM = 16
 
 
 def _query_strides(query: torch.Tensor, norm_weight: torch.Tensor | None) -> tuple[int, int]:
@@ -226,19 +255,21 @@ def _query_strides(query: torch.Tensor, norm_weight: torch.Tensor | None) -> tup
 
 
 def attnres_forward(sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
-                    partial: torch.Tensor | None, eps: float, tiles: tuple[int, int] | None = None):
+                    partial: torch.Tensor | None, eps: float, tiles: tuple[int, ...] | None = None):
     """sources ``[N, M, D]``, query ``[S, D]`` or ``[D]``, norm_weight ``[S, D]``, ``[D]`` or
     None (any float dtypes, unit stride in D), partial ``[M, D]`` or None.
     Returns out ``[S, M, D]`` (sources' dtype; S = 1 for a query ``[D]``), lse ``[S, M]`` and the
-    effective queries u = w * g ``[S, D]``, both float32, which the backward takes."""
+    effective queries u = w * g ``[S, D]``, both float32, which the backward takes. ``tiles``
+    (sweeps): (BLOCK_M, num_warps[, stages]) instead of the defaults."""
     N, M, D = sources.shape
     S = query.shape[0] if query.dim() == 2 else 1
     out = torch.empty((S, M, D), dtype=sources.dtype, device=sources.device)
     lse = torch.empty((S, M), dtype=torch.float32, device=sources.device)
     u = torch.empty((S, D), dtype=torch.float32, device=sources.device)
     block_m, block_d, num_warps = _tiles(D, backward=False)
+    stages = FWD_STAGES
     if tiles is not None:
-        block_m, num_warps = tiles
+        block_m, num_warps, stages = (*tiles, stages)[:3]
     p = sources if partial is None else partial
     sw, sg = _query_strides(query, norm_weight)
     _attnres_fwd_kernel[(cdiv(M, block_m), S)](
@@ -246,7 +277,7 @@ def attnres_forward(sources: torch.Tensor, query: torch.Tensor, norm_weight: tor
         sources.stride(0), sources.stride(1), p.stride(-2), sw, sg, out.stride(0), out.stride(1), lse.stride(0),
         M, N, D, eps,
         HAS_PARTIAL=partial is not None, HAS_NORM_WEIGHT=norm_weight is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
     )
     return out, lse, u
 
@@ -257,18 +288,18 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_programs(device: torch.device, num_blocks: int) -> tuple[int, int]:
-    """Persistent backward grid: enough programs to fill the GPU, each summing its own du (a few
-    in the CPU interpreter, so the per-program sums are still exercised); and the tile of those
-    partial sums that the query-gradient kernel reduces at once."""
-    programs = max(1, min(num_blocks, 8 * _multiprocessors(device) if device.type == "cuda" else 4))
+def _num_programs(device: torch.device, num_blocks: int, per_sm: int) -> tuple[int, int]:
+    """Persistent backward grid: per_sm programs an SM, each summing its own du (a few in the CPU
+    interpreter, so the per-program sums are still exercised); and the tile of those partial sums
+    that the query-gradient kernel reduces at once."""
+    programs = max(1, min(num_blocks, per_sm * _multiprocessors(device) if device.type == "cuda" else 4))
     return programs, min(256, triton.next_power_of_2(programs))
 
 
 def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
                      partial: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, u: torch.Tensor,
                      eps: float, *, grad_sources: torch.Tensor | None = None,
-                     tiles: tuple[int, int] | None = None, delta_out: torch.Tensor | None = None):
+                     tiles: tuple[int, ...] | None = None, delta_out: torch.Tensor | None = None):
     """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``; u ``[S, D]``;
     query and norm_weight as there; all with unit stride in D.
 
@@ -277,6 +308,7 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
     ``[N, M, D]``) the source gradients are added into it in place and it is returned as d_sources.
     With ``delta_out`` ``[M]`` float32 (one query) the source gradients are left to
     :func:`attnres_source_backward` (d_sources is None) and rowsum(dO * o) is stored there for it.
+    ``tiles`` (sweeps): (BLOCK_M, num_warps[, stages[, warps per SM]]) instead of the defaults.
     """
     N, M, D = sources.shape
     S = query.shape[0] if query.dim() == 2 else 1
@@ -295,10 +327,12 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
         p_dtype = partial.dtype if S == 1 else torch.promote_types(partial.dtype, torch.float32)
         d_partial = torch.empty((M, D), dtype=p_dtype, device=sources.device)
     block_m, block_d, num_warps = _tiles(D, backward=True)
+    # Above D=512 the pipeline's registers (154 a thread at D=1024) would not fit the 4 programs an SM.
+    stages, warps_per_sm = BWD_STAGES if block_d <= 512 else 1, WARPS_PER_SM
     if tiles is not None:
-        block_m, num_warps = tiles
+        block_m, num_warps, stages, warps_per_sm = (*tiles, stages, warps_per_sm)[:4]
     num_blocks = cdiv(M, block_m)
-    programs, block_p = _num_programs(sources.device, num_blocks)
+    programs, block_p = _num_programs(sources.device, num_blocks, max(1, warps_per_sm // num_warps))
     du = torch.empty((S, programs, D), dtype=torch.float32, device=sources.device)
     p = sources if partial is None else partial
     dp = grad_sources if d_partial is None else d_partial
@@ -314,7 +348,7 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
             grad_sources.stride(0), grad_sources.stride(1), dp.stride(-2),
             M, N, D, eps, num_blocks,
             HAS_PARTIAL=partial is not None, ACCUMULATE_V=accumulate_v or s > 0, ACCUMULATE_P=s > 0,
-            SOURCE_GRADS=source_grads, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            SOURCE_GRADS=source_grads, BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
         )
     d_query = torch.empty_like(query)
     d_norm = None if norm_weight is None else torch.empty_like(norm_weight)
@@ -336,18 +370,22 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
 
 def attnres_source_backward(source: torch.Tensor, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
                             delta: torch.Tensor, readers: tuple[int, int], eps: float,
-                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                            out_dtype: torch.dtype | None = None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """Deferred gradient of one source ``[M, D]`` (unit stride in D) over the reads
     ``readers[0] .. readers[1] - 1``, all of which read it. u ``[R, D]`` float32, do ``[R, M, D]``,
     lse and delta ``[R, M]`` float32: each read's effective query, output gradient, log-sum-exp and
-    rowsum(dO * o). Returns ``[M, D]`` in ``out_dtype`` (default the source's dtype)."""
+    rowsum(dO * o). Returns ``[M, D]`` in ``out_dtype`` (default the source's dtype). ``tiles``
+    (sweeps): (BLOCK_M, num_warps[, stages]) instead of the defaults."""
     M, D = source.shape
     dv = torch.empty((M, D), dtype=out_dtype or source.dtype, device=source.device)
-    block_m, block_d, num_warps = _tiles(D, backward=True)
+    block_m, block_d, num_warps = _source_tiles(D)
+    stages = BWD_STAGES
+    if tiles is not None:
+        block_m, num_warps, stages = (*tiles, stages)[:3]
     _attnres_source_grad_kernel[(cdiv(M, block_m),)](
         source, u, do, lse, delta, dv,
         source.stride(0), u.stride(0), do.stride(0), do.stride(1), lse.stride(0), delta.stride(0), dv.stride(0),
         M, D, eps, readers[0], readers[1],
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
     )
     return dv
