@@ -130,8 +130,13 @@ def test_hyper_kernels_on_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["mhc", "hc"])
-def test_compiled_hyper_connection_on_gpu(kind):
-    # the custom ops inside torch.compile under bf16 autocast, against the float64 module
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_hyper_connection_on_gpu(kind, dtype):
+    """The custom ops inside torch.compile against the float64 module: in float32 every gradient to
+    1e-5; under bf16 autocast (a bf16 sublayer) the output to 2e-2 and X's and the tensor
+    parameters' gradients to 5e-2. The scalar gates' (alpha) gradients are one sum over every
+    token of bf16-rounded products: the plain PyTorch module itself misses float64 by up to 0.1
+    there (CPU, 2 x 499 tokens), so under bf16 they are only checked to be finite."""
     D, n = 384, 4
     lin = torch.nn.Linear(D, D, device="cuda")
     hc = HyperConnection(D, n, kind, layer=1, device="cuda")
@@ -141,18 +146,22 @@ def test_compiled_hyper_connection_on_gpu(kind):
     hc64, lin64 = HyperConnection(D, n, kind, layer=1).double().cuda(), torch.nn.Linear(D, D).double().cuda()
     hc64.load_state_dict(hc.state_dict())
     lin64.load_state_dict(lin.state_dict())
-    X = torch.randn(2, 999, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    X = torch.randn(2, 199, n, D, device="cuda", dtype=dtype, requires_grad=True)
     X64 = X.detach().double().requires_grad_()
     step = torch.compile(lambda x: hc(x, lin), fullgraph=True)
-    with torch.autocast("cuda", torch.bfloat16):
+    with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = step(X)
     ref = hc64(X64, lin64)
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, [X, *hc.parameters()], g.to(out.dtype))
     want = torch.autograd.grad(ref, [X64, *hc64.parameters()], g)
-    assert rel_err(out, ref) < 2e-2  # the bf16 sublayer
+    exact = dtype == torch.float32
+    assert rel_err(out, ref) < (1e-5 if exact else 2e-2)
     for (name, _), a, b in zip([("X", None), *hc.named_parameters()], got, want):
-        assert rel_err(a, b) < 5e-2, name
+        if exact or a.dim() > 0:
+            assert rel_err(a, b) < (1e-5 if exact else 5e-2), name
+        else:
+            assert torch.isfinite(a), name
 
 
 @pytest.mark.parametrize("n,dtype", [(3, torch.float32), (4, torch.bfloat16)])
