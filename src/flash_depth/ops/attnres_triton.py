@@ -225,13 +225,13 @@ def _tiles(D: int, backward: bool) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _source_tiles(D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) of the deferred source gradient: 2 rows on one warp (the
+    """(BLOCK_M, BLOCK_D, num_warps) of the deferred source gradient: 4 rows on one warp (the
     pipeline copies each reader's float32 u ``[D]`` once a program through L2, 2 KB at D=384,
-    more than a row's dO: two rows halve that); row sums stay in the warp. 147-164 registers a
-    thread at D=384 for sm_90 (one row: 90-92; the old 8 rows on 2 warps: 255 and spills). Above
-    D=512 the read backward's tiles."""
+    more than a row's dO: more rows share it); row sums stay in the warp. Swept on the H200 at
+    D=384 (benchmarks/results/logs/s9_tune_attnres_h200.log): 4 rows 70% of copy bandwidth,
+    2 rows 63%, the old 4 rows on 2 warps unpipelined 42%. Above D=512 the read backward's tiles."""
     block_d = triton.next_power_of_2(D)
-    return (2, block_d, 1) if block_d <= 512 else _tiles(D, backward=True)
+    return (4, block_d, 1) if block_d <= 512 else _tiles(D, backward=True)
 
 
 # The forward's source loop: not pipelined, as measured (78% of copy at D=384 on the H200 without
