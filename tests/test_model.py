@@ -1,5 +1,8 @@
 """The decoder LM: every depth mechanism and norm placement, caching, save/load, bad input."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -554,3 +557,24 @@ def test_hyper_connections_start_as_the_residual_model(mech):
             if name.endswith(("alpha_post", "alpha_res", "h_res")):
                 p.add_(0.3)
         assert rel_err(model(ids).logits, residual(ids).logits) > 1e-3
+
+
+def test_package_imports_and_trains_without_triton(tmp_path):
+    """Triton installs on Linux only: elsewhere the package must import and every path run in plain
+    PyTorch (a module importing triton at load time broke this once)."""
+    script = tmp_path / "no_triton.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['triton'] = None  # import triton raises ImportError, as where it is not installed\n"
+        "import torch\n"
+        "import flash_depth.analysis, flash_depth.eval, flash_depth.nn, flash_depth.ops, flash_depth.train\n"
+        "from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM\n"
+        "for mech in ('moda', 'mhc', 'hc', 'mudd', 'attnres_full'):\n"
+        "    model = FlashDepthForCausalLM(FlashDepthConfig.from_preset('tiny', depth_mechanism=mech))\n"
+        "    ids = torch.randint(0, 100, (2, 9))\n"
+        "    model(ids, labels=ids).loss.backward()\n"
+        "print('trained')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]

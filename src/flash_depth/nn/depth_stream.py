@@ -26,7 +26,6 @@ from flash_depth.ops.fp8 import check_fp8_device, dequantize_fp8, quantize_fp8
 from flash_depth.ops._checks import check_depth_inputs, check_moda_inputs
 from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
-from flash_depth.ops.slot_copy import copy_into
 
 from .slot_stream import SlotStream, check_slots
 
@@ -59,6 +58,8 @@ class DepthStream(SlotStream):
         """Puts k, v into slot ``slot`` (one launch on CUDA); an fp8 stream quantises them, with their scales."""
         if not self.quantized:
             if self.buffers[0].is_cuda:  # on the CPU (and the interpreter) copy_ is as fast
+                from flash_depth.ops.slot_copy import copy_into  # triton: imported only where it runs
+
                 copy_into([buf.select(self.slot_dim, slot) for buf in self.buffers], list(values))
             else:
                 super().store(slot, values)

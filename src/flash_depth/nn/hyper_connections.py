@@ -46,8 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.hyper_triton import (fused_sinkhorn, projection_fusable, rms_projection, stream_gram, write_backward,
-                                write_backward_fusable)
+try:  # Triton is installed on Linux only; without it every path below is plain PyTorch
+    from ..ops import hyper_triton
+except ImportError:
+    hyper_triton = None
 from ._recorder import record
 
 
@@ -60,6 +62,19 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-12) -> torch
         m = m / m.sum(-1, keepdim=True).clamp_min(eps)
         m = m / m.sum(-2, keepdim=True).clamp_min(eps)
     return m
+
+
+def _sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """:func:`sinkhorn`, fused into one Triton kernel each way where Triton runs."""
+    return sinkhorn(logits, iters) if hyper_triton is None else hyper_triton.fused_sinkhorn(logits, iters)
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_{m, d} a[m, i, d] b[m, j, d]`` ``[na, nb]`` in at least float32 (a Triton kernel where it runs)."""
+    if hyper_triton is not None:
+        return hyper_triton.stream_gram(a, b)
+    dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return torch.einsum("mid,mjd->ij", a.to(dt), b.to(dt))
 
 
 def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
@@ -116,7 +131,7 @@ class _StaticRead(torch.autograd.Function):
         X, h_pre = ctx.saved_tensors
         dt = torch.promote_types(X.dtype, h_pre.dtype)
         dX = (h_pre.to(dt).unsqueeze(-1) * g.to(dt).unsqueeze(-2)).to(X.dtype)
-        dh_pre = stream_gram(_tokens(X), _tokens(g.unsqueeze(-2)))[:, 0]
+        dh_pre = _gram(_tokens(X), _tokens(g.unsqueeze(-2)))[:, 0]
         return dX, dh_pre.to(h_pre.dtype)
 
 
@@ -133,26 +148,21 @@ class _StaticWrite(torch.autograd.Function):
         gd = g.to(dt)
         dX = (h_res.to(dt).unsqueeze(-1) * gd.unsqueeze(-2)).sum(-3).to(X.dtype)  # H_res^T g
         dy = (h_post.to(dt).unsqueeze(-1) * gd).sum(-2).to(y.dtype)
-        dh_res = stream_gram(_tokens(g), _tokens(X))
-        dh_post = stream_gram(_tokens(g), _tokens(y.unsqueeze(-2)))[:, 0]
+        dh_res = _gram(_tokens(g), _tokens(X))
+        dh_post = _gram(_tokens(g), _tokens(y.unsqueeze(-2)))[:, 0]
         return dX, dy, dh_post.to(h_post.dtype), dh_res.to(h_res.dtype)
 
 
-class _DynamicWrite(torch.autograd.Function):
+class _DynamicWrite(_StaticWrite):
     """mHC's write with its backward in one kernel: the compiler's version reads the streams several
     times (per-token reductions over D for H_res and H_post, then H_res^T g)."""
-
-    @staticmethod
-    def forward(ctx, X, y, h_post, h_res):
-        ctx.save_for_backward(X, y, h_post, h_res)
-        return _write(X, y, h_post, h_res)
 
     @staticmethod
     def backward(ctx, g):
         X, y, h_post, h_res = ctx.saved_tensors
         n, D = X.shape[-2:]
-        dX, dy, dh_post, dh_res = write_backward(_tokens(g), _tokens(X), y.reshape(-1, D), h_post.reshape(-1, n),
-                                                 h_res.reshape(-1, n, n))
+        dX, dy, dh_post, dh_res = hyper_triton.write_backward(_tokens(g), _tokens(X), y.reshape(-1, D),
+                                                              h_post.reshape(-1, n), h_res.reshape(-1, n, n))
         return dX.view(X.shape), dy.view(y.shape), dh_post.view(h_post.shape), dh_res.view(h_res.shape)
 
 
@@ -210,14 +220,14 @@ class HyperConnection(nn.Module):
         n, dt = self.streams, torch.promote_types(X.dtype, torch.float32)
         # one matmul for the three projections: X is read once
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], 1).to(dt)
-        if projection_fusable(X, phi):
-            proj = rms_projection(X.flatten(0, -3), phi, self.eps).unflatten(0, X.shape[:-2])
+        if hyper_triton is not None and hyper_triton.projection_fusable(X, phi):
+            proj = hyper_triton.rms_projection(X.flatten(0, -3), phi, self.eps).unflatten(0, X.shape[:-2])
         else:
             proj = F.rms_norm(X.flatten(-2).to(dt), (n * self.dim,), None, self.eps) @ phi
         p_pre, p_post, p_res = proj.split([n, n, n * n], -1)
         h_pre = torch.sigmoid(self.alpha_pre * p_pre + self.b_pre)
         h_post = 2 * torch.sigmoid(self.alpha_post * p_post + self.b_post)
-        h_res = fused_sinkhorn(self.alpha_res * p_res.unflatten(-1, (n, n)) + self.b_res, self.sinkhorn_iters)
+        h_res = _sinkhorn(self.alpha_res * p_res.unflatten(-1, (n, n)) + self.b_res, self.sinkhorn_iters)
         return h_pre, h_post, h_res
 
     def pre(self, X: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -236,7 +246,7 @@ class HyperConnection(nn.Module):
                              f"{getattr(y, 'shape', type(y).__name__)}")
         if h_res.dim() == 2:
             return _StaticWrite.apply(X, y, h_post, h_res)
-        if write_backward_fusable(X, y, h_post, h_res):
+        if hyper_triton is not None and hyper_triton.write_backward_fusable(X, y, h_post, h_res):
             return _DynamicWrite.apply(X, y, h_post, h_res)
         return _write(X, y, h_post, h_res)
 
