@@ -206,8 +206,9 @@ def decode_kernel(monkeypatch):
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
 def test_decode_kernel_is_moda_over_the_kept_keys(shape, decode_kernel, monkeypatch):
-    """The Triton decoding kernel reads a transposed cache and a slice of a slot buffer in place and
-    equals the float64 formula over the kept keys and the slots."""
+    """The Triton decoding kernel reads a transposed cache and a slice of a slot buffer in place (V
+    and the V slots laid out unlike K and the K slots) and equals the float64 formula over the kept
+    keys and the slots."""
     from flash_depth.ops import decode_triton
 
     calls = []
@@ -215,9 +216,10 @@ def test_decode_kernel_is_moda_over_the_kept_keys(shape, decode_kernel, monkeypa
     monkeypatch.setattr(decode_triton, "decode_forward", lambda *a: calls.append(a[1].shape) or kernel(*a))
     B, Hq, Hk, d, Tk, L = shape
     q = torch.randn(B, 1, Hq, d)
-    k, v = (torch.randn(B, Hk, Tk, d).transpose(1, 2) for _ in range(2))  # transformers' cache layout
-    slots = torch.randn(2, B, 1, L + 2, Hk, d)  # two slots past the read: a slice, as DepthSlots.read
-    kd, vd = (slots[0, :, :, :L], slots[1, :, :, :L]) if L else (None, None)
+    k = torch.randn(B, Hk, Tk, d).transpose(1, 2)  # transformers' cache layout
+    v = torch.randn(B, Tk, Hk, d)
+    slots = torch.randn(B, 1, L + 2, Hk, d)  # two slots past the read: a slice, as DepthSlots.read
+    kd, vd = (slots[:, :, :L], torch.randn(B, 1, L, Hk, d)) if L else (None, None)
     key_mask = torch.rand(B, Tk) < 0.6
     key_mask[:, 3 * Tk // 4:] = False  # unwritten slots: Tk=300 leaves a chunk with no key kept
     key_mask[:, Tk // 2:Tk // 2 + 1] = True  # every row keeps a key

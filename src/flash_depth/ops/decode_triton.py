@@ -24,7 +24,7 @@ _TARGET_PROGRAMS = 264
 
 
 @triton.jit
-def _scan(q, k_ptr, v_ptr, stride_n, start, end, mask_ptr, offs_d, d_ok,
+def _scan(q, k_ptr, v_ptr, stride_kn, stride_vn, start, end, mask_ptr, offs_d, d_ok,
           HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax of q ``[BLOCK_G, BLOCK_D]`` (scaled by log2 e) over keys ``[start, end)``:
     (running max, running sum, unnormalised output), base-2 logits, float32."""
@@ -36,16 +36,15 @@ def _scan(q, k_ptr, v_ptr, stride_n, start, end, mask_ptr, offs_d, d_ok,
         keep = offs_n < end
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + offs_n, mask=keep, other=0) != 0)
-        tile = offs_n[:, None] * stride_n + offs_d[None, :]
         ok = keep[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         s = tl.sum(q[:, None, :] * k[None, :, :], 2)
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: no inf - inf
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
-        v = tl.load(v_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         s_sum = s_sum * alpha + tl.sum(p, 1)
         m = m_new
@@ -63,7 +62,7 @@ def _decode_split_kernel(
     """Program (b * Hk + h, c): chunk c < n_seq of the cache, or the depth slots (c == n_seq).
     Writes the chunk's normalised output ``O_PART[b, h, c, :G]`` and base-2 lse ``LSE_PART``."""
     bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = bh // Hk, bh % Hk
+    b, h = (bh // Hk).to(tl.int64), bh % Hk  # 64-bit: b * stride_kb passes 2**31 at long caches
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     g_ok, d_ok = offs_g < G, offs_d < D
     q_ptrs = Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :]
@@ -71,11 +70,11 @@ def _decode_split_kernel(
     if c < n_seq:
         start = c * chunk
         m, s_sum, acc = _scan(q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, stride_kn,
-                              start, tl.minimum(start + chunk, Tk), MASK + b * stride_mb, offs_d, d_ok,
+                              stride_vn, start, tl.minimum(start + chunk, Tk), MASK + b * stride_mb, offs_d, d_ok,
                               True, BLOCK_G, BLOCK_N, BLOCK_D)
     else:
         m, s_sum, acc = _scan(q, KD + b * stride_kdb + h * stride_kdh, VD + b * stride_vdb + h * stride_vdh,
-                              stride_kdl, 0, L, MASK, offs_d, d_ok, False, BLOCK_G, BLOCK_N, BLOCK_D)
+                              stride_kdl, stride_vdl, 0, L, MASK, offs_d, d_ok, False, BLOCK_G, BLOCK_N, BLOCK_D)
     kept = s_sum > 0  # a chunk with every key masked: lse = -inf, weight 0 in the merge
     s_safe = tl.where(kept, s_sum, 1.0)
     lse = tl.where(kept, m + tl.log2(s_safe), float("-inf"))
@@ -92,7 +91,7 @@ def _decode_merge_kernel(O_PART, LSE_PART, OUT, stride_ob, stride_oh, Hk, n_part
                          BLOCK_D: tl.constexpr):
     """Program (b * Hk + h, g): the chunks of query head h * G + g merged by their lse."""
     bh, g = tl.program_id(0), tl.program_id(1)
-    b, h = bh // Hk, bh % Hk
+    b, h = (bh // Hk).to(tl.int64), bh % Hk
     offs_p, offs_d = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_D)
     p_ok = offs_p < n_parts
     row = (bh * n_parts + offs_p) * BLOCK_G + g

@@ -329,8 +329,11 @@ def decode_attention(
 
 def _decode_kernel_applies(q, k, v, k_depth, v_depth, key_mask) -> bool:
     """Whether :func:`decode_attention` runs the Triton decoding kernel: one CUDA query token,
-    every given tensor in q's float16/bfloat16/float32, all with a contiguous last dim."""
+    every given tensor in q's float16/bfloat16/float32, all with a contiguous last dim, and
+    nothing to differentiate (the kernel has no backward; the SDPA path does)."""
     given = [x for x in (q, k, v, k_depth, v_depth) if x is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in given):
+        return False
     return (q.is_cuda and q.shape[1] == 1 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and all(x.dtype == q.dtype and x.stride(-1) == 1 for x in given)
             and (key_mask is None or key_mask.stride(-1) == 1))
