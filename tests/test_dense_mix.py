@@ -105,6 +105,13 @@ def test_backends_agree_and_auto_picks_reference_on_cpu():
      "a2", ValueError),
     (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8), torch.zeros_like(x), pending=(a, x[0])),
      "dout2", ValueError),
+    (lambda a, x: mix_backward(a, x, torch.ones(4, 2, 3, 8, dtype=torch.long), torch.zeros_like(x)), "dout must",
+     TypeError),
+    (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8, device="meta"), torch.zeros_like(x)), "dout must",
+     TypeError),
+    (lambda a, x: mix_backward(a, x, torch.randn(4, 2, 3, 8), torch.zeros_like(x), grad_from=1,
+                               pending=(a, torch.randn(4, 2, 3, 8))), "grad_from=0", ValueError),
+    (lambda a, x: dense_mix(a, x, torch.long), "out_dtype", TypeError),
 ])
 def test_input_checks_name_the_argument(call, match, error):
     a, states = _case(4, 3, 2, 3, 8, torch.float32, device="cpu")

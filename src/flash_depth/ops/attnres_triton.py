@@ -379,7 +379,7 @@ def attnres_source_backward(source: torch.Tensor, u: torch.Tensor, do: torch.Ten
     M, D = source.shape
     dv = torch.empty((M, D), dtype=out_dtype or source.dtype, device=source.device)
     block_m, block_d, num_warps = _source_tiles(D)
-    stages = BWD_STAGES
+    stages = BWD_STAGES if block_d <= 512 else 1  # the pipeline's buffers would not fit in shared memory
     if tiles is not None:
         block_m, num_warps, stages = (*tiles, stages)[:3]
     _attnres_source_grad_kernel[(cdiv(M, block_m),)](

@@ -39,6 +39,17 @@ def _check(a, states) -> None:
         raise ValueError(f"a is on {a.device} but states is on {states.device}")
 
 
+def _check_on(name: str, x: torch.Tensor, states: torch.Tensor) -> None:
+    """x (one of the backward's tensors, shape already checked) is floating point on the states' device."""
+    if not x.is_floating_point() or x.device != states.device:
+        raise TypeError(f"{name} must be a floating-point tensor on {states.device}, got {x.dtype} on {x.device}")
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be None or a floating-point torch.dtype, got {out_dtype!r}")
+
+
 def select_mix_backend(backend: str, states: torch.Tensor, ways: int = 1) -> str:
     """The backend ``backend`` resolves to for ``states`` and ``ways`` (S) mixes ("reference" or "triton")."""
     if backend not in MIX_BACKENDS:
@@ -95,6 +106,7 @@ def mix_forward(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype | 
     """The mix without autograd: a ``[B, T, S, n]``, states ``[n, B, T, D]`` (read in place: any
     strides) -> ``[S, B, T, D]`` in ``out_dtype`` (default the states')."""
     _check(a, states)
+    _check_out_dtype(out_dtype)
     out_dtype = out_dtype or states.dtype
     if select_mix_backend(backend, states, a.shape[2]) == "reference":
         return mix_reference(a, states, out_dtype)
@@ -113,14 +125,17 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
     ``grad_from``: only d states[grad_from:] is added (the rest is left to a later call, as
     ``pending``). ``pending``: (a2 ``[B, T, S2, n2 >= n]``, dout2 ``[S2, B, T, D]``) of another
     read of these states, whose terms sum_s a2[..., s, j] dout2_s for j < n are added in the same
-    pass (its da is not formed): two reads' gradients for one read-modify-write of the buffer."""
+    pass (its da is not formed): two reads' gradients for one read-modify-write of the buffer. The
+    two are not combined: a pending read's terms cover every state, so ``grad_from`` must be 0."""
     _check(a, states)
     want = (a.shape[2], *states.shape[1:])
     if not isinstance(dout, torch.Tensor) or dout.shape != want:
         raise ValueError(f"dout must be a tensor {list(want)} (the mix's output), got {_shape(dout)}")
+    _check_on("dout", dout, states)
     if not isinstance(grad_states, torch.Tensor) or grad_states.shape != states.shape:
         raise ValueError(f"grad_states must be a tensor of the states' shape {list(states.shape)}, got "
                          f"{_shape(grad_states)}")
+    _check_on("grad_states", grad_states, states)
     if grad_states.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"grad_states must be float32 or float64 (a running sum over readers), got {grad_states.dtype}")
     n = states.shape[0]
@@ -138,6 +153,10 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
         if not isinstance(dout2, torch.Tensor) or dout2.shape != (a2.shape[2], *states.shape[1:]):
             raise ValueError(f"pending's dout2 must be a tensor {[a2.shape[2], *states.shape[1:]]}, "
                              f"got {_shape(dout2)}")
+        _check_on("pending's a2", a2, states)
+        _check_on("pending's dout2", dout2, states)
+        if grad_from:
+            raise ValueError(f"pending needs grad_from=0 (its terms cover every state), got grad_from={grad_from}")
     if select_mix_backend(backend, states, a.shape[2]) == "reference":
         return mix_reference_backward(a, states, dout, grad_states, pending, grad_from)
     from .dense_mix_triton import mix_backward as fused
@@ -161,6 +180,7 @@ def dense_mix(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype | No
         states' dtype (a rounded to it).
     """
     _check(a, states)
+    _check_out_dtype(out_dtype)
     return _DenseMix.apply(a, states, out_dtype or states.dtype, select_mix_backend(backend, states, a.shape[2]))
 
 

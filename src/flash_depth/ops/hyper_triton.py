@@ -317,7 +317,7 @@ def write_backward(g, X, y, h_post, h_res):
 
 # mHC's projection ``rms_norm(X.flatten(-2)) @ phi`` (phi [n*D, K], K = n*(n+2)): the compiler writes the
 # normalised float32 X (twice X's bytes) for cuBLAS and keeps it for the backward. These kernels read X
-# instead; X is exact in tf32, so tf32x3 dots keep float32 accuracy on tensor cores.
+# instead; tf32x3 dots (each operand split into a tf32 head and tail) keep float32 accuracy on tensor cores.
 @triton.jit
 def _proj_fwd_kernel(X, phi, proj, rstd, M, D, sx_m, sx_n, eps, N: tl.constexpr, K: tl.constexpr,
                      KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
