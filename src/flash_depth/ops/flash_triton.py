@@ -75,18 +75,25 @@ def _score_mask(keep, offs_m, offs_n, n_ok, q_doc, DOC, shift, CAUSAL: tl.conste
 
 
 @triton.jit
+def _key_tile(n0, TK, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Key rows n0 .. n0 + BLOCK_N - 1 (int32 and int64 offsets), which of them exist, and their
+    tile's load mask (the head dimension's bounds only when MASKED=False)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < TK
+    mask = dim_ok[None, :]
+    if MASKED:
+        mask = n_ok[:, None] & mask
+    return offs_n, offs_n.to(tl.int64), n_ok, mask
+
+
+@triton.jit
 def _fwd_tiles_loop(acc, m_i, l_i, q, k_base, v_base, sk_t, sv_t, offs_m, q_doc, DOC, TK, shift, qk_scale,
                     start, stop, dims, dim_ok, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     VARLEN: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key tiles start, start + BLOCK_N, ... < stop; MASKED=False for tiles
     every row sees whole (no score is -inf there, so no row's max can be)."""
     for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_n64 = offs_n.to(tl.int64)
-        kv_mask = dim_ok[None, :]
-        if MASKED:
-            n_ok = offs_n < TK
-            kv_mask = n_ok[:, None] & kv_mask
+        offs_n, offs_n64, n_ok, kv_mask = _key_tile(n0, TK, dim_ok, BLOCK_N, MASKED)
         k = tl.load(k_base + offs_n64[:, None] * sk_t + dims[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
@@ -294,12 +301,7 @@ def _dq_tiles_loop(dq, q, do, lse2, delta, k_base, v_base, sk_t, sv_t, offs_m, m
     """dQ over key tiles start, start + BLOCK_N, ... < stop; MASKED=False for tiles every row sees
     whole (rows past Tq are not stored, so they need no mask either)."""
     for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_n64 = offs_n.to(tl.int64)
-        kmask = dim_ok[None, :]
-        if MASKED:
-            n_ok = offs_n < TK
-            kmask = n_ok[:, None] & kmask
+        offs_n, offs_n64, n_ok, kmask = _key_tile(n0, TK, dim_ok, BLOCK_N, MASKED)
         k = tl.load(k_base + offs_n64[:, None] * sk_t + dims[None, :], mask=kmask, other=0.0)
         v = tl.load(v_base + offs_n64[:, None] * sv_t + dims[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
