@@ -27,6 +27,11 @@ class AttentionDims:
     depth: int  # L, 0 when there is no depth part
 
 
+def shape_of(x) -> str:
+    """What an error message says an argument was: its shape, or its type if not a tensor."""
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def triton_usable(x: torch.Tensor) -> bool:
     """The Triton kernels can run on x: a CUDA tensor, or any tensor under TRITON_INTERPRET=1."""
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -20,20 +20,16 @@ from contextlib import nullcontext
 
 import torch
 
-from ._checks import triton_usable
+from ._checks import shape_of, triton_usable
 
 ATTNRES_BACKENDS = ("auto", "reference", "triton")
-
-
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _check_sources(sources) -> tuple[torch.Tensor, torch.Size]:
     """A tensor with the sources' dtype, device and D, and the shape ``[..., D]`` of one source."""
     if isinstance(sources, torch.Tensor):
         if sources.dim() < 2 or sources.shape[0] == 0:
-            raise ValueError(f"sources as one tensor must be [N, ..., D] with N >= 1, got shape {_shape(sources)}")
+            raise ValueError(f"sources as one tensor must be [N, ..., D] with N >= 1, got shape {shape_of(sources)}")
         like, shape = sources, sources.shape[1:]  # no sources[0]: indexing costs microseconds per call
     else:
         if not isinstance(sources, Sequence) or len(sources) == 0:
@@ -43,7 +39,7 @@ def _check_sources(sources) -> tuple[torch.Tensor, torch.Size]:
             if not isinstance(s, torch.Tensor):
                 raise TypeError(f"sources[{i}] must be a torch.Tensor, got {type(s).__name__}")
             if s.shape != like.shape:
-                raise ValueError(f"sources[{i}] has shape {_shape(s)}, sources[0] has {_shape(like)}; all must match")
+                raise ValueError(f"sources[{i}] has shape {shape_of(s)}, sources[0] has {shape_of(like)}; all must match")
             if s.dtype != like.dtype or s.device != like.device:
                 raise TypeError(f"sources[{i}] is {s.dtype} on {s.device}, sources[0] is {like.dtype} on {like.device}")
         shape = like.shape
@@ -56,7 +52,7 @@ def _check(sources, query, norm_weight, eps, partial, backend):
     like, source_shape = _check_sources(sources)
     D = source_shape[-1]
     if not isinstance(query, torch.Tensor) or query.dim() not in (1, 2) or query.shape[-1] != D:
-        raise ValueError(f"query must be a tensor of shape [D={D}] or [S, D={D}], got {_shape(query)}")
+        raise ValueError(f"query must be a tensor of shape [D={D}] or [S, D={D}], got {shape_of(query)}")
     if not query.is_floating_point():
         raise TypeError(f"query must be floating point, got {query.dtype}")
     S = query.shape[0] if query.dim() == 2 else None
@@ -64,14 +60,14 @@ def _check(sources, query, norm_weight, eps, partial, backend):
         ok_shapes = [(D,)] + ([(S, D)] if S is not None else [])
         if not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) not in ok_shapes:
             want = " or ".join(f"[{', '.join(map(str, s))}]" for s in ok_shapes)
-            raise ValueError(f"norm_weight must be None or a tensor of shape {want}, got {_shape(norm_weight)}")
+            raise ValueError(f"norm_weight must be None or a tensor of shape {want}, got {shape_of(norm_weight)}")
     for name, x in (("query", query), ("norm_weight", norm_weight)):
         if x is not None and x.device != like.device:
             raise ValueError(f"{name} is on {x.device} but the sources are on {like.device}")
     if partial is not None:
         if not isinstance(partial, torch.Tensor) or partial.shape != source_shape:
             raise ValueError(f"partial must be None or a tensor of the sources' shape {tuple(source_shape)}, "
-                             f"got {_shape(partial)}")
+                             f"got {shape_of(partial)}")
         if partial.device != like.device or not partial.is_floating_point():
             raise TypeError(f"partial must be a floating tensor on {like.device}, got {partial.dtype} on {partial.device}")
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
@@ -243,14 +239,14 @@ def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.
     ``extra`` ``[..., D]`` with the same query ``[D]`` and norm weight.
     """
     if not isinstance(out, torch.Tensor) or not isinstance(extra, torch.Tensor) or out.shape != extra.shape:
-        raise ValueError(f"out and extra must be tensors of one shape [..., D], got {_shape(out)} and {_shape(extra)}")
+        raise ValueError(f"out and extra must be tensors of one shape [..., D], got {shape_of(out)} and {shape_of(extra)}")
     if not isinstance(lse, torch.Tensor) or lse.shape != out.shape[:-1]:
-        raise ValueError(f"lse must have shape {tuple(out.shape[:-1])} (out without D), got {_shape(lse)}")
+        raise ValueError(f"lse must have shape {tuple(out.shape[:-1])} (out without D), got {shape_of(lse)}")
     D = out.shape[-1]
     if not isinstance(query, torch.Tensor) or query.shape != (D,):
-        raise ValueError(f"query must be a tensor of shape [D={D}], got {_shape(query)}")
+        raise ValueError(f"query must be a tensor of shape [D={D}], got {shape_of(query)}")
     if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (D,)):
-        raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {_shape(norm_weight)}")
+        raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {shape_of(norm_weight)}")
     with _autocast_off(out.device.type):
         cdt = torch.promote_types(out.dtype, torch.float32)
         e = extra.to(cdt)

@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import triton_usable
+from ._checks import shape_of, triton_usable
 
 MIX_BACKENDS = ("auto", "reference", "triton")
 MAX_WAYS = 4  # the Triton kernels unroll the ways (ops/dense_mix_triton.py)
 
 
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 def _check(a, states) -> None:
     if not isinstance(states, torch.Tensor) or states.dim() != 4 or states.numel() == 0:
-        raise ValueError(f"states must be a non-empty tensor [n, B, T, D], got {_shape(states)}")
+        raise ValueError(f"states must be a non-empty tensor [n, B, T, D], got {shape_of(states)}")
     n, B, T, _ = states.shape
     if not isinstance(a, torch.Tensor) or a.dim() != 4 or a.shape[:2] != (B, T) or a.shape[3] != n or a.shape[2] == 0:
-        raise ValueError(f"a must be a tensor [B={B}, T={T}, S, n={n}] with S >= 1, got {_shape(a)}")
+        raise ValueError(f"a must be a tensor [B={B}, T={T}, S, n={n}] with S >= 1, got {shape_of(a)}")
     for name, x in (("a", a), ("states", states)):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
@@ -130,11 +126,11 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
     _check(a, states)
     want = (a.shape[2], *states.shape[1:])
     if not isinstance(dout, torch.Tensor) or dout.shape != want:
-        raise ValueError(f"dout must be a tensor {list(want)} (the mix's output), got {_shape(dout)}")
+        raise ValueError(f"dout must be a tensor {list(want)} (the mix's output), got {shape_of(dout)}")
     _check_on("dout", dout, states)
     if not isinstance(grad_states, torch.Tensor) or grad_states.shape != states.shape:
         raise ValueError(f"grad_states must be a tensor of the states' shape {list(states.shape)}, got "
-                         f"{_shape(grad_states)}")
+                         f"{shape_of(grad_states)}")
     _check_on("grad_states", grad_states, states)
     if grad_states.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"grad_states must be float32 or float64 (a running sum over readers), got {grad_states.dtype}")
@@ -149,10 +145,10 @@ def mix_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad
         if (not isinstance(a2, torch.Tensor) or a2.dim() != 4 or a2.shape[:2] != (B, T) or a2.shape[3] < n
                 or not 1 <= a2.shape[2] <= MAX_WAYS or a2.device != states.device):
             raise ValueError(f"pending's a2 must be a tensor [B={B}, T={T}, S2 <= {MAX_WAYS}, >= n={n}] on "
-                             f"{states.device}, got {_shape(a2)}")
+                             f"{states.device}, got {shape_of(a2)}")
         if not isinstance(dout2, torch.Tensor) or dout2.shape != (a2.shape[2], *states.shape[1:]):
             raise ValueError(f"pending's dout2 must be a tensor {[a2.shape[2], *states.shape[1:]]}, "
-                             f"got {_shape(dout2)}")
+                             f"got {shape_of(dout2)}")
         _check_on("pending's a2", a2, states)
         _check_on("pending's dout2", dout2, states)
         if grad_from:
