@@ -69,18 +69,21 @@ def run(preset: str, old_module, block_ts, fp8: bool = False) -> list[dict]:
         rows.append({"kernel": f"{label}dq only (per reader)", "launches": readers,
                      "ms": bench(reader_pass, rep_ms=300), "bytes": reader_bytes})
 
-        def producer_pass(block_t, warps, kd_=kd_, vd_=vd_, scales=scales):
+        def producer_pass(block_t, warps, stages=None, kd_=kd_, vd_=vd_, scales=scales):
             for blk in range(blocks - 1):
                 depth_triton.depth_slot_backward(q, do, lse, delta, kd_, vd_, 2 * blk, 2, (blk, readers), scale,
-                                                 block_t=block_t, num_warps=warps, slot_scales=scales)
+                                                 block_t=block_t, num_warps=warps, num_stages=stages,
+                                                 slot_scales=scales)
 
         # per producer block: K, V of 2 slots read, dK, dV of 2 slots written (bf16), each later reader's
         # q, dO, lse, rowsum
         producer_bytes = sum(2 * 2 * (read_bytes + slot_bytes) + (readers - blk) * (2 * q_bytes + 2 * B * Hq * T * 4)
                              for blk in range(blocks - 1))
-        for block_t, warps in block_ts:
-            rows.append({"kernel": f"{label}slot gradients (per producer block, BLOCK_T={block_t}, {warps} warps)",
-                         "launches": blocks - 1, "ms": bench(lambda: producer_pass(block_t, warps), rep_ms=300),
+        for tile in block_ts:
+            stages = f", {tile[2]} stages" if len(tile) > 2 else ""
+            name = f"slot gradients (per producer block, BLOCK_T={tile[0]}, {tile[1]} warps{stages})"
+            rows.append({"kernel": label + name,
+                         "launches": blocks - 1, "ms": bench(lambda: producer_pass(*tile), rep_ms=300),
                          "bytes": producer_bytes})
     if old_module is not None:
         gk = torch.zeros(kd.shape, device=dev, dtype=torch.float32)
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--old", help="the pre-deferral depth_triton.py, to time its backward in the same run")
     parser.add_argument("--tiles", nargs="*", default=["16x4"],
-                        help="slot-gradient tiles to time, BLOCK_Txnum_warps (the default is what the model runs)")
+                        help="slot-gradient tiles to time, BLOCK_Txwarps[xstages] (the default is what the model runs)")
     parser.add_argument("--fp8", action="store_true", help="also time the kernels on fp8 slots (depth_stream_dtype='fp8')")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)

@@ -221,13 +221,13 @@ class HyperConnection(nn.Module):
         # one matmul for the three projections: X is read once
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], 1).to(dt)
         if hyper_triton is not None and hyper_triton.projection_fusable(X, phi):
-            proj = hyper_triton.rms_projection(X.flatten(0, -3), phi, self.eps).unflatten(0, X.shape[:-2])
+            proj = hyper_triton.rms_projection(X.flatten(0, -3), phi, self.eps).view(*X.shape[:-2], phi.shape[1])
         else:
             proj = F.rms_norm(X.flatten(-2).to(dt), (n * self.dim,), None, self.eps) @ phi
         p_pre, p_post, p_res = proj.split([n, n, n * n], -1)
         h_pre = torch.sigmoid(self.alpha_pre * p_pre + self.b_pre)
         h_post = 2 * torch.sigmoid(self.alpha_post * p_post + self.b_post)
-        h_res = _sinkhorn(self.alpha_res * p_res.unflatten(-1, (n, n)) + self.b_res, self.sinkhorn_iters)
+        h_res = _sinkhorn(self.alpha_res * p_res.view(*p_res.shape[:-1], n, n) + self.b_res, self.sinkhorn_iters)
         return h_pre, h_post, h_res
 
     def pre(self, X: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

@@ -74,7 +74,7 @@ class DenseWeights(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x.to(self.w1.weight.dtype), (x.shape[-1],), None, self.eps)
         # the bias's shape, not the int attributes: torch.compile would specialise on those, once per block
-        return self.w2(F.gelu(self.w1(x))).unflatten(-1, self.bias.shape) + self.bias
+        return self.w2(F.gelu(self.w1(x))).view(*x.shape[:-1], *self.bias.shape) + self.bias
 
 
 class MuddStream(SlotStream):

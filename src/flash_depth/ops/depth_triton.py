@@ -443,7 +443,8 @@ def depth_backward(q, k_depth, v_depth, o, lse, do, scale: float, dq_in=None, ti
 
 
 def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: int, readers: tuple[int, int],
-                        scale: float, out_dtype=None, block_t=None, num_warps=None, slot_scales=None):
+                        scale: float, out_dtype=None, block_t=None, num_warps=None, num_stages=None,
+                        slot_scales=None):
     """Deferred gradients of depth slots ``slot0 .. slot0 + slots - 1`` (slots 1 or 2).
 
     q, do ``[R, B, T, Hq, d]``, lse, delta ``[R, B, Hq, T]`` float32: every reader's query,
@@ -473,6 +474,7 @@ def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: 
         *(dk.stride(i) for i in slot_major), *(dv.stride(i) for i in slot_major),
         T, Hk, slot0, readers[0], readers[1], scale,
         G=Hq // Hk, SLOTS=slots, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, FP8=fp8, num_warps=num_warps or 4,
+        num_stages=num_stages or 3,
     )
     return dk, dv
 
