@@ -100,7 +100,10 @@ def test_hyper_connection_gradients_match_float64(kind):
     want = torch.autograd.grad(ref, [X64, *hc64.parameters()], g)
     assert rel_err(out, ref) < 1e-5
     for (name, _), a, b in zip([("X", None), *hc.named_parameters()], got, want):
-        assert rel_err(a, b) < 1e-5, name
+        # A scalar gate's gradient is one sum over every token and entry whose terms largely cancel:
+        # float32 rounding of the terms, relative to that small sum, reached 2e-5 in 1 of 8 fresh draws.
+        # A wrong formula is off by O(1).
+        assert rel_err(a, b) < (1e-5 if a.dim() else 1e-4), name
 
 
 @pytest.mark.gpu

@@ -237,14 +237,15 @@ def _source_tiles(D: int) -> tuple[int, int, int]:
 # The forward's source loop: not pipelined, as measured (78% of copy at D=384 on the H200 without
 # any pipeline; tune_attnres.py sweeps the stages).
 FWD_STAGES = 1
-# Backward source / reader loops: stages of tl.range's pipeline (2 loads in flight ahead of the one
+# Backward source / reader loops: stages of tl.range's pipeline (3 loads in flight ahead of the one
 # being reduced, through shared memory, without holding registers).
-BWD_STAGES = 3
+BWD_STAGES = 4
 # Warps per SM of the persistent read backward. A program that does not fit waits for a whole
-# other program to finish, so this stays within what fits at <= 128 registers a thread (16 warps
-# of 32 threads in 65536 registers), above the 92-106 its variants take at the default tiles at
-# D=384 for sm_90 (tune_attnres.py also sweeps 20).
-WARPS_PER_SM = 16
+# other program to finish, so this stays within what fits at <= 102 registers a thread (20 warps
+# of 32 threads in 65536 registers), above the 92-96 it takes at the default tiles at D=384 for
+# sm_90. H200 sweep (benchmarks/results/logs/s10_tune_attnres_h200.log): 20 warps and 4 stages
+# 73% of copy, 16 and 3 71%, 12 and 3 65%.
+WARPS_PER_SM = 20
 
 
 def _query_strides(query: torch.Tensor, norm_weight: torch.Tensor | None) -> tuple[int, int]:

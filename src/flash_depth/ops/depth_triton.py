@@ -262,7 +262,7 @@ def _depth_slot_grad_kernel(
     sdv_b, sdv_t, sdv_l, sdv_h,
     T, HK, SLOT0, R_START, R_END, scale,
     G: tl.constexpr, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, STAGES: tl.constexpr,
 ):
     """dK/dV of depth slots SLOT0 (and SLOT0 + 1 when SLOTS == 2) summed over readers
     R_START..R_END-1, all of which read both slots. One program: BLOCK_T tokens of one KV head.
@@ -298,7 +298,8 @@ def _depth_slot_grad_kernel(
             v1 *= tl.load(VS + vs_row + (SLOT0 + 1) * svs_l, mask=tok_ok, other=0.0)[:, None]
         dk1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for r in range(R_START, R_END):
+    # tl.range: later readers' q and dO load while one is reduced (a plain range is not pipelined)
+    for r in tl.range(R_START, R_END, num_stages=STAGES):
         for g in tl.static_range(G):
             q, do, lse2, delta = _slot_grad_reader(
                 Q, DO, LSE, DELTA, r, b, hk * G + g, toks64, tok_ok, dims, rmask,
@@ -473,8 +474,8 @@ def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: 
         *k_depth.stride()[:4], *v_depth.stride()[:4], *scale_strides,
         *(dk.stride(i) for i in slot_major), *(dv.stride(i) for i in slot_major),
         T, Hk, slot0, readers[0], readers[1], scale,
-        G=Hq // Hk, SLOTS=slots, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, FP8=fp8, num_warps=num_warps or 4,
-        num_stages=num_stages or 3,
+        G=Hq // Hk, SLOTS=slots, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, FP8=fp8, STAGES=num_stages or 3,
+        num_warps=num_warps or 4,
     )
     return dk, dv
 

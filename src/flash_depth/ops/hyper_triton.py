@@ -26,6 +26,7 @@ from ._checks import triton_usable
 from ._triton_common import cdiv, last_dim_contiguous
 
 _SINKHORN_BLOCK = 32  # tokens per program: 512 programs at 16384 tokens, 4 registers a thread per [32, 4, 4] tile
+_SINKHORN_WARPS = 4
 _GRAM_BLOCK_M = 16
 
 
@@ -124,11 +125,12 @@ def _sinkhorn_launch(logits: torch.Tensor, iters: int, eps: float, grad: torch.T
     if R == 0:
         return out
     if grad is None:
-        _sinkhorn_fwd_kernel[grid](x, out, R, iters, eps, N=n, NP=np_, BLOCK=_SINKHORN_BLOCK)
+        _sinkhorn_fwd_kernel[grid](x, out, R, iters, eps, N=n, NP=np_, BLOCK=_SINKHORN_BLOCK,
+                                   num_warps=_SINKHORN_WARPS)
     else:
         scratch = torch.empty(max(1, (iters - 1) * R * n * n), device=x.device, dtype=torch.float32)
         _sinkhorn_bwd_kernel[grid](x, grad.contiguous(), out, scratch, R, iters, eps,
-                                   N=n, NP=np_, BLOCK=_SINKHORN_BLOCK)
+                                   N=n, NP=np_, BLOCK=_SINKHORN_BLOCK, num_warps=_SINKHORN_WARPS)
     return out
 
 
@@ -244,7 +246,8 @@ def stream_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _write_bwd_kernel(g, X, y, H, h_post, dX, dy, dH, dh_post, M, D, sx_m, sx_n, sy_m,
-                      N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                      N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      STAGES: tl.constexpr):
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, NP)
     m_ok = rm < M
@@ -254,7 +257,7 @@ def _write_bwd_kernel(g, X, y, H, h_post, dX, dy, dH, dh_post, M, D, sx_m, sx_n,
     h_post_all = tl.load(h_post + m2 * N + n2, mask=mn_ok, other=0.0).to(tl.float32)
     acc_h = tl.zeros([BLOCK_M, NP, NP], dtype=tl.float32)  # dH [m, i, j]
     acc_p = tl.zeros([BLOCK_M, NP], dtype=tl.float32)  # dh_post [m, i]
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         rd = d0 + tl.arange(0, BLOCK_D)
         d2 = rd.expand_dims(0)
         md_ok = m_ok.expand_dims(1) & (d2 < D)
@@ -294,7 +297,7 @@ def _write_backward_op(g: torch.Tensor, X: torch.Tensor, y: torch.Tensor, h_post
     if M > 0:
         _write_bwd_kernel[(cdiv(M, _WRITE_BLOCK_M),)](
             g, X, y, h_res, h_post, dX, dy, dH, dh_post, M, D, X.stride(0), X.stride(1), y.stride(0),
-            N=n, NP=triton.next_power_of_2(n), BLOCK_M=_WRITE_BLOCK_M, BLOCK_D=_WRITE_BLOCK_D)
+            N=n, NP=triton.next_power_of_2(n), BLOCK_M=_WRITE_BLOCK_M, BLOCK_D=_WRITE_BLOCK_D, STAGES=STAGES)
     return dX, dy, dh_post, dH
 
 
@@ -320,20 +323,23 @@ def write_backward(g, X, y, h_post, h_res):
 # instead; tf32x3 dots (each operand split into a tf32 head and tail) keep float32 accuracy on tensor cores.
 @triton.jit
 def _proj_fwd_kernel(X, phi, proj, rstd, M, D, sx_m, sx_n, eps, N: tl.constexpr, K: tl.constexpr,
-                     KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                     KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                     STAGES: tl.constexpr):
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, KP)
     acc = tl.zeros([BLOCK_M, KP], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for i in range(N):
-        for d0 in range(0, D, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(X + rm[:, None] * sx_m + i * sx_n + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :],
-                        other=0.0).to(tl.float32)
-            w = tl.load(phi + (i * D + rd)[:, None] * K + rk[None, :], mask=(rd < D)[:, None] & (rk < K)[None, :],
-                        other=0.0)
-            sumsq += tl.sum(x * x, 1)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    chunks = tl.cdiv(D, BLOCK_D)
+    # one flat loop over (stream, D chunk): tl.range pipelines its loads (nested plain ranges are not)
+    for c in tl.range(0, N * chunks, num_stages=STAGES):
+        i = c // chunks
+        rd = (c % chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+        x = tl.load(X + rm[:, None] * sx_m + i * sx_n + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(phi + (i * D + rd)[:, None] * K + rk[None, :], mask=(rd < D)[:, None] & (rk < K)[None, :],
+                    other=0.0)
+        sumsq += tl.sum(x * x, 1)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
     r = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sqrt_rn(sumsq / (N * D) + eps))
     tl.store(proj + rm[:, None] * K + rk[None, :], acc * r[:, None], mask=(rm < M)[:, None] & (rk < K)[None, :])
     tl.store(rstd + rm, r, mask=rm < M)
@@ -341,7 +347,8 @@ def _proj_fwd_kernel(X, phi, proj, rstd, M, D, sx_m, sx_n, eps, N: tl.constexpr,
 
 @triton.jit
 def _proj_bwd_x_kernel(X, phi, proj, rstd, dproj, dX, M, D, sx_m, sx_n, N: tl.constexpr, K: tl.constexpr,
-                       KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                       KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                       STAGES: tl.constexpr):
     # dX = r (dproj phi^T) - X r^2 (dproj . proj) / (n D): the rms-norm backward, with
     # sum_k (dproj phi^T)_k x_k = dproj . proj from the [M, K] tensors
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -351,20 +358,22 @@ def _proj_bwd_x_kernel(X, phi, proj, rstd, dproj, dX, M, D, sx_m, sx_n, N: tl.co
     p = tl.load(proj + rm[:, None] * K + rk[None, :], mask=mk_ok, other=0.0)
     r = tl.load(rstd + rm, mask=rm < M, other=0.0)
     coef = r * r * tl.sum(dp * p, 1) / (N * D)
-    for i in range(N):
-        for d0 in range(0, D, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D)
-            md_ok = (rm < M)[:, None] & (rd < D)[None, :]
-            w_t = tl.load(phi + (i * D + rd)[None, :] * K + rk[:, None], mask=(rd < D)[None, :] & (rk < K)[:, None],
-                          other=0.0)
-            x = tl.load(X + rm[:, None] * sx_m + i * sx_n + rd[None, :], mask=md_ok, other=0.0).to(tl.float32)
-            dx = r[:, None] * tl.dot(dp, w_t, input_precision=PRECISION) - x * coef[:, None]
-            tl.store(dX + (rm[:, None] * N + i) * D + rd[None, :], dx.to(dX.dtype.element_ty), mask=md_ok)
+    chunks = tl.cdiv(D, BLOCK_D)
+    for c in tl.range(0, N * chunks, num_stages=STAGES):  # flat, as in the forward
+        i = c // chunks
+        rd = (c % chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+        md_ok = (rm < M)[:, None] & (rd < D)[None, :]
+        w_t = tl.load(phi + (i * D + rd)[None, :] * K + rk[:, None], mask=(rd < D)[None, :] & (rk < K)[:, None],
+                      other=0.0)
+        x = tl.load(X + rm[:, None] * sx_m + i * sx_n + rd[None, :], mask=md_ok, other=0.0).to(tl.float32)
+        dx = r[:, None] * tl.dot(dp, w_t, input_precision=PRECISION) - x * coef[:, None]
+        tl.store(dX + (rm[:, None] * N + i) * D + rd[None, :], dx.to(dX.dtype.element_ty), mask=md_ok)
 
 
 @triton.jit
 def _proj_bwd_phi_kernel(X, rstd, dproj, part, M, D, sx_m, sx_n, tokens_per_split, N: tl.constexpr, K: tl.constexpr,
-                         KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                         KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                         STAGES: tl.constexpr):
     # dphi[k, :] = sum_m X[m, k] r[m] dproj[m, :], one split of the tokens per program row
     rk_blk, split = tl.program_id(0), tl.program_id(1)
     blocks_per_row = tl.cdiv(D, BLOCK_D)
@@ -373,7 +382,7 @@ def _proj_bwd_phi_kernel(X, rstd, dproj, part, M, D, sx_m, sx_n, tokens_per_spli
     rk = tl.arange(0, KP)
     acc = tl.zeros([BLOCK_D, KP], dtype=tl.float32)
     start = split.to(tl.int64) * tokens_per_split
-    for m0 in range(0, tokens_per_split, BLOCK_M):
+    for m0 in tl.range(0, tokens_per_split, BLOCK_M, num_stages=STAGES):
         rm = start + m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < M  # tokens_per_split is a multiple of BLOCK_M
         x = tl.load(X + rm[None, :] * sx_m + i * sx_n + rd[:, None], mask=m_ok[None, :] & (rd < D)[:, None],
@@ -386,6 +395,8 @@ def _proj_bwd_phi_kernel(X, rstd, dproj, part, M, D, sx_m, sx_n, tokens_per_spli
 
 
 _PROJ_BLOCK_M, _PROJ_BLOCK_D, _PHI_SPLITS = 32, 64, 32  # 512 token blocks at 16384 tokens (H200: 132 SMs)
+# Stages of the pipelined (tl.range) stream loops of the projection and write kernels.
+STAGES = 3
 
 
 def _proj_meta(X, phi):
@@ -393,7 +404,7 @@ def _proj_meta(X, phi):
     # tf32x3 keeps float32 accuracy on tensor cores; the interpreter computes dots in float32 anyway
     precision = "ieee" if X.device.type != "cuda" else "tf32x3"
     return dict(N=n, K=phi.shape[1], KP=max(16, triton.next_power_of_2(phi.shape[1])), BLOCK_M=_PROJ_BLOCK_M,
-                BLOCK_D=min(_PROJ_BLOCK_D, max(16, triton.next_power_of_2(D))), PRECISION=precision)
+                BLOCK_D=min(_PROJ_BLOCK_D, max(16, triton.next_power_of_2(D))), PRECISION=precision, STAGES=STAGES)
 
 
 @torch.library.custom_op("flash_depth::mhc_projection", mutates_args=())
