@@ -196,7 +196,7 @@ class HyperConnection(nn.Module):
         self.layer = layer
         n, kw = streams, dict(device=device, dtype=dtype)
         if kind == "hc":
-            self.h_pre = nn.Parameter(torch.zeros(n, **kw).index_fill_(0, torch.tensor([layer % n]), 1.0))
+            self.h_pre = nn.Parameter(torch.zeros(n, **kw).index_fill_(0, torch.tensor([layer % n], device=device), 1.0))
             self.h_post = nn.Parameter(torch.ones(n, **kw))
             self.h_res = nn.Parameter(torch.eye(n, **kw))
             return
