@@ -97,19 +97,28 @@ def _check_int(name: str, value, low: int):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without the call when x already has it. Inside an autograd.Function under
+    torch.compile (torch 2.11), a no-op ``.to`` makes the returned tensor the same object as a traced
+    intermediate, and the compiled backward then routes the output's gradient to that intermediate:
+    every input's gradient came back zero (pytorch/pytorch#180642; float32 streams on an H200,
+    benchmarks/results/logs/s10_gpu_tests_h200.log)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _read(X, h_pre):
     """``sum_i h_pre[..., i] X[..., i, :]`` in X's dtype. Products and a sum over n, not a batched
     [1, n] @ [n, D] matmul: the compiler fuses them into one pass over X (cuBLAS runs such tiny
     per-token matmuls as slow GEMVs)."""
     dt = torch.promote_types(X.dtype, h_pre.dtype)
-    return (h_pre.to(dt).unsqueeze(-1) * X.to(dt)).sum(-2).to(X.dtype)
+    return _cast((_cast(h_pre, dt).unsqueeze(-1) * _cast(X, dt)).sum(-2), X.dtype)
 
 
 def _write(X, y, h_post, h_res):
     """``H_res @ X + H_post y`` in X's dtype, as products and sums over n (see _read)."""
     dt = torch.promote_types(X.dtype, h_res.dtype)
-    mixed = (h_res.to(dt).unsqueeze(-1) * X.to(dt).unsqueeze(-3)).sum(-2)
-    return (mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(X.dtype)
+    mixed = (_cast(h_res, dt).unsqueeze(-1) * _cast(X, dt).unsqueeze(-3)).sum(-2)
+    return _cast(mixed + _cast(h_post, dt).unsqueeze(-1) * _cast(y, dt).unsqueeze(-2), X.dtype)
 
 
 def _tokens(x):
@@ -130,9 +139,9 @@ class _StaticRead(torch.autograd.Function):
     def backward(ctx, g):
         X, h_pre = ctx.saved_tensors
         dt = torch.promote_types(X.dtype, h_pre.dtype)
-        dX = (h_pre.to(dt).unsqueeze(-1) * g.to(dt).unsqueeze(-2)).to(X.dtype)
+        dX = _cast(_cast(h_pre, dt).unsqueeze(-1) * _cast(g, dt).unsqueeze(-2), X.dtype)
         dh_pre = _gram(_tokens(X), _tokens(g.unsqueeze(-2)))[:, 0]
-        return dX, dh_pre.to(h_pre.dtype)
+        return dX, _cast(dh_pre, h_pre.dtype)
 
 
 class _StaticWrite(torch.autograd.Function):
@@ -145,12 +154,12 @@ class _StaticWrite(torch.autograd.Function):
     def backward(ctx, g):
         X, y, h_post, h_res = ctx.saved_tensors
         dt = torch.promote_types(X.dtype, h_res.dtype)
-        gd = g.to(dt)
-        dX = (h_res.to(dt).unsqueeze(-1) * gd.unsqueeze(-2)).sum(-3).to(X.dtype)  # H_res^T g
-        dy = (h_post.to(dt).unsqueeze(-1) * gd).sum(-2).to(y.dtype)
+        gd = _cast(g, dt)
+        dX = _cast((_cast(h_res, dt).unsqueeze(-1) * gd.unsqueeze(-2)).sum(-3), X.dtype)  # H_res^T g
+        dy = _cast((_cast(h_post, dt).unsqueeze(-1) * gd).sum(-2), y.dtype)
         dh_res = _gram(_tokens(g), _tokens(X))
         dh_post = _gram(_tokens(g), _tokens(y.unsqueeze(-2)))[:, 0]
-        return dX, dy, dh_post.to(h_post.dtype), dh_res.to(h_res.dtype)
+        return dX, dy, _cast(dh_post, h_post.dtype), _cast(dh_res, h_res.dtype)
 
 
 class _DynamicWrite(_StaticWrite):
