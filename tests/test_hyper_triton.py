@@ -184,10 +184,12 @@ def test_write_backward_matches_float64(n, dtype):
     assert rel_err(dh_res, torch.einsum("mid,mjd->mij", g.double(), X64)) < 1e-5
 
 
-@pytest.mark.parametrize("n,dtype,expand", [(2, torch.float32, False), (3, torch.bfloat16, True),
-                                            (4, torch.float32, True)])
-def test_rms_projection_matches_float64(n, dtype, expand):
-    M, D, eps = 70, 20, 1e-6  # three token blocks (one partial), a partial D chunk, three splits of the phi sums
+@pytest.mark.parametrize("n,dtype,expand,D", [(2, torch.float32, False, 20), (3, torch.bfloat16, True, 20),
+                                              (4, torch.float32, True, 20), (3, torch.float32, False, 70)])
+def test_rms_projection_matches_float64(n, dtype, expand, D):
+    # three token blocks (one partial), three splits of the phi sums; D = 20: one partial D chunk,
+    # D = 70: two chunks (the second partial) in the kernels' flat (stream, chunk) loops
+    M, eps = 70, 1e-6
     X = torch.randn(M, 1 if expand else n, D).to(dtype).expand(M, n, D)  # expand: the entry's stride-0 streams
     phi = torch.randn(n * D, n * (n + 2)) * (n * D) ** -0.5
     Xl, phil = X.detach().requires_grad_(), phi.requires_grad_()
