@@ -80,7 +80,7 @@ def run(preset: str, old_module, block_ts, fp8: bool = False) -> list[dict]:
         producer_bytes = sum(2 * 2 * (read_bytes + slot_bytes) + (readers - blk) * (2 * q_bytes + 2 * B * Hq * T * 4)
                              for blk in range(blocks - 1))
         for tile in block_ts:
-            stages = f", {tile[2]} stages" if len(tile) > 2 else ""
+            stages = "" if len(tile) < 3 else ", unpipelined" if tile[2] == 1 else f", {tile[2]} stages"
             name = f"slot gradients (per producer block, BLOCK_T={tile[0]}, {tile[1]} warps{stages})"
             rows.append({"kernel": label + name,
                          "launches": blocks - 1, "ms": bench(lambda: producer_pass(*tile), rep_ms=300),
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--old", help="the pre-deferral depth_triton.py, to time its backward in the same run")
-    parser.add_argument("--tiles", nargs="*", default=["16x4"],
+    parser.add_argument("--tiles", nargs="*", default=["16x4x3"],
                         help="slot-gradient tiles to time, BLOCK_Txwarps[xstages] (the default is what the model runs)")
     parser.add_argument("--fp8", action="store_true", help="also time the kernels on fp8 slots (depth_stream_dtype='fp8')")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))

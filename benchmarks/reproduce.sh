@@ -4,6 +4,7 @@
 #   bash benchmarks/reproduce.sh tests      # GPU test suite (CPU tests too), log in results/logs/
 #   bash benchmarks/reproduce.sh moda       # MoDA / FDA ops vs cuDNN, FA2, FlexAttention
 #   bash benchmarks/reproduce.sh attnres    # AttnRes read vs Liger, flash-attn-res, FLA, torch.compile
+#   bash benchmarks/reproduce.sh kernels    # depth backward, MUDD dense mix and mHC kernels: bytes and time vs copy
 #   bash benchmarks/reproduce.sh model      # training tokens/s per depth mechanism, small-48 and 700m: eager, compiled, + CUDA graph
 #   bash benchmarks/reproduce.sh varlen     # packed documents (cu_seqlens) vs dense MoDA at equal tokens
 #   bash benchmarks/reproduce.sh generate   # prefill/decode tok/s per mechanism vs Olmo2 (static cache, compiled steps)
@@ -25,6 +26,9 @@ case "${1:-}" in
   moda)     python benchmarks/bench_moda.py ;;
   attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log"
             python benchmarks/tune_attnres.py 2>&1 | tee "$logs/tune_attnres_d384_$(gpu).log" ;;
+  kernels)  python benchmarks/bench_depth_backward.py --tiles 16x4x1 16x4x3  # unpipelined vs the default
+            python benchmarks/bench_dense_mix.py 2>&1 | tee "$logs/bench_dense_mix_$(gpu).log"
+            python benchmarks/tune_hyper.py 2>&1 | tee "$logs/tune_hyper_$(gpu).log" ;;
   model)    python benchmarks/bench_model.py --presets small-48 700m
             python benchmarks/bench_model.py --presets small-48 --compile
             python benchmarks/bench_model.py --presets small-48 --cuda-graph --variants residual "moda + FFN KV" post-norm \

@@ -27,8 +27,8 @@ from ._triton_common import cdiv, last_dim_contiguous
 
 # Tokens and warps per Sinkhorn program. Each iteration is a chain of tiny reductions and divisions,
 # so latency binds: many small programs win. H200 sweep at 16384 tokens, n=4, 20 iterations
-# (benchmarks/results/logs/s10_tune_mhc_h200.log): 16 tokens on 2 warps 15 / 39 us forward /
-# backward, the old 32 on 4 warps 31 / 85 us.
+# (benchmarks/tune_hyper.py, log benchmarks/results/logs/s10_tune_mhc_h200.log): 16 tokens on 2 warps
+# 15 / 39 us forward / backward, the old 32 on 4 warps 31 / 85 us.
 _SINKHORN_BLOCK, _SINKHORN_WARPS = 16, 2
 _GRAM_BLOCK_M = 16
 
@@ -399,7 +399,7 @@ def _proj_bwd_phi_kernel(X, rstd, dproj, part, M, D, sx_m, sx_n, tokens_per_spli
 
 _PROJ_BLOCK_M, _PROJ_BLOCK_D, _PHI_SPLITS = 32, 64, 32  # 512 token blocks at 16384 tokens (H200: 132 SMs)
 # Stages of the pipelined (tl.range) stream loops of the projection and write kernels. H200 at
-# 16384 tokens, n=4, D=384, float32 streams (s10_tune_mhc_h200.log), forward / backward / write
+# 16384 tokens, n=4, D=384, float32 streams (benchmarks/tune_hyper.py), forward / backward / write
 # backward: 3 stages 118 / 125 / 100 us, unpipelined (the nested loops before) 124 / 159 / 134 us.
 STAGES = 3
 
