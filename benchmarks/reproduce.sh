@@ -26,7 +26,8 @@ case "${1:-}" in
   moda)     python benchmarks/bench_moda.py ;;
   attnres)  python benchmarks/bench_attnres.py --tune 2>&1 | tee "$logs/bench_attnres_$(gpu).log"
             python benchmarks/tune_attnres.py 2>&1 | tee "$logs/tune_attnres_d384_$(gpu).log" ;;
-  kernels)  python benchmarks/bench_depth_backward.py --tiles 16x4x1 16x4x3  # unpipelined vs the default
+  kernels)  python benchmarks/bench_depth_backward.py --tiles 16x4x1 16x4x3 2>&1 \
+              | tee "$logs/bench_depth_backward_$(gpu).log"  # unpipelined vs the default
             python benchmarks/bench_dense_mix.py 2>&1 | tee "$logs/bench_dense_mix_$(gpu).log"
             python benchmarks/tune_hyper.py 2>&1 | tee "$logs/tune_hyper_$(gpu).log" ;;
   model)    python benchmarks/bench_model.py --presets small-48 700m

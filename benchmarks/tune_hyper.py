@@ -5,8 +5,9 @@
 16384 tokens, n = 4 streams of D = 384 in float32 (the model's streams under bf16 autocast), a bf16
 sublayer output. Times the projection (forward, backward), the write backward at each pipeline depth
 of their stream loops, and the Sinkhorn forward and backward (20 iterations) at each tokens-per-program
-and warps setting, against a copy of the streams. Log of an H200 run:
-benchmarks/results/logs/s10_tune_mhc_h200.log.
+and warps setting, against a copy of the streams. It repeats the sweep of
+benchmarks/results/logs/s10_tune_mhc_h200.log (H200; run then from the script beside that log) with
+the constants' current names; not run on a GPU itself yet.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ def main() -> None:
     proj, rstd = ht._projection_op(X, phi, 1e-6)
     dproj = torch.randn_like(proj)
     print(f"copy of the streams ({X.numel() * 4 / 1e6:.0f} MB): {us(lambda: g.copy_(X)):.1f} us", flush=True)
-    default_stages, default_tile = ht.STAGES, (ht._SINKHORN_BLOCK, ht._SINKHORN_WARPS)
+    default_stages, default_tile = ht._STREAM_STAGES, (ht._SINKHORN_BLOCK, ht._SINKHORN_WARPS)
     try:
         for stages in (1, 2, 3, 4):
-            ht.STAGES = stages
+            ht._STREAM_STAGES = stages
             fwd = us(lambda: ht._projection_op(X, phi, 1e-6))
             bwd = us(lambda: ht._projection_backward_op(dproj, X, phi, proj, rstd))
             write = us(lambda: ht._write_backward_op(g, X, y, h_post, h_res))
             tag = " (default)" if stages == default_stages else ""
             print(f"stages {stages}{tag}: projection forward {fwd:.1f} us, backward (dX + dphi) {bwd:.1f} us, "
                   f"write backward {write:.1f} us", flush=True)
-        ht.STAGES = default_stages
+        ht._STREAM_STAGES = default_stages
         for block in (16, 32, 64, 128):
             for warps in (1, 2, 4):
                 ht._SINKHORN_BLOCK, ht._SINKHORN_WARPS = block, warps
@@ -54,7 +55,7 @@ def main() -> None:
                 print(f"sinkhorn {block} tokens, {warps} warps{tag}: forward {fwd:.1f} us, backward {bwd:.1f} us",
                       flush=True)
     finally:
-        ht.STAGES = default_stages
+        ht._STREAM_STAGES = default_stages
         ht._SINKHORN_BLOCK, ht._SINKHORN_WARPS = default_tile
 
 

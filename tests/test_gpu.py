@@ -132,13 +132,23 @@ def test_model_fused_path_matches_reference_path(mech):
         assert rel_err(p.grad, p_ref.grad) < 1e-3, name
 
 
+try:
+    from torch._inductor.exc import InductorError
+except ImportError:  # where this torch names it otherwise: any error
+    InductorError = Exception
+
+
 @pytest.mark.parametrize("mech, autocast, backend", [
     ("hc", False, "reference"), ("mhc", False, "reference"), ("mudd", False, "reference"),
-    ("hc", True, "auto"), ("mhc", True, "auto"), ("mudd", True, "auto"),
-    # float32 on the fused path: torch 2.11's inductor recompiles our Triton flash-attention kernel with a
+    ("hc", True, "auto"), ("mudd", True, "auto"),
+    # Open, see docs/model.md ("A silent gradient bug"): on the H200 (torch 2.11) the compiled model missed
+    # the eager embedding gradient by more than 5e-2; bf16 drift through 20 Sinkhorn steps or a bug
+    pytest.param("mhc", True, "auto", marks=pytest.mark.xfail(
+        raises=AssertionError, strict=True, reason="open: compiled mhc under autocast vs eager, > 5e-2")),
+    # float32 on the fused path: torch 2.11's Inductor recompiles our Triton flash-attention kernel with a
     # float64 accumulator and fails to compile (benchmarks/results/logs/s10_gpu_tests_h200.log)
     pytest.param("residual", False, "auto", marks=pytest.mark.xfail(
-        reason="inductor (torch 2.11): fp64 accumulator in the user Triton kernel under float32")),
+        raises=InductorError, strict=True, reason="Inductor (torch 2.11): fp64 accumulator in our Triton kernel")),
 ])
 def test_compiled_blocks_match_eager_gradients(mech, autocast, backend):
     """compile_blocks() (custom ops and autograd Functions inside torch.compile) against the same

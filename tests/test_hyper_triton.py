@@ -40,9 +40,9 @@ def _check_sinkhorn(logits, iters, eps, tol):
 @pytest.mark.parametrize("iters", [1, 20])
 def test_fused_sinkhorn_matches_float64(n, iters):
     out = _check_sinkhorn(_logits((3, 13), n), iters, 1e-12, 1e-5)  # 39 tokens: a partial block
+    # the last step normalises columns; how far the rows are from 1 after 20 pairs depends on the draw
+    # (test_mixers checks the convergence at the model's spreads), and the kernel equals float64 above
     assert torch.allclose(out.sum(-2), torch.ones(()), atol=1e-5)
-    if iters == 20:
-        assert torch.allclose(out.sum(-1), torch.ones(()), atol=1e-3)
 
 
 def test_fused_sinkhorn_clamp_semantics():

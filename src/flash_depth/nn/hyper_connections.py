@@ -50,6 +50,7 @@ try:  # Triton is installed on Linux only; without it every path below is plain 
     from ..ops import hyper_triton
 except ImportError:
     hyper_triton = None
+from ..ops._dtypes import to_dtype
 from ._recorder import record
 
 
@@ -97,28 +98,19 @@ def _check_int(name: str, value, low: int):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
-def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)`` without the call when x already has it. Inside an autograd.Function under
-    torch.compile (torch 2.11), a no-op ``.to`` makes the returned tensor the same object as a traced
-    intermediate, and the compiled backward then routes the output's gradient to that intermediate:
-    every input's gradient came back zero (pytorch/pytorch#180642; float32 streams on an H200,
-    benchmarks/results/logs/s10_gpu_tests_h200.log)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def _read(X, h_pre):
     """``sum_i h_pre[..., i] X[..., i, :]`` in X's dtype. Products and a sum over n, not a batched
     [1, n] @ [n, D] matmul: the compiler fuses them into one pass over X (cuBLAS runs such tiny
     per-token matmuls as slow GEMVs)."""
     dt = torch.promote_types(X.dtype, h_pre.dtype)
-    return _cast((_cast(h_pre, dt).unsqueeze(-1) * _cast(X, dt)).sum(-2), X.dtype)
+    return to_dtype((to_dtype(h_pre, dt).unsqueeze(-1) * to_dtype(X, dt)).sum(-2), X.dtype)
 
 
 def _write(X, y, h_post, h_res):
     """``H_res @ X + H_post y`` in X's dtype, as products and sums over n (see _read)."""
     dt = torch.promote_types(X.dtype, h_res.dtype)
-    mixed = (_cast(h_res, dt).unsqueeze(-1) * _cast(X, dt).unsqueeze(-3)).sum(-2)
-    return _cast(mixed + _cast(h_post, dt).unsqueeze(-1) * _cast(y, dt).unsqueeze(-2), X.dtype)
+    mixed = (to_dtype(h_res, dt).unsqueeze(-1) * to_dtype(X, dt).unsqueeze(-3)).sum(-2)
+    return to_dtype(mixed + to_dtype(h_post, dt).unsqueeze(-1) * to_dtype(y, dt).unsqueeze(-2), X.dtype)
 
 
 def _tokens(x):
@@ -139,9 +131,9 @@ class _StaticRead(torch.autograd.Function):
     def backward(ctx, g):
         X, h_pre = ctx.saved_tensors
         dt = torch.promote_types(X.dtype, h_pre.dtype)
-        dX = _cast(_cast(h_pre, dt).unsqueeze(-1) * _cast(g, dt).unsqueeze(-2), X.dtype)
+        dX = to_dtype(to_dtype(h_pre, dt).unsqueeze(-1) * to_dtype(g, dt).unsqueeze(-2), X.dtype)
         dh_pre = _gram(_tokens(X), _tokens(g.unsqueeze(-2)))[:, 0]
-        return dX, _cast(dh_pre, h_pre.dtype)
+        return dX, to_dtype(dh_pre, h_pre.dtype)
 
 
 class _StaticWrite(torch.autograd.Function):
@@ -154,12 +146,12 @@ class _StaticWrite(torch.autograd.Function):
     def backward(ctx, g):
         X, y, h_post, h_res = ctx.saved_tensors
         dt = torch.promote_types(X.dtype, h_res.dtype)
-        gd = _cast(g, dt)
-        dX = _cast((_cast(h_res, dt).unsqueeze(-1) * gd.unsqueeze(-2)).sum(-3), X.dtype)  # H_res^T g
-        dy = _cast((_cast(h_post, dt).unsqueeze(-1) * gd).sum(-2), y.dtype)
+        gd = to_dtype(g, dt)
+        dX = to_dtype((to_dtype(h_res, dt).unsqueeze(-1) * gd.unsqueeze(-2)).sum(-3), X.dtype)  # H_res^T g
+        dy = to_dtype((to_dtype(h_post, dt).unsqueeze(-1) * gd).sum(-2), y.dtype)
         dh_res = _gram(_tokens(g), _tokens(X))
         dh_post = _gram(_tokens(g), _tokens(y.unsqueeze(-2)))[:, 0]
-        return dX, dy, _cast(dh_post, h_post.dtype), _cast(dh_res, h_res.dtype)
+        return dX, dy, to_dtype(dh_post, h_post.dtype), to_dtype(dh_res, h_res.dtype)
 
 
 class _DynamicWrite(_StaticWrite):
@@ -205,7 +197,7 @@ class HyperConnection(nn.Module):
         self.layer = layer
         n, kw = streams, dict(device=device, dtype=dtype)
         if kind == "hc":
-            self.h_pre = nn.Parameter(torch.zeros(n, **kw).index_fill_(0, torch.tensor([layer % n], device=device), 1.0))
+            self.h_pre = nn.Parameter(torch.eye(n, **kw)[layer % n].clone())
             self.h_post = nn.Parameter(torch.ones(n, **kw))
             self.h_res = nn.Parameter(torch.eye(n, **kw))
             return

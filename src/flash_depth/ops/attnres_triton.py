@@ -237,15 +237,16 @@ def _source_tiles(D: int) -> tuple[int, int, int]:
 # The forward's source loop: not pipelined, as measured (78% of copy at D=384 on the H200 without
 # any pipeline; tune_attnres.py sweeps the stages).
 FWD_STAGES = 1
-# Backward source / reader loops: stages of tl.range's pipeline (3 loads in flight ahead of the one
-# being reduced, through shared memory, without holding registers).
-BWD_STAGES = 4
-# Warps per SM of the persistent read backward. A program that does not fit waits for a whole
-# other program to finish, so this stays within what fits at <= 102 registers a thread (20 warps
-# of 32 threads in 65536 registers), above the 92-96 it takes at the default tiles at D=384 for
-# sm_90. H200 sweep (benchmarks/results/logs/s10_tune_attnres_h200.log): 20 warps and 4 stages
-# 73% of copy, 16 and 3 71%, 12 and 3 65%.
+# Backward source / reader loops: stages of tl.range's pipeline (2 loads in flight ahead of the one
+# being reduced, through shared memory, without holding registers). 4 measured the same.
+BWD_STAGES = 3
+# Warps per SM of the persistent read backward at D <= 512 (one warp a program). A program that does
+# not fit waits for a whole other program to finish: 20 warps of 32 threads fit at <= 96 registers a
+# thread (65536 registers, allocated in steps of 8), what the default tiles take at D=384 for sm_90.
+# H200 sweep (benchmarks/results/logs/s10_tune_attnres_h200.log): 20 warps 73% of copy, 16 71%, 12 65%.
 WARPS_PER_SM = 20
+# Above D=512 (4 warps a program, more registers, not swept since): 4 programs an SM.
+WARPS_PER_SM_WIDE = 16
 
 
 def _query_strides(query: torch.Tensor, norm_weight: torch.Tensor | None) -> tuple[int, int]:
@@ -329,7 +330,7 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
         d_partial = torch.empty((M, D), dtype=p_dtype, device=sources.device)
     block_m, block_d, num_warps = _tiles(D, backward=True)
     # Above D=512 the pipeline's registers (154 a thread at D=1024) would not fit the 4 programs an SM.
-    stages, warps_per_sm = BWD_STAGES if block_d <= 512 else 1, WARPS_PER_SM
+    stages, warps_per_sm = (BWD_STAGES, WARPS_PER_SM) if block_d <= 512 else (1, WARPS_PER_SM_WIDE)
     if tiles is not None:
         block_m, num_warps, stages, warps_per_sm = (*tiles, stages, warps_per_sm)[:4]
     num_blocks = cdiv(M, block_m)

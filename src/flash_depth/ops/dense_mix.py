@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import shape_of, triton_usable
+from ._dtypes import to_dtype
 
 MIX_BACKENDS = ("auto", "reference", "triton")
 MAX_WAYS = 4  # the Triton kernels unroll the ways (ops/dense_mix_triton.py)
@@ -68,10 +69,10 @@ def mix_reference(a: torch.Tensor, states: torch.Tensor, out_dtype: torch.dtype)
     if torch.compiler.is_compiling():
         # Inductor fuses the product into one reduction over j: every state is read once, in
         # float32, and no [S, n, B, T, D] temporary is formed
-        return (a.permute(2, 3, 0, 1)[..., None] * states[None].float()).sum(1).to(out_dtype)
+        return to_dtype((a.permute(2, 3, 0, 1)[..., None] * states[None].float()).sum(1), out_dtype)
     # eager: one batched GEMM over tokens (the states are read in place: batch stride D, row stride B*T*D)
     out = torch.bmm(a.flatten(0, 1).to(states.dtype), states.flatten(1, 2).transpose(0, 1))
-    return out.transpose(0, 1).unflatten(1, a.shape[:2]).to(out_dtype)
+    return to_dtype(out.transpose(0, 1).unflatten(1, a.shape[:2]), out_dtype)
 
 
 def mix_reference_backward(a: torch.Tensor, states: torch.Tensor, dout: torch.Tensor, grad_states: torch.Tensor,

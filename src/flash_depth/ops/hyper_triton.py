@@ -27,9 +27,14 @@ from ._triton_common import cdiv, last_dim_contiguous
 
 # Tokens and warps per Sinkhorn program. Each iteration is a chain of tiny reductions and divisions,
 # so latency binds: many small programs win. H200 sweep at 16384 tokens, n=4, 20 iterations
-# (benchmarks/tune_hyper.py, log benchmarks/results/logs/s10_tune_mhc_h200.log): 16 tokens on 2 warps
+# (benchmarks/results/logs/s10_tune_mhc_h200.log): 16 tokens on 2 warps
 # 15 / 39 us forward / backward, the old 32 on 4 warps 31 / 85 us.
 _SINKHORN_BLOCK, _SINKHORN_WARPS = 16, 2
+# Stages of the tl.range stream loops of the projection and write kernels. H200, 16384 tokens, n=4,
+# D=384, float32 streams (same log), projection forward / backward (dX + dphi) / write backward:
+# 3 stages 118 / 125 / 100 us, 1 stage 124 / 159 / 134 us; the code before (nested loops, the write's
+# loop plain) took 123 / 157 / 129 us in the step profile (s10_profile_mhc_small48_h200.log).
+_STREAM_STAGES = 3
 _GRAM_BLOCK_M = 16
 
 
@@ -300,7 +305,8 @@ def _write_backward_op(g: torch.Tensor, X: torch.Tensor, y: torch.Tensor, h_post
     if M > 0:
         _write_bwd_kernel[(cdiv(M, _WRITE_BLOCK_M),)](
             g, X, y, h_res, h_post, dX, dy, dH, dh_post, M, D, X.stride(0), X.stride(1), y.stride(0),
-            N=n, NP=triton.next_power_of_2(n), BLOCK_M=_WRITE_BLOCK_M, BLOCK_D=_WRITE_BLOCK_D, STAGES=STAGES)
+            N=n, NP=triton.next_power_of_2(n), BLOCK_M=_WRITE_BLOCK_M, BLOCK_D=_WRITE_BLOCK_D,
+            STAGES=_STREAM_STAGES)
     return dX, dy, dh_post, dH
 
 
@@ -398,10 +404,6 @@ def _proj_bwd_phi_kernel(X, rstd, dproj, part, M, D, sx_m, sx_n, tokens_per_spli
 
 
 _PROJ_BLOCK_M, _PROJ_BLOCK_D, _PHI_SPLITS = 32, 64, 32  # 512 token blocks at 16384 tokens (H200: 132 SMs)
-# Stages of the pipelined (tl.range) stream loops of the projection and write kernels. H200 at
-# 16384 tokens, n=4, D=384, float32 streams (benchmarks/tune_hyper.py), forward / backward / write
-# backward: 3 stages 118 / 125 / 100 us, unpipelined (the nested loops before) 124 / 159 / 134 us.
-STAGES = 3
 
 
 def _proj_meta(X, phi):
@@ -409,7 +411,8 @@ def _proj_meta(X, phi):
     # tf32x3 keeps float32 accuracy on tensor cores; the interpreter computes dots in float32 anyway
     precision = "ieee" if X.device.type != "cuda" else "tf32x3"
     return dict(N=n, K=phi.shape[1], KP=max(16, triton.next_power_of_2(phi.shape[1])), BLOCK_M=_PROJ_BLOCK_M,
-                BLOCK_D=min(_PROJ_BLOCK_D, max(16, triton.next_power_of_2(D))), PRECISION=precision, STAGES=STAGES)
+                BLOCK_D=min(_PROJ_BLOCK_D, max(16, triton.next_power_of_2(D))), PRECISION=precision,
+                STAGES=_STREAM_STAGES)
 
 
 @torch.library.custom_op("flash_depth::mhc_projection", mutates_args=())
