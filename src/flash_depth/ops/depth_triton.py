@@ -298,7 +298,8 @@ def _depth_slot_grad_kernel(
             v1 *= tl.load(VS + vs_row + (SLOT0 + 1) * svs_l, mask=tok_ok, other=0.0)[:, None]
         dk1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    # tl.range: later readers' q and dO load while one is reduced (a plain range is not pipelined)
+    # tl.range: later readers' q and dO load while one is reduced. With a plain range the launch's
+    # num_stages changed nothing (H200: 7.22 ms a step at 2, 3 and 4 stages; 6.17 ms like this).
     for r in tl.range(R_START, R_END, num_stages=STAGES):
         for g in tl.static_range(G):
             q, do, lse2, delta = _slot_grad_reader(
