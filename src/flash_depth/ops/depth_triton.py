@@ -455,6 +455,7 @@ def depth_slot_backward(q, do, lse, delta, k_depth, v_depth, slot0: int, slots: 
     Returns dk, dv ``[slots, B, T, Hk, d]`` in ``out_dtype`` (default the slots' dtype, q's for fp8
     slots): each slot's gradient contiguous, as the producer's backward receives it. ``slot_scales``:
     as :func:`depth_forward`; the gradients are those of the dequantised slots (straight through).
+    ``block_t``, ``num_warps``, ``num_stages`` (sweeps): the tile, default 16 tokens on 4 warps, 3 stages.
     """
     if slots not in (1, 2):
         raise ValueError(f"slots must be 1 or 2, got {slots}")
