@@ -5,7 +5,7 @@
 16384 tokens, n = 4 streams of D = 384 in float32 (the model's streams under bf16 autocast), a bf16
 sublayer output. Times the projection (forward, backward), the write backward at each pipeline depth
 of their stream loops, and the Sinkhorn forward and backward (20 iterations) at each tokens-per-program
-and warps setting, against a copy of the streams. It repeats the sweep of
+and warps setting, against the device's copy rate. It repeats the sweep of
 benchmarks/results/logs/s10_tune_mhc_h200.log (H200; run then from the script beside that log) with
 the constants' current names; not run on a GPU itself yet.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from triton.testing import do_bench
 
+from common import copy_bandwidth
 from flash_depth.ops import hyper_triton as ht
 
 M, N, D, ITERS = 16384, 4, 384, 20
@@ -34,7 +35,9 @@ def main() -> None:
     logits, g_logits = torch.randn(M, N, N, device="cuda"), torch.randn(M, N, N, device="cuda")
     proj, rstd = ht._projection_op(X, phi, 1e-6)
     dproj = torch.randn_like(proj)
-    print(f"copy of the streams ({X.numel() * 4 / 1e6:.0f} MB): {us(lambda: g.copy_(X)):.1f} us", flush=True)
+    copy = copy_bandwidth()  # GB/s, read + write
+    print(f"copy {copy:.0f} GB/s: the {X.numel() * 4 / 1e6:.0f} MB of streams move once in "
+          f"{X.numel() * 4 / copy / 1e3:.1f} us at that rate", flush=True)
     default_stages, default_tile = ht._STREAM_STAGES, (ht._SINKHORN_BLOCK, ht._SINKHORN_WARPS)
     try:
         for stages in (1, 2, 3, 4):
