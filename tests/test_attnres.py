@@ -6,8 +6,14 @@ import torch
 from oracle import float64_leaves, naive_attnres, rel_err
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
+from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.ops.attnres import attention_residual, attention_residual_merge
-from flash_depth.ops.attnres_triton import attnres_backward, attnres_forward, attnres_source_backward
+from flash_depth.ops.attnres_triton import (
+    attnres_backward,
+    attnres_forward,
+    attnres_source_backward,
+    query_grad_partials,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU
@@ -121,7 +127,8 @@ def _deferred_reads(sources, queries, tiles):
 
 def _check_deferred(N, M, D, dtype, tiles, source_tiles, tol):
     """Three reads of the same sources ``[N, M, D]``, their source gradients deferred: each source's
-    gradient over the readers 0..2 and 1..2, and the query gradients, against float64 autograd."""
+    gradient over the readers 0..2 and 1..2, and the query gradients, both as the reads form them
+    and as the source passes do (``du_partials``), against float64 autograd."""
     sources = (torch.randn(N, M, D) * (torch.rand(N, 1, 1) * 3 + 0.1)).to(DEVICE, dtype)
     queries = [torch.randn(D, device=DEVICE) * D**-0.5 for _ in range(3)]  # logits O(1): softmax not saturated
     (u, do, lse, delta), d_queries = _deferred_reads(sources, queries, tiles)
@@ -131,9 +138,17 @@ def _check_deferred(N, M, D, dtype, tiles, source_tiles, tol):
         total = sum((naive_attnres(ref_v, q[None], ones, 1e-6)[0][0] * do[r].double()).sum()
                     for r, q in enumerate(ref_q) if r >= readers[0])
         total.backward()
+        du = query_grad_partials(3, D, torch.device(DEVICE))
         for j in range(N):
-            got = attnres_source_backward(sources[j], u, do, lse, delta, readers, 1e-6, tiles=source_tiles)
+            got = attnres_source_backward(sources[j], u, do, lse, delta, readers, 1e-6, tiles=source_tiles,
+                                          du_partials=du)
             assert got.dtype == dtype and rel_err(got, ref_v.grad[j]) < tol, (readers, j)
+        du = du.sum(0)
+        for r, q in enumerate(ref_q):
+            if r < readers[0]:
+                assert torch.equal(du[r], torch.zeros_like(du[r]))  # rows of other readers untouched
+            elif N > 1:  # one source: du is 0 up to rounding, which a stream leaves to the read
+                assert rel_err(du[r], q.grad) < tol, (readers, r)
         if readers[0] == 0:
             assert all(rel_err(d, q.grad) < tol for d, q in zip(d_queries, ref_q))
 
@@ -280,8 +295,6 @@ def test_fused_read_takes_inputs_with_any_strides():
 def test_source_stream_read_whose_output_is_unused():
     """A read that feeds nothing never runs its backward: the deferred source gradients equal
     those of a stream without that read."""
-    from flash_depth.nn.attnres_stream import SourceStream
-
     torch.manual_seed(0)
     sources = [torch.randn(2, 5, 24, device=DEVICE, requires_grad=True) for _ in range(3)]
     query, g = torch.randn(24, device=DEVICE), torch.rand(24, device=DEVICE) + 0.5
@@ -297,3 +310,48 @@ def test_source_stream_read_whose_output_is_unused():
         grads.append(torch.autograd.grad(h.square().sum(), sources))
     for a, b in zip(*grads):
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("first_source_grad", [True, False])
+def test_source_stream_defers_query_gradients(first_source_grad):
+    """A stream given its queries: reads with an index leave the sources' query terms to the
+    sources' backward (with and without a partial sum, beside a read without an index, a read
+    whose output is unused and a first source without a gradient); every gradient matches the
+    plain PyTorch stream in float64."""
+    torch.manual_seed(0)
+    sources = [torch.randn(2, 5, 24, device=DEVICE) * s for s in (1.0, 2.0, 0.5, 1.5)]
+    w, g = torch.randn(4, 24, device=DEVICE) * 0.3, torch.rand(4, 24, device=DEVICE) + 0.5
+    grads = {}
+    for backend in ("reference", "triton"):
+        dtype = torch.float64 if backend == "reference" else torch.float32
+        leaves = [x.to(dtype).requires_grad_(i > 0 or first_source_grad) for i, x in enumerate(sources)]
+        wq, gq = w.to(dtype).requires_grad_(), g.to(dtype).requires_grad_()
+        stream = SourceStream(4, backend=backend, queries=(wq, gq))
+        stream.write(leaves[0] * 1)
+        h1 = stream.read(wq[0], gq[0], 1e-6, index=0)
+        stream.write(leaves[1] + h1)
+        stream.read(wq[1], gq[1], 1e-6, index=1)  # unused
+        h2 = stream.read(wq[2], gq[2], 1e-6, partial=leaves[2], index=2)
+        stream.write(h2 * leaves[3])
+        h3 = stream.read(wq[3] * 2, gq[3], 1e-6)  # no index: its own query terms
+        assert stream.defers_queries == (backend == "triton")
+        stream.close()
+        loss = (h3 * torch.linspace(-1, 1, 24, device=DEVICE, dtype=dtype)).sum() + h2.square().sum()
+        with_grad = [x for x in leaves if x.requires_grad]
+        grads[backend] = torch.autograd.grad(loss, [*with_grad, wq, gq])
+    names = [f"source {i}" for i in range(4) if i > 0 or first_source_grad] + ["queries", "key norms"]
+    for name, got, ref in zip(names, grads["triton"], grads["reference"]):
+        assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-5, name
+    dw, dg = grads["triton"][-2:]
+    assert not dw[0].any() and not dg[0].any()  # a read of one source: exactly zero, as in float64
+
+
+def test_source_stream_checks_its_queries():
+    with pytest.raises(ValueError, match=r"queries\[0\] must be a tensor \[Q, D\]"):
+        SourceStream(2, queries=(torch.zeros(4), None))
+    with pytest.raises(ValueError, match=r"queries\[1\] must be None or a tensor of the queries' shape \(3, 4\)"):
+        SourceStream(2, queries=(torch.zeros(3, 4), torch.zeros(4)))
+    stream = SourceStream(2, queries=(torch.zeros(3, 4), None))
+    stream.write(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"index must be a row of the stream's queries, in \[0, 3\), got 3"):
+        stream.read(torch.zeros(4), None, 1e-6, index=3)

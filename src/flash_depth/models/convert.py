@@ -373,7 +373,7 @@ def _attnres_read(module, args, kwargs):
         dtype = x.dtype
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
-        state.sources = SourceStream(1 + state.sublayers // state.block, backend=state.backend, dtype=dtype)
+        state.sources = state.reads.new_stream(1 + state.sublayers // state.block, backend=state.backend, dtype=dtype)
         state.sources.write(x)
         state.partial = None
     h = state.reads.read(state.sources, i, state.partial).to(x.dtype)

@@ -626,7 +626,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         backend = {"reference": "reference", "triton": "triton"}.get(cfg.attention_backend, "auto")
         n_sources = 1 + 2 * cfg.num_hidden_layers // size
         stream = (SourceList(n_sources, dtype=source_dtype) if decoding
-                  else SourceStream(n_sources, backend=backend, dtype=source_dtype))
+                  else reads.new_stream(n_sources, backend=backend, dtype=source_dtype))
         stream.write(emb)  # cast to source_dtype by the copy into its slot
         recording = self.__dict__.get("_recorder") is not None
         two_phase = size > 1 and not torch.is_grad_enabled() and not recording

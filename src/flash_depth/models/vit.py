@@ -20,7 +20,6 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from flash_depth.nn import MLP, AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, MoDAAttention, RMSNorm
-from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.nn.depth_stream import DepthStream
 
 from .modeling_flash_depth import _init_copy, init
@@ -299,7 +298,7 @@ class FlashDepthViTModel(FlashDepthViTPreTrainedModel):
         if emb.is_cuda and torch.is_autocast_enabled("cuda"):
             source_dtype = torch.get_autocast_dtype("cuda")
         backend = {"reference": "reference", "triton": "triton"}.get(cfg.attention_backend, "auto")
-        stream = SourceStream(1 + sublayers // size, backend=backend, dtype=source_dtype)
+        stream = reads.new_stream(1 + sublayers // size, backend=backend, dtype=source_dtype)
         stream.write(emb)
         partial = None
         for index in range(sublayers):

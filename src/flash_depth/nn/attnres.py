@@ -27,12 +27,19 @@ class AttnResQueries(nn.Module):
         self.queries = nn.Parameter(torch.zeros(reads, dim, device=device, dtype=dtype))
         self.key_norms = nn.Parameter(torch.ones(reads, dim, device=device, dtype=dtype))
 
+    def new_stream(self, slots: int, backend: str = "auto", dtype: torch.dtype | None = None) -> SourceStream:
+        """A :class:`SourceStream` of ``slots`` sources for one forward of these reads (on the fused
+        path it defers the queries' gradients to the sources' backward: no read re-reads its sources)."""
+        return SourceStream(slots, backend=backend, dtype=dtype, queries=(self.queries, self.key_norms))
+
     def read(self, stream: SourceStream, i: int, partial: torch.Tensor | None = None, return_weights: bool = False):
         """Read i over the stream's written sources, plus ``partial [B, T, dim]`` (block AttnRes'
         running sum) if given. Returns ``[B, T, dim]``, and with ``return_weights`` the softmax
         weights ``[sources (+1), B, T]`` too (computed by the reference path)."""
         self._check_index(i)
-        return stream.read(self.queries[i], self.key_norms[i], self.eps, partial, return_weights=return_weights)
+        index = i if stream.queries is not None and stream.queries[0] is self.queries else None
+        return stream.read(self.queries[i], self.key_norms[i], self.eps, partial, return_weights=return_weights,
+                           index=index)
 
     def read_two_phase(self, stream: SourceStream, i: int, count: int):
         """Phase one of an inference read (no gradients): reads i .. i+count-1 (fewer past the

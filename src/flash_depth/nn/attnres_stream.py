@@ -10,12 +10,19 @@ of its query, norm weight and partial sum and keeps its u, dO, lse and rowsum(dO
 buffers; a source's write, whose backward autograd runs after every read of it, forms the
 source's gradient over all of its readers in one kernel and writes it once (no float32 buffer
 that every read adds into). The reference path adds into the stream's gradient buffer.
+
+A stream given the pseudo-queries its reads take rows of (``queries``, as
+:class:`~flash_depth.nn.attnres.AttnResQueries` does) defers their gradients too: a read's
+backward then never reads the sources (it only stores the rowsum), each source's pass adds
+its terms of every reader's query gradient, and one node ahead of the first write, whose
+backward autograd runs after every source's, returns the query and key-norm gradients.
 """
 
 from __future__ import annotations
 
 import torch
 
+from flash_depth.ops._checks import shape_of
 from flash_depth.ops.attnres import attention_residual, fused_backward, fused_forward, select_attnres_backend
 
 from .slot_stream import SlotStream, check_slots
@@ -24,20 +31,60 @@ from .slot_stream import SlotStream, check_slots
 class SourceStream(SlotStream):
     """AttnRes sources ``[B, T, D]`` of one forward pass (source 0 is the embedding)."""
 
-    def __init__(self, slots: int, backend: str = "auto", dtype: torch.dtype | None = None):
+    def __init__(self, slots: int, backend: str = "auto", dtype: torch.dtype | None = None,
+                 queries: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+        """``queries``: optional (pseudo-queries ``[Q, D]``, key-norm weights ``[Q, D]`` or None)
+        whose row i a read with ``index=i`` takes; their gradients are then deferred on the fused path."""
         super().__init__(slots, slot_dim=0, names=("sources",), dtype=dtype)
-        self.backend = backend
+        if queries is not None:
+            w, g = queries
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                raise ValueError(f"queries[0] must be a tensor [Q, D], got {shape_of(w)}")
+            if g is not None and (not isinstance(g, torch.Tensor) or g.shape != w.shape):
+                raise ValueError(f"queries[1] must be None or a tensor of the queries' shape {tuple(w.shape)}, "
+                                 f"got {shape_of(g)}")
+        self.backend, self.queries = backend, queries
         self.eps: float | None = None  # read buffers (reader_bufs): u [R, D]; do [R, M, D]; lse, delta [R, M]
+        self.defers_queries = False  # decided at the first write
+        self.reader_query: list[int | None] = []  # per fused read: its row of queries when deferred
+        self.du_partials: torch.Tensor | None = None  # [P, R, D]: the sources' terms of du (summed over P)
 
-    def register_reader(self, eps: float) -> int:
-        """Index of a new fused read of every written source (its buffers are filled in backward)."""
+    @torch.compiler.disable
+    def write(self, *values: torch.Tensor) -> None:
+        if self.count == 0 and self._query_grads_deferrable(values[0]):
+            self.defers_queries = True
+            self.handle = _QueryGrads.apply(self, *self.queries)  # the first write chains to it
+        super().write(*values)
+
+    def _query_grads_deferrable(self, x: torch.Tensor) -> bool:
+        if self.queries is None or not torch.is_grad_enabled():
+            return False
+        if not any(q is not None and q.requires_grad for q in self.queries):
+            return False
+        like = x if self.dtype is None else x.new_empty(0, dtype=self.dtype)
+        return select_attnres_backend(self.backend, like, return_weights=False) == "triton"
+
+    def tracks(self, values) -> bool:
+        # Deferred query gradients come from every source's backward, even of a source without a gradient.
+        return super().tracks(values) or (self.defers_queries and torch.is_grad_enabled())
+
+    def register_reader(self, eps: float, index: int | None = None) -> int:
+        """Index of a new fused read of every written source (its buffers are filled in backward);
+        ``index``: the read's row of the stream's queries."""
         if self.eps is not None and eps != self.eps:
             raise ValueError(f"every read of one source stream needs one eps; got {eps} after {self.eps}")
         self.eps = eps
+        # A read of one source has a query gradient of exactly zero, which its own backward gets
+        # (the rowsum and dO . v summed alike); the source pass's sums differ in their last bits.
+        self.reader_query.append(index if self.defers_queries and self.count > 1 else None)
         return super().register_reader(((0, self.count),))
 
     def keep_reader(self, r: int, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor):
         """Stores read r's u ``[1, D]``, dO ``[1, M, D]`` and lse ``[1, M]``; returns its rowsum buffer ``[M]``."""
+        if self.defers_queries and self.du_partials is None:
+            from flash_depth.ops.attnres_triton import query_grad_partials
+
+            self.du_partials = query_grad_partials(len(self.reader_spans), u.shape[-1], u.device)
         return super().keep_reader(r, {"delta": "lse"}, u=u[0], do=do[0], lse=lse[0])["delta"]
 
     def slot_grads(self, slot: int, dtypes):
@@ -50,8 +97,28 @@ class SourceStream(SlotStream):
         bufs, source = self.reader_bufs, self.buffers[0][slot]
         dv = attnres_source_backward(source.reshape(-1, source.shape[-1]), bufs["u"], bufs["do"], bufs["lse"],
                                      bufs["delta"], (runs[0].start, runs[-1].stop), self.eps,
-                                     out_dtype=dtypes[0]).view(source.shape)
+                                     out_dtype=dtypes[0], du_partials=self.du_partials).view(source.shape)
         return (dv,) if grads is None else (grads[0] + dv,)
+
+    def query_grads(self, w: torch.Tensor, g: torch.Tensor | None):
+        """The deferred gradients of the queries ``w`` and key-norm weights ``g`` (u = w * g), once
+        every source's backward ran; None where no fused read took a row."""
+        rows = [(r, i) for r, i in enumerate(self.reader_query) if i is not None]
+        if self.du_partials is None or not rows:
+            return None, None
+        du = self.du_partials.sum(0)
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        dg = None if g is None else torch.zeros_like(dw)
+        (r0, i0), n = rows[0], len(rows)
+        if rows == [(r0 + k, i0 + k) for k in range(n)]:  # the model's reads: read r takes row r + i0
+            spans = [(slice(r0, r0 + n), slice(i0, i0 + n))]
+        else:
+            spans = [(slice(r, r + 1), slice(i, i + 1)) for r, i in rows]
+        for r, i in spans:
+            dw[i] += du[r] * (1 if g is None else g[i])
+            if g is not None:
+                dg[i] += du[r] * w[i]
+        return dw.to(w.dtype), None if g is None else dg.to(g.dtype)
 
     def sources(self, n: int | None = None) -> torch.Tensor:
         """The first n (default: all written) sources ``[n, B, T, D]`` (a view, no gradient)."""
@@ -59,17 +126,23 @@ class SourceStream(SlotStream):
 
     @torch.compiler.disable  # reads of the in-place buffer run eagerly under torch.compile
     def read(self, query: torch.Tensor, norm_weight: torch.Tensor, eps: float, partial: torch.Tensor | None = None,
-             return_weights: bool = False):
+             return_weights: bool = False, index: int | None = None):
         """Read of query ``[D]`` over the written sources (plus ``partial``); ``[B, T, D]``
-        (and the weights ``[n(+1), B, T]`` with ``return_weights``, a reference-path option)."""
+        (and the weights ``[n(+1), B, T]`` with ``return_weights``, a reference-path option).
+        ``index``: query and norm_weight are row ``index`` of the stream's ``queries`` (their
+        gradients are then deferred on the fused path)."""
         if self.count == 0:
             raise ValueError("an AttnRes read needs at least one written source")
+        if index is not None:
+            rows = 0 if self.queries is None else self.queries[0].shape[0]
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < rows:
+                raise ValueError(f"index must be a row of the stream's queries, in [0, {rows}), got {index!r}")
         backend = "reference" if return_weights else self.backend
         handle = self.read_handle()
         if handle is None:  # nothing to differentiate through the stream: the plain op
             return attention_residual(self.sources(), query, norm_weight, eps=eps, partial=partial,
                                       return_weights=return_weights, backend=backend)
-        out, weights = _Read.apply(self, handle, query, norm_weight, partial, eps, backend)
+        out, weights = _Read.apply(self, handle, query, norm_weight, partial, eps, backend, index)
         return (out, weights) if return_weights else out
 
     @torch.compiler.disable
@@ -83,7 +156,7 @@ class SourceStream(SlotStream):
 
 class _Read(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stream, handle, query, norm_weight, partial, eps, backend):
+    def forward(ctx, stream, handle, query, norm_weight, partial, eps, backend, index):
         sources = stream.sources()
         ctx.stream, ctx.n, ctx.eps = stream, stream.count, eps
         if select_attnres_backend(backend, sources, return_weights=False) == "reference":
@@ -99,7 +172,7 @@ class _Read(torch.autograd.Function):
         ctx.graph = None
         out, _, saved, ctx.source_shape = fused_forward(sources, query, norm_weight, partial, eps)
         ctx.save_for_backward(*saved)
-        ctx.reader = stream.register_reader(eps) if query.dim() == 1 else None
+        ctx.reader = stream.register_reader(eps, index) if query.dim() == 1 else None
         weights = out.new_empty(0)
         ctx.mark_non_differentiable(weights)
         return out, weights
@@ -113,7 +186,7 @@ class _Read(torch.autograd.Function):
             d_sources, dq, dg, *dp = torch.autograd.grad(out, inputs, dout)
             ctx.graph = None
             grad_sources += d_sources
-            return None, torch.zeros((), device=dout.device), dq, dg, (dp[0] if dp else None), None, None
+            return None, torch.zeros((), device=dout.device), dq, dg, (dp[0] if dp else None), None, None, None
         saved = ctx.saved_tensors
         if ctx.reader is None:  # several queries at once: add into the float32 buffer
             (grad_sources,) = stream.grad_views(n)
@@ -121,8 +194,24 @@ class _Read(torch.autograd.Function):
         else:
             out, lse, u = saved[4:]
             delta = stream.keep_reader(ctx.reader, u, dout.reshape(out.shape), lse)
-            _, dq, dg, dp = fused_backward(dout, saved, ctx.source_shape, ctx.eps, delta_out=delta)
-        return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None
+            _, dq, dg, dp = fused_backward(dout, saved, ctx.source_shape, ctx.eps, delta_out=delta,
+                                           defer_query=stream.reader_query[ctx.reader] is not None)
+        return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None, None
+
+
+class _QueryGrads(torch.autograd.Function):
+    """Ahead of a stream's first write, taking its queries: the backward runs after every
+    source's (each write chains to the one before) and returns the deferred query gradients."""
+
+    @staticmethod
+    def forward(ctx, stream, w, g):
+        ctx.stream = stream
+        ctx.save_for_backward(w, g)
+        return w.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad_handle):
+        return None, *ctx.stream.query_grads(*ctx.saved_tensors)
 
 
 class SourceList:

@@ -54,11 +54,15 @@ class SlotStream:
         for name, x in zip(self.names, values):
             if x.shape != want:
                 raise ValueError(f"{name} slot must be {tuple(want)}, got {tuple(x.shape)}")
-        if torch.is_grad_enabled() and any(x.requires_grad for x in values):
+        if self.tracks(values):
             self.handle = _Write.apply(self, self.count, self.handle, *values)
         else:
             self.store(self.count, values)
         self.count += 1
+
+    def tracks(self, values) -> bool:
+        """Whether a write of ``values`` gets an autograd node (whose backward hands over the slot's gradient)."""
+        return torch.is_grad_enabled() and any(x.requires_grad for x in values)
 
     def store(self, slot: int, values) -> None:
         """Puts ``values`` into slot ``slot`` of the buffers (a subclass may encode or fuse the copies)."""

@@ -194,11 +194,13 @@ def fused_forward(sources, query, norm_weight, partial, eps: float):
     return out.view(*lead, D), lse.view(lead), (rows, query, norm_weight, p_rows, out, lse, u), sources.shape
 
 
-def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None, delta_out=None):
+def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None, delta_out=None, defer_query=False):
     """Gradients of :func:`fused_forward`: (sources, query, norm_weight, partial), None where an
     input was None. With ``grad_sources`` (``[N, ..., D]``, any float dtype) the source gradients
     are added into it in place instead; with ``delta_out`` (``[M]`` float32, one query) they are
-    left to ``attnres_source_backward`` (None) and rowsum(dO * o) is stored there for it."""
+    left to ``attnres_source_backward`` (None) and rowsum(dO * o) is stored there for it; with
+    ``defer_query`` too, so are the sources' terms of the query and norm weight gradients (see
+    ``attnres_backward``)."""
     from ._triton_common import last_dim_contiguous
     from .attnres_triton import attnres_backward
 
@@ -206,7 +208,7 @@ def fused_backward(dout, saved, source_shape, eps: float, grad_sources=None, del
     into = None if grad_sources is None else grad_sources.view(rows.shape)
     d_rows, d_partial, dq, dg = attnres_backward(last_dim_contiguous(dout.reshape(out.shape)), rows, query,
                                                  norm_weight, p_rows, out, lse, u, eps, grad_sources=into,
-                                                 delta_out=delta_out)
+                                                 delta_out=delta_out, defer_query=defer_query)
     d_sources = None if d_rows is None else d_rows.view(source_shape)
     return d_sources, dq, dg, None if d_partial is None else d_partial.view(source_shape[1:])
 

@@ -145,14 +145,16 @@ def _attnres_bwd_kernel(
 
 @triton.jit
 def _attnres_source_grad_kernel(
-    V, U, DO, LSE, DELTA, DV,
-    sv_m, su_r, sdo_r, sdo_m, sl_r, sd_r, sdv_m,
+    V, U, DO, LSE, DELTA, DV, C,
+    sv_m, su_r, sdo_r, sdo_m, sl_r, sd_r, sdv_m, sc_r,
     M, D, eps, R_START, R_END,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    STORE_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One source's gradient ``[M, D]`` summed over reads R_START..R_END-1 (each read's u, dO, lse
     and rowsum stacked on a leading reader axis). dv = sum_r alpha_r dO_r + c_r u_r - (c_r logit_r
-    rstd / D) v: the last term is a per-row scalar times v, summed before the one multiply."""
+    rstd / D) v: the last term is a per-row scalar times v, summed before the one multiply.
+    STORE_C: also stores every c_r ``[M]`` as row r - R_START of C, this source's share of read
+    r's query gradient being du_r = sum_m c_r[m] v[m]."""
     pid = tl.program_id(0)
     dims = tl.arange(0, BLOCK_D)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -174,8 +176,34 @@ def _attnres_source_grad_kernel(
         c = alpha * (tl.sum(do * v, 1) - delta) * rstd
         acc += alpha[:, None] * do + c[:, None] * u[None, :]
         coef += c * logit
+        if STORE_C:
+            tl.store(C + (r64 - R_START) * sc_r + rows, c, mask=row_ok)
     dv = acc - (coef * rstd / D)[:, None] * v
     tl.store(DV + rows[:, None] * sdv_m + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attnres_c_times_source_kernel(
+    C, V, DU, sc_r, sv_m, sdu_p, sdu_r, R, M, D, rows_per_split,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """DU[split] += C[:, rows of split] @ V[rows of split]: one source's share of R reads' query
+    gradients (C ``[R, M]`` float32 from the source-gradient kernel, V ``[M, D]``), each split of
+    the rows summed into its own float32 partial, so the order of every sum is fixed."""
+    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
+    first = split * rows_per_split
+    last = tl.minimum(M, first + rows_per_split)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for k in range(first, last, BLOCK_K):
+        ks = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
+        c = tl.load(C + rs[:, None] * sc_r + ks[None, :], mask=(rs < R)[:, None] & (ks < last)[None, :], other=0.0)
+        v = tl.load(V + ks[:, None] * sv_m + dims[None, :], mask=(ks < last)[:, None] & (dims < D)[None, :], other=0.0)
+        acc += tl.dot(c, v.to(tl.float32), input_precision=PRECISION)
+    ptrs = DU + split * sdu_p + rs[:, None] * sdu_r + dims[None, :]
+    mask = (rs < R)[:, None] & (dims < D)[None, :]
+    tl.store(ptrs, acc + tl.load(ptrs, mask=mask, other=0.0), mask=mask)
 
 
 @triton.jit
@@ -301,7 +329,8 @@ def _num_programs(device: torch.device, num_blocks: int, per_sm: int) -> tuple[i
 def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor | None,
                      partial: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, u: torch.Tensor,
                      eps: float, *, grad_sources: torch.Tensor | None = None,
-                     tiles: tuple[int, ...] | None = None, delta_out: torch.Tensor | None = None):
+                     tiles: tuple[int, ...] | None = None, delta_out: torch.Tensor | None = None,
+                     defer_query: bool = False):
     """Gradients of :func:`attnres_forward`. do, out ``[S, M, D]``; lse ``[S, M]``; u ``[S, D]``;
     query and norm_weight as there; all with unit stride in D.
 
@@ -309,7 +338,10 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
     None), each gradient in its input's dtype and shape. With ``grad_sources`` (any float dtype,
     ``[N, M, D]``) the source gradients are added into it in place and it is returned as d_sources.
     With ``delta_out`` ``[M]`` float32 (one query) the source gradients are left to
-    :func:`attnres_source_backward` (d_sources is None) and rowsum(dO * o) is stored there for it.
+    :func:`attnres_source_backward` (d_sources is None) and rowsum(dO * o) is stored there for it;
+    with ``defer_query`` too, so are the sources' terms of the query gradient (its ``du_partials``):
+    the sources are not read at all, and d_query and d_norm_weight hold only the partial source's
+    terms (None without a partial).
     ``tiles`` (sweeps): (BLOCK_M, num_warps[, stages[, warps per SM]]) instead of the defaults.
     """
     N, M, D = sources.shape
@@ -317,6 +349,8 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
     source_grads = delta_out is None
     if not source_grads and (S != 1 or grad_sources is not None):
         raise ValueError("delta_out (deferred source gradients) takes one query and no grad_sources")
+    if defer_query and source_grads:
+        raise ValueError("defer_query needs delta_out: the sources' query terms come with their deferred gradients")
     accumulate_v = grad_sources is not None
     if not source_grads:
         grad_sources = sources  # placeholder: never written
@@ -348,10 +382,12 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
             sources, p, u_s, o_s, do_s, lse_s, grad_sources, dp, du_s, lse_s if source_grads else delta_out,
             sources.stride(0), sources.stride(1), p.stride(-2), out.stride(1), do.stride(1),
             grad_sources.stride(0), grad_sources.stride(1), dp.stride(-2),
-            M, N, D, eps, num_blocks,
+            M, 0 if defer_query else N, D, eps, num_blocks,
             HAS_PARTIAL=partial is not None, ACCUMULATE_V=accumulate_v or s > 0, ACCUMULATE_P=s > 0,
             SOURCE_GRADS=source_grads, BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
         )
+    if defer_query and partial is None:  # rowsums only: no query terms here
+        return None, None, None, None
     d_query = torch.empty_like(query)
     d_norm = None if norm_weight is None else torch.empty_like(norm_weight)
     dg = d_query if d_norm is None else d_norm
@@ -370,24 +406,54 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
     return grad_sources, d_partial, d_query, d_norm
 
 
+def query_grad_partials(reads: int, D: int, device: torch.device) -> torch.Tensor:
+    """Zeroed float32 ``[P, reads, D]`` for :func:`attnres_source_backward`'s ``du_partials``: P
+    splits of the rows, each summed by its own programs (the query gradient is their sum over P)."""
+    return torch.zeros((QUERY_GRAD_SPLITS if device.type == "cuda" else 2, reads, D), device=device)
+
+
+# Row splits of the deferred query gradient: 6 column tiles (D=384) x 32 splits, more programs than SMs.
+QUERY_GRAD_SPLITS = 32
+
+
 def attnres_source_backward(source: torch.Tensor, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
                             delta: torch.Tensor, readers: tuple[int, int], eps: float,
-                            out_dtype: torch.dtype | None = None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
+                            out_dtype: torch.dtype | None = None, tiles: tuple[int, ...] | None = None,
+                            du_partials: torch.Tensor | None = None) -> torch.Tensor:
     """Deferred gradient of one source ``[M, D]`` (unit stride in D) over the reads
     ``readers[0] .. readers[1] - 1``, all of which read it. u ``[R, D]`` float32, do ``[R, M, D]``,
     lse and delta ``[R, M]`` float32: each read's effective query, output gradient, log-sum-exp and
     rowsum(dO * o). Returns ``[M, D]`` in ``out_dtype`` (default the source's dtype). ``tiles``
-    (sweeps): (BLOCK_M, num_warps[, stages]) instead of the defaults."""
+    (sweeps): (BLOCK_M, num_warps[, stages]) instead of the defaults.
+
+    ``du_partials`` (``[P, R, D]`` float32, from :func:`query_grad_partials`): this source's terms
+    of each read's effective-query gradient du_r = sum_m c_r[m] v[m] are added into rows
+    ``readers[0] .. readers[1] - 1`` (summed over P, over every source, they are the gradient of
+    u = w * g that a read with ``defer_query`` left out)."""
     M, D = source.shape
     dv = torch.empty((M, D), dtype=out_dtype or source.dtype, device=source.device)
     block_m, block_d, num_warps = _source_tiles(D)
     stages = BWD_STAGES if block_d <= 512 else 1  # the pipeline's buffers would not fit in shared memory
     if tiles is not None:
         block_m, num_warps, stages = (*tiles, stages)[:3]
+    R = readers[1] - readers[0]
+    c = None if du_partials is None else torch.empty((R, M), dtype=torch.float32, device=source.device)
     _attnres_source_grad_kernel[(cdiv(M, block_m),)](
-        source, u, do, lse, delta, dv,
+        source, u, do, lse, delta, dv, dv if c is None else c,
         source.stride(0), u.stride(0), do.stride(0), do.stride(1), lse.stride(0), delta.stride(0), dv.stride(0),
-        M, D, eps, readers[0], readers[1],
-        BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
+        0 if c is None else c.stride(0), M, D, eps, readers[0], readers[1],
+        STORE_C=c is not None, BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
     )
+    if c is not None:
+        splits = du_partials.shape[0]
+        block_r, block_d = min(128, max(16, triton.next_power_of_2(R))), min(64, max(16, triton.next_power_of_2(D)))
+        block_k = 32
+        rows_per_split = cdiv(cdiv(M, splits), block_k) * block_k
+        du = du_partials[:, readers[0]:readers[1]]
+        # tf32x3: three tf32 products, about float32's accuracy at tensor-core speed (ieee runs on
+        # the CUDA cores); v is exact in tf32 when it is bf16 or fp16.
+        _attnres_c_times_source_kernel[(cdiv(D, block_d), cdiv(R, block_r), splits)](
+            c, source, du, c.stride(0), source.stride(0), du.stride(0), du.stride(1), R, M, D, rows_per_split,
+            BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION="tf32x3", num_warps=4,
+        )
     return dv
