@@ -137,7 +137,7 @@ def test_model_fused_path_matches_reference_path(mech):
     # float32 on the fused path: it failed to compile on torch 2.11 until the kernels cast the softmax
     # scale to float32, then trained with wrong gradients until moda's forward stopped returning a
     # no-op .contiguous() (benchmarks/results/logs/s11_compiled_fp32_h200.log)
-    ("residual", False, "auto"),
+    ("residual", False, "auto"), ("moda", False, "auto"), ("moda", True, "auto"),
     # Open, see docs/model.md ("Compiled mHC"): on the H200 (torch 2.11) the compiled mHC model misses
     # eager's gradients, in float32 by 3.7 on the embedding and 1e6-fold on the tiny pre-gate gradients
     # (with or without the Triton custom ops; one compiled HyperConnection alone matches float64, and so
