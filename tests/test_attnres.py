@@ -70,16 +70,22 @@ def test_fused_read_with_one_norm_weight_for_every_query(S, param_dtype):
     dout = torch.randn_like(out)
     (out * dout).sum().backward()
 
-    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    ref_p = partial.double().requires_grad_()
-    ref_query = ref_leaves[1].reshape(-1, 40)
-    ref_norm = ref_leaves[2].expand_as(ref_query)
-    ref_out, _ = naive_attnres(torch.cat([ref_leaves[0], ref_p[None]]), ref_query, ref_norm, 1e-6)
-    (ref_out.reshape(out.shape) * dout.double()).sum().backward()
+    def formula(dtype):  # the float64 reference, and the same formula in float32 as a yardstick
+        ref_leaves = [x.detach().to(dtype).requires_grad_() for x in leaves]
+        ref_p = partial.to(dtype).requires_grad_()
+        ref_query = ref_leaves[1].reshape(-1, 40)
+        ref_out, _ = naive_attnres(torch.cat([ref_leaves[0], ref_p[None]]), ref_query,
+                                   ref_leaves[2].expand_as(ref_query), 1e-6)
+        (ref_out.reshape(out.shape) * dout.to(dtype)).sum().backward()
+        return ref_out.reshape(out.shape), ref_leaves, ref_p
 
-    tol = TOL[param_dtype]
-    assert rel_err(out, ref_out.reshape(out.shape)) < 1e-5
-    for name, got, ref in zip(("sources", "query", "norm_weight"), leaves, ref_leaves):
+    ref_out, ref_leaves, ref_p = formula(torch.float64)
+    _, plain_leaves, _ = formula(torch.float32)
+    assert rel_err(out, ref_out) < 1e-5
+    for name, got, ref, plain in zip(("sources", "query", "norm_weight"), leaves, ref_leaves, plain_leaves):
+        # the query gradients sum every row's terms, which cancel: a draw in a few hundred leaves the
+        # float32 formula itself near 1e-5 there, so the bound is 4x its error where that is larger
+        tol = max(TOL[param_dtype], 4 * rel_err(plain.grad, ref.grad) if name != "sources" else 0)
         assert got.grad.dtype == got.dtype and rel_err(got.grad, ref.grad) < tol, name
     assert rel_err(p.grad, ref_p.grad) < 1e-5
 
