@@ -7,7 +7,7 @@ from torch import nn
 
 from flash_depth.ops.attnres import attention_residual_merge
 
-from .attnres_stream import SourceStream
+from .attnres_stream import SourceList, SourceStream
 
 
 class AttnResQueries(nn.Module):
@@ -32,14 +32,16 @@ class AttnResQueries(nn.Module):
         path it defers the queries' gradients to the sources' backward: no read re-reads its sources)."""
         return SourceStream(slots, backend=backend, dtype=dtype, queries=(self.queries, self.key_norms))
 
-    def read(self, stream: SourceStream, i: int, partial: torch.Tensor | None = None, return_weights: bool = False):
+    def read(self, stream: SourceStream | SourceList, i: int, partial: torch.Tensor | None = None,
+             return_weights: bool = False):
         """Read i over the stream's written sources, plus ``partial [B, T, dim]`` (block AttnRes'
         running sum) if given. Returns ``[B, T, dim]``, and with ``return_weights`` the softmax
         weights ``[sources (+1), B, T]`` too (computed by the reference path)."""
         self._check_index(i)
-        index = i if stream.queries is not None and stream.queries[0] is self.queries else None
-        return stream.read(self.queries[i], self.key_norms[i], self.eps, partial, return_weights=return_weights,
-                           index=index)
+        query, norm_weight = self.queries[i], self.key_norms[i]
+        if isinstance(stream, SourceStream) and stream.queries is not None and stream.queries[0] is self.queries:
+            return stream.read(query, norm_weight, self.eps, partial, return_weights=return_weights, index=i)
+        return stream.read(query, norm_weight, self.eps, partial, return_weights=return_weights)  # e.g. a SourceList
 
     def read_two_phase(self, stream: SourceStream, i: int, count: int):
         """Phase one of an inference read (no gradients): reads i .. i+count-1 (fewer past the
