@@ -48,12 +48,18 @@ class SourceStream(SlotStream):
         self.defers_queries = False  # decided at the first write
         self.reader_query: list[int | None] = []  # per fused read: its row of queries when deferred
         self.du_partials: torch.Tensor | None = None  # [P, R, D]: the sources' terms of du (summed over P)
+        self.du_task: int | None = None  # the backward pass that du_partials belongs to
 
     @torch.compiler.disable
     def write(self, *values: torch.Tensor) -> None:
+        """Append one source ``[B, T, D]``; the first write decides whether the queries' gradients are deferred."""
         if self.count == 0 and self._query_grads_deferrable(values[0]):
             self.defers_queries = True
             self.handle = _QueryGrads.apply(self, *self.queries)  # the first write chains to it
+        elif self.defers_queries and not torch.is_grad_enabled():
+            # This source gets no backward pass: later reads form their own query gradients (earlier
+            # reads read only sources with one).
+            self.defers_queries = False
         super().write(*values)
 
     def _query_grads_deferrable(self, x: torch.Tensor) -> bool:
@@ -81,10 +87,13 @@ class SourceStream(SlotStream):
 
     def keep_reader(self, r: int, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor):
         """Stores read r's u ``[1, D]``, dO ``[1, M, D]`` and lse ``[1, M]``; returns its rowsum buffer ``[M]``."""
-        if self.defers_queries and self.du_partials is None:
+        task = torch._C._current_graph_task_id()
+        if any(i is not None for i in self.reader_query) and self.du_task != task:
+            # fresh partials for each backward pass (retain_graph, or a pass that stopped early)
             from flash_depth.ops.attnres_triton import query_grad_partials
 
             self.du_partials = query_grad_partials(len(self.reader_spans), u.shape[-1], u.device)
+            self.du_task = task
         return super().keep_reader(r, {"delta": "lse"}, u=u[0], do=do[0], lse=lse[0])["delta"]
 
     def slot_grads(self, slot: int, dtypes):
@@ -106,7 +115,7 @@ class SourceStream(SlotStream):
         rows = [(r, i) for r, i in enumerate(self.reader_query) if i is not None]
         if self.du_partials is None or not rows:
             return None, None
-        du = self.du_partials.sum(0)
+        du, self.du_partials, self.du_task = self.du_partials.sum(0), None, None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         dg = None if g is None else torch.zeros_like(dw)
         (r0, i0), n = rows[0], len(rows)
@@ -119,6 +128,22 @@ class SourceStream(SlotStream):
             if g is not None:
                 dg[i] += du[r] * w[i]
         return dw.to(w.dtype), None if g is None else dg.to(g.dtype)
+
+    def _check_row(self, index, query, norm_weight) -> None:
+        """ValueError unless query and norm_weight are row ``index`` of the stream's queries (views
+        of it: their deferred gradients are formed for those rows)."""
+        rows = 0 if self.queries is None else self.queries[0].shape[0]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < rows:
+            raise ValueError(f"index must be a row of the stream's queries, in [0, {rows}), got {index!r}")
+        for name, x, table in (("query", query, self.queries[0]), ("norm_weight", norm_weight, self.queries[1])):
+            row = None if table is None else table[index]
+            same = (x is None) if row is None else (
+                isinstance(x, torch.Tensor) and x.shape == row.shape and x.data_ptr() == row.data_ptr()
+                and x.stride() == row.stride() and x.dtype == row.dtype)
+            if not same:
+                want = "None" if row is None else f"row {index} of the stream's queries[{int(name != 'query')}]"
+                raise ValueError(f"with index={index}, {name} must be {want} (a view of it), got "
+                                 f"{'None' if x is None else shape_of(x)}")
 
     def sources(self, n: int | None = None) -> torch.Tensor:
         """The first n (default: all written) sources ``[n, B, T, D]`` (a view, no gradient)."""
@@ -134,9 +159,7 @@ class SourceStream(SlotStream):
         if self.count == 0:
             raise ValueError("an AttnRes read needs at least one written source")
         if index is not None:
-            rows = 0 if self.queries is None else self.queries[0].shape[0]
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < rows:
-                raise ValueError(f"index must be a row of the stream's queries, in [0, {rows}), got {index!r}")
+            self._check_row(index, query, norm_weight)
         backend = "reference" if return_weights else self.backend
         handle = self.read_handle()
         if handle is None:  # nothing to differentiate through the stream: the plain op
@@ -162,11 +185,11 @@ class _Read(torch.autograd.Function):
         if select_attnres_backend(backend, sources, return_weights=False) == "reference":
             # Plain PyTorch: let autograd differentiate it.
             with torch.enable_grad():
-                leaves = [x.detach().requires_grad_() for x in (sources, query, norm_weight)]
-                p = None if partial is None else partial.detach().requires_grad_()
-                out, weights = attention_residual(*leaves, eps=eps, partial=p, return_weights=True,
+                leaves = [None if x is None else x.detach().requires_grad_()
+                          for x in (sources, query, norm_weight, partial)]
+                out, weights = attention_residual(*leaves[:3], eps=eps, partial=leaves[3], return_weights=True,
                                                   backend="reference")
-            ctx.graph = (out, leaves + ([p] if p is not None else []))
+            ctx.graph = (out, leaves)
             ctx.mark_non_differentiable(weights)
             return out.detach(), weights.detach()
         ctx.graph = None
@@ -182,11 +205,13 @@ class _Read(torch.autograd.Function):
         stream, n = ctx.stream, ctx.n
         if ctx.graph is not None:
             (grad_sources,) = stream.grad_views(n)
-            out, inputs = ctx.graph
-            d_sources, dq, dg, *dp = torch.autograd.grad(out, inputs, dout)
+            out, leaves = ctx.graph
             ctx.graph = None
+            inputs = [x for x in leaves if x is not None]
+            found = iter(torch.autograd.grad(out, inputs, dout))
+            d_sources, dq, dg, dp = (None if x is None else next(found) for x in leaves)
             grad_sources += d_sources
-            return None, torch.zeros((), device=dout.device), dq, dg, (dp[0] if dp else None), None, None, None
+            return None, torch.zeros((), device=dout.device), dq, dg, dp, None, None, None
         saved = ctx.saved_tensors
         if ctx.reader is None:  # several queries at once: add into the float32 buffer
             (grad_sources,) = stream.grad_views(n)
