@@ -190,7 +190,7 @@ def _attnres_c_times_source_kernel(
     """DU[split] += C[:, rows of split] @ V[rows of split]: one source's share of R reads' query
     gradients (C ``[R, M]`` float32 from the source-gradient kernel, V ``[M, D]``), each split of
     the rows summed into its own float32 partial, so the order of every sum is fixed."""
-    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rs = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # rs * sc_r: R * M may pass 2^31
     dims = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     split = tl.program_id(2)
     first = split * rows_per_split
@@ -406,14 +406,15 @@ def attnres_backward(do: torch.Tensor, sources: torch.Tensor, query: torch.Tenso
     return grad_sources, d_partial, d_query, d_norm
 
 
-def query_grad_partials(reads: int, D: int, device: torch.device) -> torch.Tensor:
-    """Zeroed float32 ``[P, reads, D]`` for :func:`attnres_source_backward`'s ``du_partials``: P
-    splits of the rows, each summed by its own programs (the query gradient is their sum over P)."""
-    return torch.zeros((QUERY_GRAD_SPLITS if device.type == "cuda" else 2, reads, D), device=device)
-
-
 # Row splits of the deferred query gradient: 6 column tiles (D=384) x 32 splits, more programs than SMs.
 QUERY_GRAD_SPLITS = 32
+
+
+def query_grad_partials(reads: int, D: int, device: torch.device) -> torch.Tensor:
+    """Zeroed float32 ``[P, reads, D]`` for :func:`attnres_source_backward`'s ``du_partials``: P
+    splits of the rows, each summed by its own programs (the query gradient is their sum over P;
+    two in the CPU interpreter, so the split is still exercised)."""
+    return torch.zeros((QUERY_GRAD_SPLITS if device.type == "cuda" else 2, reads, D), device=device)
 
 
 def attnres_source_backward(source: torch.Tensor, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
@@ -437,6 +438,14 @@ def attnres_source_backward(source: torch.Tensor, u: torch.Tensor, do: torch.Ten
     if tiles is not None:
         block_m, num_warps, stages = (*tiles, stages)[:3]
     R = readers[1] - readers[0]
+    if du_partials is not None:
+        if (not isinstance(du_partials, torch.Tensor) or du_partials.dim() != 3 or du_partials.dtype != torch.float32
+                or du_partials.shape[1] < readers[1] or du_partials.shape[2] != D or du_partials.stride(-1) != 1
+                or du_partials.device != source.device):
+            raise ValueError(f"du_partials must be a float32 tensor [P, >= {readers[1]}, {D}] with unit stride in D "
+                             f"on {source.device} (query_grad_partials makes one), got "
+                             f"{getattr(du_partials, 'dtype', type(du_partials).__name__)} "
+                             f"{tuple(getattr(du_partials, 'shape', ()))}")
     c = None if du_partials is None else torch.empty((R, M), dtype=torch.float32, device=source.device)
     _attnres_source_grad_kernel[(cdiv(M, block_m),)](
         source, u, do, lse, delta, dv, dv if c is None else c,

@@ -70,7 +70,8 @@ def _depth_fwd_kernel(
         Q + b * sq_b + row_tok64[:, None] * sq_t + row_head[:, None] * sq_h + dims[None, :],
         mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
     )
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # float32 even where Inductor passes a float64
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a float64, which would widen every tile it scales
+    qk_scale = scale * 1.4426950408889634
 
     if HAS_SEQ:
         # Resume the online softmax from the sequence part: state (m=lse, l=1, acc=o).
@@ -177,7 +178,8 @@ def _depth_bwd_kernel(
         tl.store(DELTA + b * sdl_b + row_head * sdl_h + row_tok64 * sdl_t, delta, mask=row_ok)
     lse2 = tl.load(LSE + b * sl_b + row_head * sl_h + row_tok64 * sl_t, mask=row_ok, other=0.0).to(tl.float32)
     lse2 = lse2 * 1.4426950408889634
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # float32 even where Inductor passes a float64
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a float64, which would widen every tile it scales
+    qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_cols = TOKENS * L
@@ -277,7 +279,8 @@ def _depth_slot_grad_kernel(
     toks64 = toks.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     rmask = tok_ok[:, None] & (dims < HEAD_DIM)[None, :]
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # float32 even where Inductor passes a float64
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a float64, which would widen every tile it scales
+    qk_scale = scale * 1.4426950408889634
 
     kv_row = b * skd_b + toks64[:, None] * skd_t + hk * skd_h + dims[None, :]
     vv_row = b * svd_b + toks64[:, None] * svd_t + hk * svd_h + dims[None, :]

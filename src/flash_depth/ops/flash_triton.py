@@ -134,7 +134,8 @@ def _flash_fwd_kernel(
     offs_m64 = offs_m.to(tl.int64)
     q = tl.load(Q + b * sq_b + offs_m64[:, None] * sq_t + h * sq_h + dims[None, :],
                 mask=m_ok[:, None] & dim_ok[None, :], other=0.0)
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # float32 even where Inductor passes a float64
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a float64, which would widen every tile it scales
+    qk_scale = scale * 1.4426950408889634
     shift = TK - TQ
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -259,7 +260,8 @@ def _flash_bwd_dkdv_kernel(
     kmask = n_ok[:, None] & dim_ok[None, :]
     k = tl.load(K + b * sk_b + offs_n64[:, None] * sk_t + hk * sk_h + dims[None, :], mask=kmask, other=0.0)
     v = tl.load(V + b * sv_b + offs_n64[:, None] * sv_t + hk * sv_h + dims[None, :], mask=kmask, other=0.0)
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # float32 even where Inductor passes a float64
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a float64, which would widen every tile it scales
+    qk_scale = scale * 1.4426950408889634
     shift = TK - TQ
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -341,7 +343,8 @@ def _flash_bwd_dq_kernel(
     do = tl.load(DO + b * sdo_b + offs_m64[:, None] * sdo_t + h * sdo_h + dims[None, :], mask=qmask, other=0.0)
     lse2 = tl.load(LSE + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + b * sl_b + h * sl_h + offs_m64 * sl_t, mask=m_ok, other=0.0)
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # float32 even where Inductor passes a float64
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a float64, which would widen every tile it scales
+    qk_scale = scale * 1.4426950408889634
     shift = TK - TQ
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi, mask_from = _key_range(pid_m, DOC, CU, KVS, b, TQ, TK, shift, BLOCK_M, BLOCK_N, CAUSAL, VARLEN,
