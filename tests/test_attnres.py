@@ -52,7 +52,10 @@ def test_fused_read_matches_float64_formula(N, B, T, D, S, with_partial, dtype):
     tol = TOL[dtype]
     assert rel_err(out, ref_out) < tol and rel_err(lse, ref_lse) < tol
     for name, got, ref in zip(("sources", "query", "norm_weight"), leaves, ref_leaves):
-        assert rel_err(got.grad, ref.grad) < tol, name
+        # fp16: the query gradients' row terms cancel around rowsums of an fp16-rounded o (up to 2.4e-2
+        # in 150 draws of the (3, 2, 5, 40) case), as the bf16 GPU test of the deferred path allows
+        loose = dtype == torch.float16 and name != "sources"
+        assert rel_err(got.grad, ref.grad) < (5e-2 if loose else tol), name
     if p is not None:
         assert rel_err(p.grad, ref_p.grad) < tol
 
@@ -318,38 +321,65 @@ def test_source_stream_read_whose_output_is_unused():
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-6
 
 
-@pytest.mark.parametrize("first_source_grad", [True, False])
-def test_source_stream_defers_query_gradients(first_source_grad):
-    """A stream given its queries: reads with an index leave the sources' query terms to the
-    sources' backward (with and without a partial sum, beside a read without an index, a read
-    whose output is unused and a first source without a gradient); every gradient matches the
-    plain PyTorch stream in float64."""
+def _deferring_stream_grads(backend, first_source_grad, with_g, rows, no_grad_write=False, passes=1):
+    """A stream given its queries: a read of one source (not deferred), an unused read, a read with a
+    partial sum, a used read without one, and a read without an index; with ``no_grad_write`` a
+    source written without gradients in the middle. Returns every input's gradient, ``passes``
+    times over one graph (retain_graph)."""
     torch.manual_seed(0)
-    sources = [torch.randn(2, 5, 24, device=DEVICE) * s for s in (1.0, 2.0, 0.5, 1.5)]
-    w, g = torch.randn(4, 24, device=DEVICE) * 0.3, torch.rand(4, 24, device=DEVICE) + 0.5
-    grads = {}
-    for backend in ("reference", "triton"):
-        dtype = torch.float64 if backend == "reference" else torch.float32
-        leaves = [x.to(dtype).requires_grad_(i > 0 or first_source_grad) for i, x in enumerate(sources)]
-        wq, gq = w.to(dtype).requires_grad_(), g.to(dtype).requires_grad_()
-        stream = SourceStream(4, backend=backend, queries=(wq, gq))
-        stream.write(leaves[0] * 1)
-        h1 = stream.read(wq[0], gq[0], 1e-6, index=0)
-        stream.write(leaves[1] + h1)
-        stream.read(wq[1], gq[1], 1e-6, index=1)  # unused
-        h2 = stream.read(wq[2], gq[2], 1e-6, partial=leaves[2], index=2)
-        stream.write(h2 * leaves[3])
-        h3 = stream.read(wq[3] * 2, gq[3], 1e-6)  # no index: its own query terms
-        assert stream.defers_queries == (backend == "triton")
-        stream.close()
-        loss = (h3 * torch.linspace(-1, 1, 24, device=DEVICE, dtype=dtype)).sum() + h2.square().sum()
-        with_grad = [x for x in leaves if x.requires_grad]
-        grads[backend] = torch.autograd.grad(loss, [*with_grad, wq, gq])
-    names = [f"source {i}" for i in range(4) if i > 0 or first_source_grad] + ["queries", "key norms"]
-    for name, got, ref in zip(names, grads["triton"], grads["reference"]):
-        assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-5, name
-    dw, dg = grads["triton"][-2:]
-    assert not dw[0].any() and not dg[0].any()  # a read of one source: exactly zero, as in float64
+    sources = [torch.randn(2, 5, 24, device=DEVICE) * s for s in (1.0, 2.0, 0.5, 1.5, 0.7)]
+    w, g = torch.randn(6, 24, device=DEVICE) * 0.3, torch.rand(6, 24, device=DEVICE) + 0.5
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    leaves = [x.to(dtype).requires_grad_(0 < i < 4 or (i == 0 and first_source_grad)) for i, x in enumerate(sources)]
+    wq, gq = w.to(dtype).requires_grad_(), g.to(dtype).requires_grad_() if with_g else None
+    stream = SourceStream(5, backend=backend, queries=(wq, gq))
+
+    def read(row, partial=None):
+        return stream.read(wq[row], None if gq is None else gq[row], 1e-6, partial=partial, index=row)
+
+    stream.write(leaves[0] * 1)
+    h1 = read(rows[0])  # one source
+    stream.write(leaves[1] + h1)
+    read(rows[1])  # unused
+    h2 = read(rows[2], partial=leaves[2])
+    stream.write(h2 * leaves[3])
+    if no_grad_write:
+        with torch.no_grad():
+            stream.write(leaves[4] * 3)
+    h3 = read(rows[3])
+    h4 = stream.read(wq[rows[4]] * 2, None if gq is None else gq[rows[4]], 1e-6)  # no index: its own terms
+    assert stream.defers_queries == (backend == "triton" and not no_grad_write)
+    stream.close()
+    ramp = torch.linspace(-1, 1, 24, device=DEVICE, dtype=dtype)
+    loss = (h4 * ramp).sum() + h2.square().sum() + (h3 * ramp.flip(0)).sum()
+    inputs = [x for x in [*leaves, wq, gq] if x is not None and x.requires_grad]
+    return [torch.autograd.grad(loss, inputs, retain_graph=True) for _ in range(passes)]
+
+
+@pytest.mark.parametrize("first_source_grad, with_g, rows", [
+    (True, True, (0, 1, 2, 3, 4)),
+    (False, True, (0, 1, 2, 3, 4)),   # the embedding without a gradient: its write still runs its pass
+    (True, True, (3, 0, 5, 1, 2)),    # reads take rows out of order
+    (True, False, (0, 1, 2, 3, 4)),   # no key-norm weights
+])
+def test_source_stream_defers_query_gradients(first_source_grad, with_g, rows):
+    """Every gradient of a deferring stream against the plain PyTorch stream in float64."""
+    (ref,) = _deferring_stream_grads("reference", first_source_grad, with_g, rows)
+    (got,) = _deferring_stream_grads("triton", first_source_grad, with_g, rows)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5, i
+    dw = got[-2] if with_g else got[-1]
+    assert not dw[rows[0]].any()  # a read of one source: exactly zero, as in float64
+
+
+def test_source_stream_query_gradients_twice_over_one_graph_and_after_a_write_without_gradients():
+    first, second = _deferring_stream_grads("triton", True, True, (0, 1, 2, 3, 4), passes=2)
+    for a, b in zip(first, second):  # each backward pass sums its own partials
+        assert torch.equal(a, b)
+    (ref,) = _deferring_stream_grads("reference", True, True, (0, 1, 2, 3, 4), no_grad_write=True)
+    (got,) = _deferring_stream_grads("triton", True, True, (0, 1, 2, 3, 4), no_grad_write=True)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) < 1e-5, i
 
 
 def test_source_stream_checks_its_queries():
@@ -357,7 +387,20 @@ def test_source_stream_checks_its_queries():
         SourceStream(2, queries=(torch.zeros(4), None))
     with pytest.raises(ValueError, match=r"queries\[1\] must be None or a tensor of the queries' shape \(3, 4\)"):
         SourceStream(2, queries=(torch.zeros(3, 4), torch.zeros(4)))
-    stream = SourceStream(2, queries=(torch.zeros(3, 4), None))
+    w, g = torch.zeros(3, 4), torch.ones(3, 4)
+    stream = SourceStream(2, queries=(w, g))
     stream.write(torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"index must be a row of the stream's queries, in \[0, 3\), got 3"):
-        stream.read(torch.zeros(4), None, 1e-6, index=3)
+        stream.read(w[0], g[0], 1e-6, index=3)
+    with pytest.raises(ValueError, match=r"with index=1, query must be row 1 of the stream's queries\[0\]"):
+        stream.read(w[1] * 2, g[1], 1e-6, index=1)
+    with pytest.raises(ValueError, match=r"with index=1, norm_weight must be row 1 of the stream's queries\[1\]"):
+        stream.read(w[1], None, 1e-6, index=1)
+    stream = SourceStream(2, queries=(w, None))
+    stream.write(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"with index=0, norm_weight must be None"):
+        stream.read(w[0], g[0], 1e-6, index=0)
+    source = torch.randn(5, 4, device=DEVICE)
+    one = [torch.ones(1, *shape, device=DEVICE) for shape in ((4,), (5, 4), (5,), (5,))]
+    with pytest.raises(ValueError, match=r"du_partials must be a float32 tensor \[P, >= 1, 4\]"):
+        attnres_source_backward(source, *one, (0, 1), 1e-6, du_partials=torch.zeros(2, 1, 3, device=DEVICE))
