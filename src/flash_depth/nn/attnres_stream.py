@@ -88,7 +88,7 @@ class SourceStream(SlotStream):
     def keep_reader(self, r: int, u: torch.Tensor, do: torch.Tensor, lse: torch.Tensor):
         """Stores read r's u ``[1, D]``, dO ``[1, M, D]`` and lse ``[1, M]``; returns its rowsum buffer ``[M]``."""
         task = torch._C._current_graph_task_id()
-        if any(i is not None for i in self.reader_query) and self.du_task != task:
+        if self.du_task != task and any(i is not None for i in self.reader_query):
             # fresh partials for each backward pass (retain_graph, or a pass that stopped early)
             from flash_depth.ops.attnres_triton import query_grad_partials
 

@@ -50,7 +50,7 @@ try:  # Triton is installed on Linux only; without it every path below is plain 
     from ..ops import hyper_triton
 except ImportError:
     hyper_triton = None
-from ..ops._dtypes import to_dtype
+from ..ops._aliasing import to_dtype
 from ._recorder import record
 
 

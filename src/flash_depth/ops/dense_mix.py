@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import shape_of, triton_usable
-from ._dtypes import to_dtype
+from ._aliasing import to_dtype
 
 MIX_BACKENDS = ("auto", "reference", "triton")
 MAX_WAYS = 4  # the Triton kernels unroll the ways (ops/dense_mix_triton.py)

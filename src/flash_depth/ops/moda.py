@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cudnn_sdpa
+from ._aliasing import contiguous
 from ._checks import (
     check_cu_seqlens,
     check_depth_inputs,
@@ -98,10 +99,7 @@ def fused_forward(q, k, v, k_depth, v_depth, causal: bool, scale: float, seq_bac
         if k_depth is not None:
             o, lse = depth_triton.depth_forward(q, k_depth, v_depth, scale, o_seq=o, lse_seq=lse,
                                                 slot_scales=slot_scales)
-    # No call when o is contiguous: a no-op .contiguous() returns o itself, which a torch.compile'd
-    # autograd Function on torch 2.11 mistakes for a traced intermediate (see _dtypes.to_dtype):
-    # every float32 gradient came back wrong (benchmarks/results/logs/s11_compiled_fp32_h200.log).
-    return (o if o.is_contiguous() else o.contiguous()), lse, seq_state, (q, k, v)
+    return contiguous(o), lse, seq_state, (q, k, v)  # not o.contiguous(): see ops/_aliasing.py
 
 
 def fused_backward(do, q, k, v, k_depth, v_depth, o, lse, seq_state, causal: bool, scale: float,
