@@ -539,11 +539,14 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (regional compilation, as torchtitan does): the
         blocks share one traced graph per variant, compiled once, whatever the depth; the stream
-        reads and writes run eagerly between graphs. mHC / HC compile each sublayer together with
-        its stream read and write instead: those are n-fold residual-stream passes that the
-        compiler fuses (eager, they cost more than the sublayer at small widths). ``options`` go
-        to ``torch.compile``."""
-        if self.hyper is not None:
+        reads and writes run eagerly between graphs. HC compiles each sublayer together with its
+        stream read and write instead: those are n-fold residual-stream passes that the compiler
+        fuses (eager, they cost more than the sublayer at small widths). mHC compiles the blocks
+        only: compiled together with its read and write on CUDA (torch 2.11's Inductor), its
+        gradients came out wrong, by 3x on the embedding (docs/model.md, "Compiled mHC"); its
+        read and write run as the fused Triton ops between graphs. ``options`` go to
+        ``torch.compile``."""
+        if self.config.depth_mechanism == "hc":
             self._hyper_sublayer = torch.compile(_hyper_sublayer, **options)
             return
         for layer in self.layers:
