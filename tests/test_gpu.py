@@ -167,15 +167,26 @@ def test_compiled_blocks_match_eager_gradients(mech, autocast, backend):
         loss.backward()
         losses.append(loss.item())
     assert abs(losses[0] - losses[1]) < (2e-2 if autocast else 1e-4) * abs(losses[1]), losses
-    for (name, p), p_eager in zip(compiled.named_parameters(), eager.parameters()):
+    tol = 5e-2 if autocast else 1e-3
+    eager_grads = dict(eager.named_parameters())
+    for name, p in compiled.named_parameters():
+        p_eager = eager_grads[name]
         assert p.grad is not None and p.grad.norm() > 0, name
         if autocast and p.dim() == 0:
             # mHC's scalar gates: one sum over every token of bf16-rounded products; on the CPU (torch
             # 2.13) eager bf16 misses eager float32 there by 25x and compiled misses eager by 1.4x
             assert torch.isfinite(p.grad), name
             continue
+        if mech == "mhc" and name.endswith("_res"):
+            # H_res's gradients vanish in float64 (the entry streams are identical copies, so the
+            # first mixes cannot matter and the later ones barely do): both sides are rounding
+            # noise, bounded against the size of the same HyperConnection's gradients
+            hyper = name.rsplit(".", 1)[0]
+            scale = torch.cat([q.grad.flatten() for n, q in eager.named_parameters() if n.startswith(hyper + ".")]).norm()
+            assert (p.grad - p_eager.grad).norm() < tol * scale, (name, float((p.grad - p_eager.grad).norm() / scale))
+            continue
         err = rel_err(p.grad, p_eager.grad)
-        assert err < (5e-2 if autocast else 1e-3), (name, err)
+        assert err < tol, (name, err)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
