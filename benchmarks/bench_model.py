@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                 "seq_len": args.seq_len, "mode": mode_name(args.compile, args.cuda_graph), "error": error}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    meta = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     # Rows of other presets/variants from an earlier run stay, each with its own date and its
     # ratio to the residual of its own run (runs differ by a few percent).
     base = {r["preset"]: r["tokens_per_s"] for r in rows if r["variant"] == "residual" and "tokens_per_s" in r}
