@@ -12,8 +12,11 @@ compiles each decoding step (mode="reduce-overhead": CUDA graphs; on transformer
 through flash_depth.eval.generation.compiled_decoding), the prefill stays eager. ``residual
 (dynamic)`` is the dynamic-cache, eager path generation had before. Timing: CUDA events around
 ``generate``; prefill tok/s = B * 512 / t(1 new token); decode tok/s = B * 127 / (t(128) - t(1)),
-median of --reps runs after a warm-up generate of each length (which compiles). Ratios: decode
-tok/s over Olmo2's and over our residual's, same run, same batch. Writes
+medians of --reps rounds after a warm-up generate of each length (which compiles). The variants of
+one batch size are all built and warmed up first, then timed in rounds, one generate of each length
+per variant per round: a step is host-bound, and the host's pace drifts within a run (residual's
+step measured 3.47 to 4.19 ms at batch 8 in three runs when each variant was timed in turn). Ratios:
+decode tok/s over Olmo2's and over our residual's, same rounds, same batch. Writes
 benchmarks/results/generate_<gpu>.{json,md} (rows of other variants/batches are kept).
 
 A full run compiles every variant at both batch sizes (about a minute each); split it with
@@ -28,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -89,41 +92,55 @@ class _Clock:
         return start.elapsed_time(end) / 1e3
 
 
-def run(name: str, batch: int, preset: str, prompt: int, new: int, reps: int, device: str) -> dict:
-    """Prefill and decode tokens/s of one variant at one batch size."""
-    cuda = device == "cuda"
-    torch._dynamo.reset()  # one compiled forward per model: dynamo's per-code cache limit would be shared
-    if cuda:
-        torch.cuda.empty_cache()  # the previous variant's model and cache
-    model = build(name, preset, device, torch.bfloat16 if cuda else torch.float32)
+def prepare(name: str, batch: int, preset: str, prompt: int, new: int, device: str, stack: ExitStack) -> dict:
+    """Build one variant at one batch size and run a warm-up generate of each length (which
+    compiles the step and records its CUDA graphs). Returns its row, with ``generate(n)`` (a
+    closure, removed before saving) for the timing rounds; ``stack`` holds it ready until those end."""
+    model = build(name, preset, device, torch.bfloat16 if device == "cuda" else torch.float32)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     static = name != "residual (dynamic)"
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
                   **({"cache_implementation": "static"} if static else {}))
-    ours = isinstance(model, FlashDepthForCausalLM)
-    compiling = cuda and static and ours and not GENERATE_COMPILES
-    clock = _Clock(cuda)
-    row = {"variant": name, "batch": batch, "prompt": prompt, "new_tokens": new, "preset": preset,
-           "cache": "static" if static else "dynamic", "compiled": cuda and static}
-    with torch.no_grad(), compiled_decoding(model, mode="reduce-overhead") if compiling else nullcontext():
-        times = {}
-        for n in (1, new):
-            def generate(n=n):
-                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+    if device == "cuda" and static and isinstance(model, FlashDepthForCausalLM) and not GENERATE_COMPILES:
+        stack.enter_context(compiled_decoding(model, mode="reduce-overhead"))
 
+    def generate(n):
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+    row = {"variant": name, "batch": batch, "prompt": prompt, "new_tokens": new, "preset": preset,
+           "cache": "static" if static else "dynamic", "compiled": device == "cuda" and static,
+           "generate": generate, "times": {1: [], new: []}}
+    with torch.no_grad():
+        for n in (1, new):
             start = time.time()
-            out = generate()  # warm-up: compiles the step, records the CUDA graphs
+            out = generate(n)
             if n == new:
                 row["compile_s"] = round(time.time() - start, 1)
                 if out.shape[1] != prompt + new:
                     raise RuntimeError(f"{name} generated {out.shape[1] - prompt} tokens, not {new}")
-            times[n] = statistics.median(clock(generate) for _ in range(reps))
-    row["prefill_tok_s"] = batch * prompt / times[1]
-    decode_s = times[new] - times[1]
+    return row
+
+
+def time_round(rows: list[dict], clock) -> None:
+    """One timed generate of each length for every prepared variant, one variant after another:
+    rounds interleave the variants, so that a drift of the host's pace (decoding steps are
+    host-bound) reaches them all alike instead of whichever ran first or last."""
+    with torch.no_grad():
+        for row in rows:
+            for n, times in row["times"].items():
+                times.append(clock(lambda n=n: row["generate"](n)))
+
+
+def finish(row: dict) -> dict:
+    """Prefill and decode tokens/s from the median times of the rounds."""
+    (short, t_short), (new, t_new) = sorted((n, statistics.median(t)) for n, t in row.pop("times").items())
+    del row["generate"]
+    row["prefill_tok_s"] = row["batch"] * row["prompt"] / t_short
+    decode_s = t_new - t_short
     if decode_s <= 0:  # only a noisy, shared CPU (the smoke run) gets here: no number rather than a wrong one
         decode_s = float("nan")
-    row["decode_tok_s"] = batch * (new - 1) / decode_s
-    row["decode_ms_per_step"] = 1e3 * decode_s / (new - 1)
+    row["decode_tok_s"] = row["batch"] * (new - short) / decode_s
+    row["decode_ms_per_step"] = 1e3 * decode_s / (new - short)
     return row
 
 
@@ -147,7 +164,7 @@ def to_markdown(rows, device: str, meta: dict) -> str:
         f"torch {meta['torch']}, transformers {meta['transformers']}. {meta['shape']}; greedy, random weights. "
         "Static cache: decoding steps compiled (reduce-overhead, CUDA graphs), prefill eager; `residual (dynamic)`: "
         "dynamic cache, eager. tok/s over the batch; ratios of decode tok/s to olmo2 / residual of the same batch "
-        "and run (rows of different runs carry different dates).",
+        "and run (since 2026-11-30 20:30 timed in interleaved rounds; rows of different runs carry different dates).",
         "Reproduce: `python benchmarks/bench_generate.py` (`--quick`: olmo2, residual, moda + FFN KV, attnres_block).",
         "",
         "| variant | batch | cache | prefill tok/s | decode tok/s | ms / step | vs olmo2 | vs residual | "
@@ -196,24 +213,38 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "shape": f"{preset} preset, prompt {prompt}, {new} new tokens, {'float32' if args.smoke else 'bf16'}"}
     order = {name: i for i, name in enumerate(VARIANTS)}
+    clock = _Clock(where == "cuda")
     rows, md = [], ""
-    for name in names:
-        for batch in args.batches:
-            t0 = time.time()
-            try:
-                row = run(name, batch, preset, prompt, new, args.reps, where)
-            except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others' rows
-                print(f"{name} batch {batch} failed: {err!r}"[:600], flush=True)
-                continue
-            row["date"] = time.strftime("%Y-%m-%d %H:%M")
-            rows.append(row)
-            print(f"{name} batch {batch} ({time.time() - t0:.0f}s): prefill {row['prefill_tok_s']:.0f} tok/s, "
+    # every variant of a batch size stays compiled at once, and all share torch's Module.__call__ code,
+    # whose compiled entries count against one recompile limit (8 by default; past it: eager steps)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(names))
+    for batch in args.batches:
+        torch._dynamo.reset()
+        ready = []
+        with ExitStack() as stack:
+            for name in names:
+                t0 = time.time()
+                try:
+                    ready.append(prepare(name, batch, preset, prompt, new, where, stack))
+                except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others' rows
+                    print(f"{name} batch {batch} failed: {err!r}"[:600], flush=True)
+                    continue
+                print(f"{name} batch {batch}: ready in {time.time() - t0:.0f}s", flush=True)
+            for _ in range(args.reps):
+                time_round(ready, clock)
+        date = time.strftime("%Y-%m-%d %H:%M")
+        for row in ready:
+            rows.append(finish(row) | {"date": date})
+            print(f"{row['variant']} batch {batch}: prefill {row['prefill_tok_s']:.0f} tok/s, "
                   f"decode {row['decode_tok_s']:.1f} tok/s", flush=True)
-            add_ratios(rows)
-            # written after every row: a run cut off by a time limit keeps what it measured
-            md = save_results(out, f"generate_{slug}", meta, rows, key=lambda r: (r["variant"], r["batch"]),
-                              order=lambda r: (r["batch"], order.get(r["variant"], len(order))),
-                              markdown=lambda rows, meta: to_markdown(rows, device, meta))
+        del ready
+        if where == "cuda":
+            torch.cuda.empty_cache()
+        add_ratios(rows)
+        # written after every batch size: a run cut off by a time limit keeps what it measured
+        md = save_results(out, f"generate_{slug}", meta, rows, key=lambda r: (r["variant"], r["batch"]),
+                          order=lambda r: (r["batch"], order.get(r["variant"], len(order))),
+                          markdown=lambda rows, meta: to_markdown(rows, device, meta))
     print(md)
     print(f"written to {out}", file=sys.stderr)
     return 0

@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic that runs without a GPU: a stalling peer is cut off, the
-tables say what failed and compute the ratios from the timings, and bench_vit.py runs tiny on a CPU."""
+tables say what failed and compute the ratios from the timings, bench_generate.py times its variants
+in interleaved rounds, and bench_vit.py runs tiny on a CPU."""
 
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_attnres  # noqa: E402
+import bench_generate  # noqa: E402
 import bench_vit  # noqa: E402
 
 
@@ -81,3 +83,21 @@ def test_vit_bench_ratios_are_per_depth_and_mode():
     moda = next(line for line in md.splitlines() if line.startswith("| 12 | eager | moda + FFN KV |"))
     assert "| 125.0 | 2,048 | 0.800x | 12.0 |" in moda
     assert "| 48 | eager | moda + FFN KV | 24.00 | 256 | failed: OutOfMemoryError() |" in md
+
+
+def test_generate_bench_interleaves_its_variants():
+    """Each round times every variant once per length, variant after variant; the rates come from
+    the medians of the rounds (decode: the extra tokens over the extra time)."""
+    # per round: a(1), a(5), b(1), b(5)
+    calls, seconds = [], iter([1.0, 2.0, 9.0, 2.0, 1.0, 3.0, 9.0, 3.0, 9.0, 3.0, 5.0, 5.0])
+    rows = [{"variant": v, "batch": 2, "prompt": 8, "generate": lambda n, v=v: calls.append((v, n)),
+             "times": {1: [], 5: []}} for v in ("a", "b")]
+    for _ in range(3):
+        bench_generate.time_round(rows, lambda fn: (fn(), next(seconds))[1])
+    assert calls == [("a", 1), ("a", 5), ("b", 1), ("b", 5)] * 3
+    a, b = (bench_generate.finish(row) for row in rows)
+    assert "generate" not in a and "times" not in a
+    # a: t(1) rounds 1, 1, 9 -> median 1; t(5) 2, 3, 3 -> 3: 2 rows x 8 / 1 s prefill; 2 x 4 tokens / 2 s decode
+    assert a["prefill_tok_s"] == 16 and a["decode_tok_s"] == 4 and a["decode_ms_per_step"] == 500
+    # b: t(1) 9, 9, 5 -> 9; t(5) 2, 3, 5 -> 3: decode time negative -> nan, never a wrong number
+    assert b["prefill_tok_s"] == 16 / 9 and b["decode_tok_s"] != b["decode_tok_s"]
