@@ -169,23 +169,32 @@ def test_compiled_blocks_match_eager_gradients(mech, autocast, backend):
     assert abs(losses[0] - losses[1]) < (2e-2 if autocast else 1e-4) * abs(losses[1]), losses
     tol = 5e-2 if autocast else 1e-3
     eager_grads = dict(eager.named_parameters())
+    hyper = mech in ("mhc", "hc")
+    if hyper:  # float64 gradients, for the mixes' small ones (below)
+        exact = FlashDepthForCausalLM(FlashDepthConfig.from_preset("tiny", depth_mechanism=mech)).cuda().double()
+        exact.load_state_dict(eager.state_dict())
+        exact(ids, labels=ids).loss.backward()
+        exact_grads = {name: p.grad.float() for name, p in exact.named_parameters()}
     for name, p in compiled.named_parameters():
         p_eager = eager_grads[name]
         assert p.grad is not None and p.grad.norm() > 0, name
-        if autocast and p.dim() == 0:
-            # mHC's scalar gates: one sum over every token of bf16-rounded products; on the CPU (torch
-            # 2.13) eager bf16 misses eager float32 there by 25x and compiled misses eager by 1.4x
-            assert torch.isfinite(p.grad), name
-            continue
-        if mech == "mhc" and name.endswith("_res"):
-            # H_res's gradients vanish in float64 (the entry streams are identical copies, so the
-            # first mixes cannot matter and the later ones barely do): both sides are rounding
-            # noise, bounded against the size of the same HyperConnection's gradients
-            hyper = name.rsplit(".", 1)[0]
-            scale = torch.cat([q.grad.flatten() for n, q in eager.named_parameters() if n.startswith(hyper + ".")]).norm()
-            assert (p.grad - p_eager.grad).norm() < tol * scale, (name, float((p.grad - p_eager.grad).norm() / scale))
-            continue
         err = rel_err(p.grad, p_eager.grad)
+        if hyper and name.startswith("model.hyper.") and err >= tol:
+            # The mixes' gradients that nearly vanish: H_res's (the first mixes meet identical entry
+            # streams, the last cannot change the streams' mean that the model reads out), the first
+            # H_pre's (the block's norm undoes the read's scale), and under autocast the gates (sums
+            # over every token of bf16-rounded products). Rounding decides them, compiled and eager
+            # alike: compiled must be about as close to float64 as eager is, give or take a rounding
+            # error of the same HyperConnection's gradients (on the CPU, with torch 2.13: at most
+            # 3.4e-6 of them in float32, 5.3e-2 under autocast). In float32 that catches H_res's or the
+            # first H_pre's gradient off by 2x (checked on the CPU); under autocast they sit below
+            # bf16's rounding, and only the float32 case checks them.
+            module = name.rsplit(".", 1)[0] + "."
+            scale = torch.cat([g.flatten() for n, g in exact_grads.items() if n.startswith(module)]).norm()
+            miss, eager_miss = (p.grad - exact_grads[name]).norm(), (p_eager.grad - exact_grads[name]).norm()
+            assert miss <= 2 * eager_miss + (1e-1 if autocast else 2e-5) * scale, (name, err, float(miss / scale),
+                                                                                   float(eager_miss / scale))
+            continue
         assert err < tol, (name, err)
 
 
