@@ -26,6 +26,7 @@ A full run compiles every variant at both batch sizes (about a minute each); spl
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import sys
@@ -101,14 +102,16 @@ def prepare(name: str, batch: int, preset: str, prompt: int, new: int, device: s
     static = name != "residual (dynamic)"
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
                   **({"cache_implementation": "static"} if static else {}))
-    if device == "cuda" and static and isinstance(model, FlashDepthForCausalLM) and not GENERATE_COMPILES:
+    ours = isinstance(model, FlashDepthForCausalLM)
+    if device == "cuda" and static and ours and not GENERATE_COMPILES:
         stack.enter_context(compiled_decoding(model, mode="reduce-overhead"))
 
     def generate(n):
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
     row = {"variant": name, "batch": batch, "prompt": prompt, "new_tokens": new, "preset": preset,
-           "cache": "static" if static else "dynamic", "compiled": device == "cuda" and static,
+           "cache": "static" if static else "dynamic", "timing": "interleaved rounds",
+           "compiled": device == "cuda" and static and (ours or GENERATE_COMPILES),
            "generate": generate, "times": {1: [], new: []}}
     with torch.no_grad():
         for n in (1, new):
@@ -124,11 +127,16 @@ def prepare(name: str, batch: int, preset: str, prompt: int, new: int, device: s
 def time_round(rows: list[dict], clock) -> None:
     """One timed generate of each length for every prepared variant, one variant after another:
     rounds interleave the variants, so that a drift of the host's pace (decoding steps are
-    host-bound) reaches them all alike instead of whichever ran first or last."""
+    host-bound) reaches them all alike instead of whichever ran first or last. A variant that
+    fails is printed and dropped from ``rows``; the others go on."""
     with torch.no_grad():
-        for row in rows:
-            for n, times in row["times"].items():
-                times.append(clock(lambda n=n: row["generate"](n)))
+        for row in list(rows):
+            try:
+                for n, times in row["times"].items():
+                    times.append(clock(lambda n=n: row["generate"](n)))
+            except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others' rows
+                print(f"{row['variant']} batch {row['batch']} failed while timed: {err!r}"[:600], flush=True)
+                rows.remove(row)
 
 
 def finish(row: dict) -> dict:
@@ -164,7 +172,8 @@ def to_markdown(rows, device: str, meta: dict) -> str:
         f"torch {meta['torch']}, transformers {meta['transformers']}. {meta['shape']}; greedy, random weights. "
         "Static cache: decoding steps compiled (reduce-overhead, CUDA graphs), prefill eager; `residual (dynamic)`: "
         "dynamic cache, eager. tok/s over the batch; ratios of decode tok/s to olmo2 / residual of the same batch "
-        "and run (since 2026-11-30 20:30 timed in interleaved rounds; rows of different runs carry different dates).",
+        "and run (rows of different runs carry different dates). Run: `rounds`, the variants of the batch size were "
+        "timed in interleaved rounds; `in turn`, one after another (earlier runs).",
         "Reproduce: `python benchmarks/bench_generate.py` (`--quick`: olmo2, residual, moda + FFN KV, attnres_block).",
         "",
         "| variant | batch | cache | prefill tok/s | decode tok/s | ms / step | vs olmo2 | vs residual | "
@@ -174,7 +183,8 @@ def to_markdown(rows, device: str, meta: dict) -> str:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['batch']} | {r['cache']} | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {r['decode_ms_per_step']:.2f} | {ratio(r, 'decode_vs_olmo2')} | "
-                     f"{ratio(r, 'decode_vs_residual')} | {r.get('compile_s', '-')} | {r.get('date', '-')} |")
+                     f"{ratio(r, 'decode_vs_residual')} | {r.get('compile_s', '-')} | {r.get('date', '-')} "
+                     f"({'rounds' if 'timing' in r else 'in turn'}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +229,6 @@ def main(argv=None) -> int:
     # whose compiled entries count against one recompile limit (8 by default; past it: eager steps)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(names))
     for batch in args.batches:
-        torch._dynamo.reset()
         ready = []
         with ExitStack() as stack:
             for name in names:
@@ -232,12 +241,16 @@ def main(argv=None) -> int:
                 print(f"{name} batch {batch}: ready in {time.time() - t0:.0f}s", flush=True)
             for _ in range(args.reps):
                 time_round(ready, clock)
-        date = time.strftime("%Y-%m-%d %H:%M")
-        for row in ready:
-            rows.append(finish(row) | {"date": date})
-            print(f"{row['variant']} batch {batch}: prefill {row['prefill_tok_s']:.0f} tok/s, "
-                  f"decode {row['decode_tok_s']:.1f} tok/s", flush=True)
-        del ready
+            date = time.strftime("%Y-%m-%d %H:%M")
+            for row in ready:
+                rows.append(finish(row) | {"date": date})
+                print(f"{row['variant']} batch {batch}: prefill {row['prefill_tok_s']:.0f} tok/s, "
+                      f"decode {row['decode_tok_s']:.1f} tok/s", flush=True)
+            ready.clear()
+        # the models are freed only by a collection (transformers keeps each one's compiled call on
+        # it: a reference cycle), before the next batch size builds its own
+        gc.collect()
+        torch._dynamo.reset()
         if where == "cuda":
             torch.cuda.empty_cache()
         add_ratios(rows)

@@ -3,9 +3,10 @@ wall time, for bench_generate's variants (700m, bf16, static cache, compiled ste
 
     python benchmarks/profile_generate.py --variants olmo2 residual "moda + FFN KV" --batch 1
 
-Per variant: generate(512-token prompt, 128 new tokens) once to compile, then once more under
-torch.profiler. A decoding step's numbers are those of the 128-token generate less the prefill's
-(a 1-token generate, profiled the same way), over 127 steps. Busy time well below the wall time
+Per variant: generate(512-token prompt, 128 new tokens) once to compile, twice more timed without
+the profiler (the step's wall time: the faster of the two), then once under torch.profiler. A
+decoding step's numbers are those of the 128-token generate less the prefill's (a 1-token
+generate, timed and profiled the same way), over 127 steps. Busy time well below the wall time
 means the host sets the pace (Python, guards, generate's own loop); the top kernels and host
 operators show which.
 """
@@ -13,20 +14,13 @@ operators show which.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_generate import SHAPE, VARIANTS, build
-
-
-def _timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+from bench_generate import SHAPE, VARIANTS, _Clock, build
 
 
 def _profile(fn):
@@ -62,7 +56,7 @@ def main(argv=None) -> int:
 
             for n in (1, new):
                 generate(n)()  # compile, record graphs
-            plain = [_timed(generate(n)) for n in (1, new, 1, new)]
+            plain = [_Clock(True)(generate(n)) for n in (1, new, 1, new)]
             wall1, kernels1, _ = _profile(generate(1))
             wall, kernels, prof = _profile(generate(new))
         steps = new - 1
@@ -74,7 +68,8 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=90))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                         max_name_column_width=90))
-        del model
+        del model, generate
+        gc.collect()  # transformers keeps each model's compiled call on it: a reference cycle
     return 0
 
 

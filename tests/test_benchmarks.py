@@ -101,3 +101,31 @@ def test_generate_bench_interleaves_its_variants():
     assert a["prefill_tok_s"] == 16 and a["decode_tok_s"] == 4 and a["decode_ms_per_step"] == 500
     # b: t(1) 9, 9, 5 -> 9; t(5) 2, 3, 5 -> 3: decode time negative -> nan, never a wrong number
     assert b["prefill_tok_s"] == 16 / 9 and b["decode_tok_s"] != b["decode_tok_s"]
+
+
+def test_generate_bench_smoke_run_writes_its_rows(tmp_path, capsys):
+    """The whole script on the CPU (tiny preset): every variant of each batch size prepared, timed
+    in rounds and written, with the ratios to residual, and a failing variant printed, not fatal."""
+    import json
+
+    names = ["residual", "residual (dynamic)", "moda + FFN KV"]
+    original = bench_generate.build
+
+    def build(name, *args):
+        if name == "moda + FFN KV":
+            raise RuntimeError("no room")
+        return original(name, *args)
+
+    bench_generate.build = build
+    try:
+        assert bench_generate.main(["--smoke", "--variants", *names, "--batches", "1", "2", "--reps", "1",
+                                    "--out", str(tmp_path)]) == 0
+    finally:
+        bench_generate.build = original
+    assert "moda + FFN KV batch 2 failed: RuntimeError('no room')" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "generate_cpu_smoke.json").read_text())["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(n, b) for b in (1, 2) for n in names[:2]]
+    for r in rows:
+        assert r["timing"] == "interleaved rounds" and r["prefill_tok_s"] > 0 and not r["compiled"]
+        assert "decode_vs_residual" in r  # a noisy CPU may leave decode at nan (no number), never a wrong one
+    assert "(rounds)" in (tmp_path / "generate_cpu_smoke.md").read_text()

@@ -365,7 +365,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         L = config.num_hidden_layers
         self.mudd = MuddConnections(config.hidden_size, L, eps=config.rms_norm_eps) if mech == "mudd" else None
         self.activation_checkpointing = False
-        self._hyper_sublayer = _hyper_sublayer  # compile_blocks compiles it
+        self._hyper_sublayer = _hyper_sublayer  # compile_blocks compiles it for hc
         self.post_init()
 
     @staticmethod
@@ -538,8 +538,9 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (regional compilation, as torchtitan does): the
-        blocks share one traced graph per variant, compiled once, whatever the depth; the stream
-        reads and writes run eagerly between graphs. HC compiles each sublayer together with its
+        blocks share their traced graphs (one per variant, such as AttnRes's or mHC's attention and
+        FFN sublayers), compiled once whatever the depth; the stream reads and writes run eagerly
+        between graphs. HC compiles each sublayer together with its
         stream read and write instead: those are n-fold residual-stream passes that the compiler
         fuses (eager, they cost more than the sublayer at small widths). mHC compiles the blocks
         only: compiled together with its read and write on CUDA (torch 2.11's Inductor), its
