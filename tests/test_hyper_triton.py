@@ -8,7 +8,7 @@ from oracle import rel_err
 
 from flash_depth.nn.hyper_connections import HyperConnection, sinkhorn
 from flash_depth.ops.hyper_triton import (fused_sinkhorn, projection_fusable, rms_projection, stream_gram,
-                                         write_backward, write_backward_fusable)
+                                         stream_read, stream_write, write_backward, write_fusable)
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +121,10 @@ def test_hyper_kernels_on_gpu(dtype):
     assert rel_err(dX, torch.einsum("mij,mid->mjd", h_res.double(), a.double())) < tol
     assert rel_err(dh_res, torch.einsum("mid,mjd->mij", a.double(), b.double())) < 1e-5
     assert rel_err(dh_post, torch.einsum("mid,md->mi", a.double(), y.double())) < 1e-5
+    h_pre = torch.rand(M, n, device="cuda")
+    assert rel_err(stream_read(a, h_pre), torch.einsum("mi,mid->md", h_pre.double(), a.double())) < tol
+    want = torch.einsum("mji,mid->mjd", h_res.double(), b.double()) + h_post.double()[..., None] * y.double()[:, None]
+    assert rel_err(stream_write(b, y, h_post, h_res), want) < tol
     phi = (torch.randn(n * D, n * (n + 2), device="cuda") * (n * D) ** -0.5).requires_grad_()
     X = a.detach().requires_grad_()
     out = rms_projection(X, phi, 1e-6)
@@ -173,7 +177,7 @@ def test_write_backward_matches_float64(n, dtype):
     X = torch.randn(M, 1, D).to(dtype).expand(M, n, D)  # expand_streams' stride-0 entry
     y, g = torch.randn(M, D).to(dtype), torch.randn(M, n, D).to(dtype)
     h_post, h_res = torch.rand(M, n) * 2, torch.rand(M, n, n)
-    assert write_backward_fusable(X, y, h_post, h_res)
+    assert write_fusable(X, y, h_post, h_res)
     dX, dy, dh_post, dh_res = write_backward(g, X, y, h_post, h_res)
     X64, y64, hp64, hr64 = (t.double() for t in (X, y, h_post, h_res))
     assert dX.dtype == dtype and dy.dtype == dtype and dh_res.dtype == torch.float32
@@ -202,3 +206,32 @@ def test_rms_projection_matches_float64(n, dtype, expand, D):
     assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-5
     assert rel_err(got[1], want[1]) < 1e-5
     assert rel_err(got[0], want[0]) < (1e-5 if dtype == torch.float32 else 1e-2)  # dX rounded to X's dtype
+
+
+@pytest.mark.parametrize("n,dtype,expand,D", [(2, torch.float32, False, 200), (3, torch.bfloat16, True, 70),
+                                              (4, torch.float32, True, 70), (4, torch.bfloat16, False, 1)])
+def test_stream_read_and_write_match_float64(n, dtype, expand, D):
+    # M = 23: a partial token block; D = 200: two D tiles of the forwards, four chunks of the read's
+    # backward (the last partial); expand: the entry's stride-0 streams
+    M = 23
+    X = torch.randn(M, 1 if expand else n, D).to(dtype).expand(M, n, D).requires_grad_()
+    y = torch.randn(M, D).to(dtype).requires_grad_()
+    h_pre, h_post = torch.rand(M, n, requires_grad=True), (torch.rand(M, n) * 2).requires_grad_()
+    h_res = torch.rand(M, n, n, requires_grad=True)
+    leaves = (X, y, h_pre, h_post, h_res)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    X64, y64, hpre64, hpost64, hres64 = leaves64
+    assert write_fusable(X, y, h_post, h_res)
+    x_in, X_new = stream_read(X, h_pre), stream_write(X, y, h_post, h_res)
+    ref_in = torch.einsum("mi,mid->md", hpre64, X64)
+    ref_new = torch.einsum("mji,mid->mjd", hres64, X64) + hpost64[..., None] * y64[:, None]
+    assert x_in.dtype == X_new.dtype == dtype and x_in.shape == (M, D) and X_new.shape == (M, n, D)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # outputs and dX, dy are rounded to X's dtype
+    assert rel_err(x_in, ref_in) < tol and rel_err(X_new, ref_new) < tol
+    # gradients in X's dtype, as autograd passes them; float64 gets the same rounded values
+    g_in, g_new = torch.randn(M, D).to(dtype), torch.randn(M, n, D).to(dtype)
+    got = torch.autograd.grad((x_in, X_new), leaves, (g_in, g_new))
+    want = torch.autograd.grad((ref_in, ref_new), leaves64, (g_in.double(), g_new.double()))
+    # the mixes' gradients are float32 sums of exact products: float32 accuracy in any stream dtype
+    for name, a, b in zip(("X", "y", "h_pre", "h_post", "h_res"), got, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) < (tol if name in ("X", "y") else 1e-5), name

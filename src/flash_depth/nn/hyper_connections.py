@@ -33,7 +33,7 @@ alternates column and row sums; the entry copies the embedding n times. Differen
   * their exit (``mhc_head``) is a learned sigmoid read of the streams; ``collapse_streams`` takes the
     mean (the HC paper sums; the final RMSNorm makes sum and mean equal up to its eps).
 
-On CUDA (or under TRITON_INTERPRET=1) the Sinkhorn, mHC's projection and write backward and static HC's
+On CUDA (or under TRITON_INTERPRET=1) the Sinkhorn, mHC's projection, read and write and static HC's
 mix gradients run as Triton custom ops (ops/hyper_triton.py, float32 arithmetic); float64 and other
 devices take the plain PyTorch formulas, which stay the reference (``sinkhorn`` here).
 """
@@ -154,19 +154,6 @@ class _StaticWrite(torch.autograd.Function):
         return dX, dy, to_dtype(dh_post, h_post.dtype), to_dtype(dh_res, h_res.dtype)
 
 
-class _DynamicWrite(_StaticWrite):
-    """mHC's write with its backward in one kernel: the compiler's version reads the streams several
-    times (per-token reductions over D for H_res and H_post, then H_res^T g)."""
-
-    @staticmethod
-    def backward(ctx, g):
-        X, y, h_post, h_res = ctx.saved_tensors
-        n, D = X.shape[-2:]
-        dX, dy, dh_post, dh_res = hyper_triton.write_backward(_tokens(g), _tokens(X), y.reshape(-1, D),
-                                                              h_post.reshape(-1, n), h_res.reshape(-1, n, n))
-        return dX.view(X.shape), dy.view(y.shape), dh_post.view(h_post.shape), dh_res.view(h_res.shape)
-
-
 class HyperConnection(nn.Module):
     """The read/write of n residual streams ``X [B, T, n, D]`` around one sublayer.
 
@@ -238,6 +225,9 @@ class HyperConnection(nn.Module):
         record(self, "hyper", self.layer, h_pre, h_post, h_res)
         if h_pre.dim() == 1:
             return _StaticRead.apply(X, h_pre), (h_post, h_res)
+        if hyper_triton is not None and hyper_triton.read_fusable(X, h_pre):
+            x_in = hyper_triton.stream_read(_tokens(X), h_pre.reshape(-1, self.streams))
+            return x_in.view(*X.shape[:-2], self.dim), (h_post, h_res)
         return _read(X, h_pre), (h_post, h_res)
 
     def post(self, X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
@@ -247,8 +237,10 @@ class HyperConnection(nn.Module):
                              f"{getattr(y, 'shape', type(y).__name__)}")
         if h_res.dim() == 2:
             return _StaticWrite.apply(X, y, h_post, h_res)
-        if hyper_triton is not None and hyper_triton.write_backward_fusable(X, y, h_post, h_res):
-            return _DynamicWrite.apply(X, y, h_post, h_res)
+        if hyper_triton is not None and hyper_triton.write_fusable(X, y, h_post, h_res):
+            n, D = self.streams, self.dim
+            return hyper_triton.stream_write(_tokens(X), y.reshape(-1, D), h_post.reshape(-1, n),
+                                             h_res.reshape(-1, n, n)).view(X.shape)
         return _write(X, y, h_post, h_res)
 
     def forward(self, X: torch.Tensor, fn) -> torch.Tensor:

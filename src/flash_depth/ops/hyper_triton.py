@@ -7,8 +7,9 @@ torch.compile'd blocks call them without a graph break:
 - ``flash_depth::stream_gram``: ``sum_{m, d} a[m, i, d] b[m, j, d]`` for ``a [M, na, D]``,
   ``b [M, nb, D]``: the gradients of static HC's mixes, sums over every token that inductor splits
   badly (1.3 ms per call at M = 16384, n = 4, D = 384).
-- ``flash_depth::hyper_write_backward``: mHC's write ``X' = H_res @ X + H_post y`` backward from one
-  read of g, X and y.
+- ``flash_depth::hyper_write`` (+ ``_backward``) and ``flash_depth::hyper_read`` (+ ``_backward``):
+  mHC's write ``X' = H_res @ X + H_post y`` and read ``sum_i H_pre[i] X[i]``, each way one pass over
+  the streams (the write's backward from one read of g, X and y).
 - ``flash_depth::mhc_projection`` (+ ``_backward``): ``rms_norm(X) @ phi`` without a float32 copy of X.
 
 All compute in float32 on CUDA (or under TRITON_INTERPRET=1). ``fused_sinkhorn`` and ``stream_gram``
@@ -315,16 +316,172 @@ def _(g, X, y, h_post, h_res):
     return X.new_empty(X.shape), y.new_empty(y.shape), torch.empty_like(h_post), torch.empty_like(h_res)
 
 
-def write_backward_fusable(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> bool:
-    """:func:`write_backward` applies: CUDA (or interpreted) half/float32 streams, float32 mixes."""
+def write_fusable(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> bool:
+    """:func:`stream_write` and :func:`write_backward` apply: CUDA (or interpreted) half/float32
+    streams, float32 mixes."""
     return _fused(X) and _fused(y) and h_res.dtype == h_post.dtype == torch.float32
 
 
 def write_backward(g, X, y, h_post, h_res):
     """Gradients of the token-dependent write ``X' = H_res @ X + H_post y`` (HyperConnection.post)
     in one pass: ``g, X [M, n, D]``, ``y [M, D]``, ``h_post [M, n]``, ``h_res [M, n, n]`` (float32)
-    -> (dX in X's dtype, dy in y's, dh_post, dh_res). Only where :func:`write_backward_fusable`."""
+    -> (dX in X's dtype, dy in y's, dh_post, dh_res). Only where :func:`write_fusable`."""
     return _write_backward_op(g, X, y, h_post, h_res)
+
+
+# mHC's read and write forward, and the read's backward. As per-op PyTorch (eager between compiled
+# blocks) they build [M, n, n, D] / [M, n, D] float32 products and reduce them: 15 of the 63 ms of
+# CUDA time of a 12-layer small-48 step went to such elementwise kernels
+# (benchmarks/results/logs/s13_profile_mhc_small48_l12_h200.log). These read each input once.
+@triton.jit
+def _write_fwd_kernel(X, y, H, h_post, out, M, D, sx_m, sx_n, sy_m, N: tl.constexpr, NP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, NP)
+    m2, n2, d2 = rm.expand_dims(1), rn.expand_dims(0), rd.expand_dims(0)
+    mn_ok = (m2 < M) & (n2 < N)
+    md_ok = (m2 < M) & (d2 < D)
+    h_post_all = tl.load(h_post + m2 * N + n2, mask=mn_ok, other=0.0)  # [m, j]
+    yv = tl.load(y + m2 * sy_m + d2, mask=md_ok, other=0.0).to(tl.float32)
+    acc = h_post_all.expand_dims(2) * yv.expand_dims(1)  # [m, j, d]
+    for i in tl.static_range(N):
+        x_i = tl.load(X + m2 * sx_m + i * sx_n + d2, mask=md_ok, other=0.0).to(tl.float32)  # [m, d]
+        h_col = tl.load(H + (m2 * N + n2) * N + i, mask=mn_ok, other=0.0)  # H[m, j, i]
+        acc += h_col.expand_dims(2) * x_i.expand_dims(1)
+    m3, n3, d3 = m2.expand_dims(2), n2.expand_dims(2), d2.expand_dims(1)
+    tl.store(out + (m3 * N + n3) * D + d3, acc.to(out.dtype.element_ty), mask=mn_ok.expand_dims(2) & (d3 < D))
+
+
+@triton.jit
+def _read_fwd_kernel(X, h, out, M, D, sx_m, sx_n, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    md_ok = (rm < M)[:, None] & (rd < D)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i in tl.static_range(N):
+        h_i = tl.load(h + rm * N + i, mask=rm < M, other=0.0)
+        x_i = tl.load(X + rm[:, None] * sx_m + i * sx_n + rd[None, :], mask=md_ok, other=0.0).to(tl.float32)
+        acc += h_i[:, None] * x_i
+    tl.store(out + rm[:, None] * D + rd[None, :], acc.to(out.dtype.element_ty), mask=md_ok)
+
+
+@triton.jit
+def _read_bwd_kernel(g, X, h, dX, dh, M, D, sx_m, sx_n, N: tl.constexpr, NP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    # dX[m, i, :] = h[m, i] g[m, :]; dh[m, i] = X[m, i, :] . g[m, :]
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, NP)
+    m2, n2 = rm.expand_dims(1), rn.expand_dims(0)
+    mn_ok = (m2 < M) & (n2 < N)
+    m3, n3 = m2.expand_dims(2), n2.expand_dims(2)
+    h_all = tl.load(h + m2 * N + n2, mask=mn_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, NP], dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d2 = rd.expand_dims(0)
+        d3 = d2.expand_dims(1)
+        mnd_ok = mn_ok.expand_dims(2) & (d3 < D)
+        gv = tl.load(g + m2 * D + d2, mask=(m2 < M) & (d2 < D), other=0.0).to(tl.float32).expand_dims(1)
+        x = tl.load(X + m3 * sx_m + n3 * sx_n + d3, mask=mnd_ok, other=0.0).to(tl.float32)  # [m, i, d]
+        acc += tl.sum(x * gv, 2)
+        tl.store(dX + (m3 * N + n3) * D + d3, (h_all.expand_dims(2) * gv).to(dX.dtype.element_ty), mask=mnd_ok)
+    tl.store(dh + m2 * N + n2, acc, mask=mn_ok)
+
+
+_READ_BLOCK_M, _READ_BLOCK_D = 16, 128
+
+
+@torch.library.custom_op("flash_depth::hyper_write", mutates_args=())
+def _write_op(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+    M, n, D = X.shape
+    X, y = last_dim_contiguous(X), last_dim_contiguous(y)
+    h_post, h_res = h_post.contiguous(), h_res.contiguous()
+    out = torch.empty(M, n, D, device=X.device, dtype=X.dtype)
+    if M > 0:
+        grid = (cdiv(M, _READ_BLOCK_M), cdiv(D, _READ_BLOCK_D))
+        _write_fwd_kernel[grid](X, y, h_res, h_post, out, M, D, X.stride(0), X.stride(1), y.stride(0), N=n,
+                                NP=triton.next_power_of_2(n), BLOCK_M=_READ_BLOCK_M, BLOCK_D=_READ_BLOCK_D)
+    return out
+
+
+@_write_op.register_fake
+def _(X, y, h_post, h_res):
+    return X.new_empty(X.shape)
+
+
+def _write_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _write_grad(ctx, g):
+    return _write_backward_op(g, *ctx.saved_tensors)
+
+
+_write_op.register_autograd(_write_grad, setup_context=_write_setup)
+
+
+def stream_write(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+    """mHC's write ``X' = H_res @ X + H_post y``: ``X [M, n, D]`` (any strides but the last),
+    ``y [M, D]``, ``h_post [M, n]``, ``h_res [M, n, n]`` (float32) -> ``[M, n, D]`` in X's dtype,
+    differentiable (backward: :func:`write_backward`). Only where :func:`write_fusable`."""
+    return _write_op(X, y, h_post, h_res)
+
+
+@torch.library.custom_op("flash_depth::hyper_read", mutates_args=())
+def _read_op(X: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    M, n, D = X.shape
+    X, h_pre = last_dim_contiguous(X), h_pre.contiguous()
+    out = torch.empty(M, D, device=X.device, dtype=X.dtype)
+    if M > 0:
+        _read_fwd_kernel[(cdiv(M, _READ_BLOCK_M), cdiv(D, _READ_BLOCK_D))](
+            X, h_pre, out, M, D, X.stride(0), X.stride(1), N=n, BLOCK_M=_READ_BLOCK_M, BLOCK_D=_READ_BLOCK_D)
+    return out
+
+
+@_read_op.register_fake
+def _(X, h_pre):
+    return X.new_empty(X.shape[0], X.shape[2])
+
+
+@torch.library.custom_op("flash_depth::hyper_read_backward", mutates_args=())
+def _read_backward_op(g: torch.Tensor, X: torch.Tensor, h_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    M, n, D = X.shape
+    g, X, h_pre = g.contiguous(), last_dim_contiguous(X), h_pre.contiguous()
+    dX = torch.empty(M, n, D, device=X.device, dtype=X.dtype)
+    dh = torch.empty_like(h_pre)
+    if M > 0:
+        _read_bwd_kernel[(cdiv(M, _WRITE_BLOCK_M),)](g, X, h_pre, dX, dh, M, D, X.stride(0), X.stride(1), N=n,
+                                                     NP=triton.next_power_of_2(n), BLOCK_M=_WRITE_BLOCK_M,
+                                                     BLOCK_D=_WRITE_BLOCK_D, STAGES=_STREAM_STAGES)
+    return dX, dh
+
+
+@_read_backward_op.register_fake
+def _(g, X, h_pre):
+    return X.new_empty(X.shape), torch.empty_like(h_pre)
+
+
+def _read_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _read_grad(ctx, g):
+    return _read_backward_op(g, *ctx.saved_tensors)
+
+
+_read_op.register_autograd(_read_grad, setup_context=_read_setup)
+
+
+def read_fusable(X: torch.Tensor, h_pre: torch.Tensor) -> bool:
+    """:func:`stream_read` applies: CUDA (or interpreted) half/float32 streams, float32 weights."""
+    return _fused(X) and h_pre.dtype == torch.float32
+
+
+def stream_read(X: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """mHC's read ``sum_i h_pre[:, i] X[:, i]``: ``X [M, n, D]`` (any strides but the last),
+    ``h_pre [M, n]`` float32 -> ``[M, D]`` in X's dtype, differentiable. Only where :func:`read_fusable`."""
+    return _read_op(X, h_pre)
 
 
 # mHC's projection ``rms_norm(X.flatten(-2)) @ phi`` (phi [n*D, K], K = n*(n+2)): the compiler writes the
