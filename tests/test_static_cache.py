@@ -266,3 +266,53 @@ def test_static_cache_refuses_right_padding_and_overflow():
         with compiled_decoding(model):
             with compiled_decoding(model):
                 pass
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-slots", "fp8-round-trip"])
+def test_decoding_steps_write_the_slot_buffers_the_prefill_kept(fp8, monkeypatch):
+    """A prefill into a fixed-length cache keeps one k and one v slot buffer on the cache; every
+    decoding step writes into those (in place: made inside a compiled step, every read gathered
+    its slots anew), and the step's logits are the uncached model's."""
+    from flash_depth.nn.depth_stream import DepthSlots
+
+    if fp8 and not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 dtype")
+    model = _model("moda", **({"depth_stream_dtype": "fp8"} if fp8 else {}))
+    ids, mask = _prompts(5, 3)
+    cache = StaticCache(config=model.config, max_cache_len=8, **({} if GENERATE_COMPILES else
+                                                                  {"batch_size": 2, "dtype": torch.float32}))
+    used = []
+    write = DepthSlots.write
+
+    def spy(self, k, v):
+        write(self, k, v)
+        used.append(self.k is cache._flash_depth_decode_slots[0] and self.v is cache._flash_depth_decode_slots[1])
+
+    monkeypatch.setattr(DepthSlots, "write", spy)
+    seq, full_mask = ids, mask
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=torch.arange(5))
+        kept = cache._flash_depth_decode_slots
+        assert [tuple(b.shape) for b in kept] == [(2, 1, model.config.depth_slots, 2, 16)] * 2
+        for step in range(2):
+            token = torch.randint(1, 512, (2, 1))
+            seq, full_mask = torch.cat([seq, token], 1), torch.cat([full_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            logits = model(token, attention_mask=static_cache_mask(full_mask, 8), past_key_values=cache,
+                           use_cache=True, cache_position=torch.tensor([5 + step])).logits[:, -1]
+            assert rel_err(logits, model(seq, attention_mask=full_mask).logits[:, -1]) < 1e-5
+        assert cache._flash_depth_decode_slots is kept  # reused, not made again
+    assert used and all(used) and len(used) == 2 * model.config.depth_slots
+
+
+def test_inductor_compiled_decoding_equals_eager_with_the_kept_slot_buffers():
+    """The kept slot buffers are inputs that a compiled step mutates in place and reads as views:
+    Inductor's code (the CPU's here; test_gpu runs the GPU's with CUDA graphs) gives the eager
+    tokens, also in a second generate, which reuses the cache and its buffers."""
+    model = _model("moda", depth_window=2, depth_anchors=1)
+    ids, mask = _prompts(4, 6)
+    want = _generate(model, ids, mask)
+    torch._dynamo.reset()
+    with compiled_decoding(model, fullgraph=True):
+        for _ in range(2):
+            assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), want)
+    torch._dynamo.reset()

@@ -69,6 +69,27 @@ def is_fixed_length(cache) -> bool:
     return bool(flag) if flag is not None else cache.get_max_cache_shape() is not None
 
 
+_DECODE_SLOTS = "_flash_depth_decode_slots"
+
+
+def _keep_decode_slots(cache, stream: DepthStream) -> None:
+    """After a forward into a fixed-length cache (a prefill, eager): the k and v buffers
+    ``[B, 1, slots, Hk, d]`` that the decoding steps' :class:`DepthSlots` then write in place, kept
+    on the cache (reused while they fit) and marked as static addresses, as the cache's own
+    tensors are, so that a CUDA-graphed step may mutate them."""
+    if stream.buffers is None:
+        return
+    B, _, slots, Hk, d = stream.buffers[0].shape
+    shape, dtype, device = (B, 1, slots, Hk, d), stream.value_dtype, stream.buffers[0].device
+    kept = getattr(cache, _DECODE_SLOTS, None)
+    if kept is not None and kept[0].shape == shape and kept[0].dtype == dtype and kept[0].device == device:
+        return
+    buffers = tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
+    for buf in buffers:
+        torch._dynamo.mark_static_address(buf)
+    setattr(cache, _DECODE_SLOTS, buffers)
+
+
 def _max_cache_len(cache) -> int:
     """The slots of a fixed-length cache: get_max_length on transformers 5.x (where
     get_max_cache_shape is deprecated, then gone), get_max_cache_shape on 4.x (4.46 deprecates
@@ -440,8 +461,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         stream = None
         if cfg.depth_slots:
             fp8 = cfg.depth_stream_torch_dtype
-            stream = DepthSlots(cfg.depth_slots, fp8=fp8 is not None) if decoding else DepthStream(
-                cfg.depth_slots, dtype=fp8)
+            stream = DepthSlots(cfg.depth_slots, fp8=fp8 is not None, buffers=getattr(cache, _DECODE_SLOTS, None)) \
+                if decoding else DepthStream(cfg.depth_slots, dtype=fp8)
         if cfg.depth_mechanism.startswith("attnres"):
             x = self._attnres(x, cos, sin, cache, masks, decoding)
         elif self.hyper is not None:
@@ -459,6 +480,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                 x = self._run(layer, x, cos, sin, stream, cache, masks)
                 record(self, "hidden", i, x)
         if isinstance(stream, DepthStream):
+            if static and not torch.compiler.is_compiling():  # a prefill (a compiled one keeps nothing)
+                _keep_decode_slots(cache, stream)
             stream.close()
         x = self.norm(x).reshape(B, T, D)
         out = BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})

@@ -163,21 +163,34 @@ class DepthSlots:
     step has no graph breaks and O(L) small copies (stacking the slots at each read would be
     O(L^2) kernels, which a CUDA-graphed step pays in full). Reads go through
     :func:`~flash_depth.ops.decode_attention`. ``fp8``: slots hold the fp8 round trip of what is
-    written (the values an fp8 :class:`DepthStream` reads), kept in the written dtype."""
+    written (the values an fp8 :class:`DepthStream` reads), kept in the written dtype.
 
-    def __init__(self, slots: int, fp8: bool = False):
+    ``buffers``: a k and a v tensor ``[B, T, slots, Hk, d]`` kept from step to step (the model keeps
+    them with a fixed-length cache), used when the first write has their shape, dtype and device
+    (else new ones are made). Made inside a compiled step, the buffers are not real tensors there:
+    each write becomes a new tensor and every read gathers its slots anew (two copies per read).
+    Kept ones are graph inputs that the writes mutate in place and the reads take as views."""
+
+    def __init__(self, slots: int, fp8: bool = False, buffers: tuple[torch.Tensor, torch.Tensor] | None = None):
         check_slots(slots)
         if not isinstance(fp8, bool):
             raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
+        if buffers is not None and (not isinstance(buffers, (tuple, list)) or len(buffers) != 2
+                                    or not all(isinstance(b, torch.Tensor) and b.dim() == 5 for b in buffers)):
+            raise TypeError("buffers must be None or a (k, v) pair of tensors [B, T, slots, Hk, d], got "
+                            f"{type(buffers).__name__}")
         self.slots_max, self.count, self.fp8 = slots, 0, fp8
-        self.k: torch.Tensor | None = None  # allocated at the first write
+        self.kept = buffers
+        self.k: torch.Tensor | None = None  # taken or allocated at the first write
         self.v: torch.Tensor | None = None
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
         if self.k is None:
             shape = (*k.shape[:2], self.slots_max, *k.shape[2:])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+            fits = self.kept is not None and all(buf.shape == shape and buf.dtype == x.dtype and buf.device == x.device
+                                                 for buf, x in zip(self.kept, (k, v)))
+            self.k, self.v = self.kept if fits else (k.new_empty(shape), v.new_empty(shape))
         if self.count >= self.slots_max:
             raise RuntimeError(f"depth slots are full ({self.slots_max})")
         want = self.k[:, :, 0].shape
@@ -185,8 +198,11 @@ class DepthSlots:
             raise ValueError(f"k and v slots must be {tuple(want)}, got {tuple(k.shape)} and {tuple(v.shape)}")
         if self.fp8:
             k, v = (dequantize_fp8(*quantize_fp8(x), x.dtype) for x in (k, v))
-        self.k[:, :, self.count] = k
-        self.v[:, :, self.count] = v
+        # index_copy_ as a fixed-length KV cache writes: on kept buffers (graph inputs) the compiler
+        # keeps it in place and later reads stay views (slice assignment made them copies)
+        slot = torch.full((1,), self.count, dtype=torch.long, device=k.device)
+        self.k.index_copy_(2, slot, k.unsqueeze(2))
+        self.v.index_copy_(2, slot, v.unsqueeze(2))
         self.count += 1
 
     def read(self, window: int | None = None, anchors: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
