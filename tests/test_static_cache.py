@@ -286,13 +286,13 @@ def test_decoding_steps_write_the_slot_buffers_the_prefill_kept(fp8, monkeypatch
 
     def spy(self, k, v):
         write(self, k, v)
-        used.append(self.k is cache._flash_depth_decode_slots[0] and self.v is cache._flash_depth_decode_slots[1])
+        used.append(self.k is cache._flash_depth_decode.slots[0] and self.v is cache._flash_depth_decode.slots[1])
 
     monkeypatch.setattr(DepthSlots, "write", spy)
     seq, full_mask = ids, mask
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=torch.arange(5))
-        kept = cache._flash_depth_decode_slots
+        kept = cache._flash_depth_decode.slots
         assert [tuple(b.shape) for b in kept] == [(2, 1, model.config.depth_slots, 2, 16)] * 2
         for step in range(2):
             token = torch.randint(1, 512, (2, 1))
@@ -300,7 +300,7 @@ def test_decoding_steps_write_the_slot_buffers_the_prefill_kept(fp8, monkeypatch
             logits = model(token, attention_mask=static_cache_mask(full_mask, 8), past_key_values=cache,
                            use_cache=True, cache_position=torch.tensor([5 + step])).logits[:, -1]
             assert rel_err(logits, model(seq, attention_mask=full_mask).logits[:, -1]) < 1e-5
-        assert cache._flash_depth_decode_slots is kept  # reused, not made again
+        assert cache._flash_depth_decode.slots is kept  # reused, not made again
     assert used and all(used) and len(used) == 2 * model.config.depth_slots
 
 
@@ -316,3 +316,82 @@ def test_inductor_compiled_decoding_equals_eager_with_the_kept_slot_buffers():
         for _ in range(2):
             assert torch.equal(_generate(model, ids, mask, cache_implementation="static"), want)
     torch._dynamo.reset()
+
+
+def test_compiled_steps_compute_the_ffn_input_in_one_gemm_from_fresh_weights(monkeypatch):
+    """Compiled steps take the FFN's gate/up and depth K/V from one stacked copy of their weights,
+    kept with the cache (zeroing that copy changes their logits; eager steps never read it); after
+    an in-place change of the parameters (as an optimizer step makes) the next generate refreshes
+    it: the logits equal the eager model's before and after."""
+    model = _model("moda")
+    ids, mask = _prompts(4, 6)
+    caches = []
+    prepare = type(model).prepare_decoding
+
+    def prepare_spy(self, cache):  # called eagerly, before each compiled step
+        caches.append(cache)
+        prepare(self, cache)
+
+    def logits(compiled):
+        torch._dynamo.reset()
+        with compiled_decoding(model, backend="eager", fullgraph=True) if compiled else torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                 cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits)
+
+    monkeypatch.setattr(type(model), "prepare_decoding", prepare_spy)
+    want = logits(compiled=False)
+    assert not caches
+    assert rel_err(logits(compiled=True), want) < 1e-6
+    state = caches[-1]._flash_depth_decode
+    writers = [block for block in model.model.layers if block.ffn_kv is not None]
+    for block in writers:
+        assert torch.equal(state.ffn_inputs[block.layer_idx],
+                           torch.cat([block.ffn.gate_up.weight, block.ffn_kv.proj.weight]))
+    refresh = type(state).refresh_ffn_inputs
+
+    def refresh_then_zero(self, *args, **kwargs):
+        refresh(self, *args, **kwargs)
+        for weight in self.ffn_inputs.values():
+            weight.zero_()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(state), "refresh_ffn_inputs", refresh_then_zero)
+        assert rel_err(logits(compiled=True)[1:], want[1:]) > 1e-2  # the steps after the prefill read it
+    with torch.no_grad():
+        for block in writers:
+            block.ffn.gate_up.weight.mul_(1.5)
+            block.ffn_kv.proj.weight.neg_()
+    want = logits(compiled=False)
+    assert rel_err(logits(compiled=True), want) < 1e-6
+    torch._dynamo.reset()
+
+
+def test_prepare_decoding_refreshes_the_stacked_weights_where_parameters_changed():
+    """On one cache: the stacked copy follows in-place changes of either source (their version
+    counters), is left alone when nothing changed, and is made for moda only."""
+    model = _model("moda")
+    cache = StaticCache(config=model.config, max_cache_len=8, **({} if GENERATE_COMPILES else
+                                                                  {"batch_size": 2, "dtype": torch.float32}))
+    model.prepare_decoding(cache)
+    state = cache._flash_depth_decode
+    block = model.model.layers[1]
+    kept = state.ffn_inputs[1]
+    split = block.ffn.gate_up.out_features
+    assert sorted(state.ffn_inputs) == [i for i, b in enumerate(model.model.layers) if b.ffn_kv is not None]
+    with torch.no_grad():
+        block.ffn_kv.proj.weight.add_(1.0)
+    model.prepare_decoding(cache)
+    assert state.ffn_inputs[1] is kept and torch.equal(kept[split:], block.ffn_kv.proj.weight)
+    kept.zero_()
+    model.prepare_decoding(cache)  # nothing changed: no copy
+    assert not kept.any()
+    with torch.no_grad():
+        block.ffn.gate_up.weight.mul_(2.0)
+    model.prepare_decoding(cache)
+    assert torch.equal(kept, torch.cat([block.ffn.gate_up.weight, block.ffn_kv.proj.weight]))
+    residual = _model("residual")
+    other = StaticCache(config=residual.config, max_cache_len=8, **({} if GENERATE_COMPILES else
+                                                                     {"batch_size": 2, "dtype": torch.float32}))
+    residual.prepare_decoding(other)
+    assert not hasattr(other, "_flash_depth_decode")

@@ -94,6 +94,8 @@ def compiled_decoding(model, **options):
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         step = ids is not None and ids.shape[1] == 1 and is_fixed_length(cache)
+        if step and hasattr(model, "prepare_decoding"):
+            model.prepare_decoding(cache)  # what the compiled step reuses, fresh (eager: it cannot)
         return (compiled if step else eager)(*args, **kwargs)
 
     model.forward = forward

@@ -69,25 +69,69 @@ def is_fixed_length(cache) -> bool:
     return bool(flag) if flag is not None else cache.get_max_cache_shape() is not None
 
 
-_DECODE_SLOTS = "_flash_depth_decode_slots"
+class _DecodeState:
+    """What the decoding steps on one fixed-length cache reuse, kept on the cache (as
+    ``_flash_depth_decode``) and marked as static addresses, as the cache's own tensors are, so
+    that CUDA-graphed steps read and write them in place:
+
+    - ``slots``: the k and v buffers ``[B, 1, slots, Hk, d]`` that each step's :class:`DepthSlots`
+      writes (made by a prefill, reused while they fit);
+    - ``ffn_inputs``: per block with an FFN depth K/V projection, that projection stacked under the
+      FFN's gate/up (``[2I + 2 Hk d, D]``), which compiled steps compute in one GEMM. A copy of those
+      weights (at 700m, 36 x 20 MiB in bf16), refreshed by every eager forward on the cache (the
+      prefill) and wherever their parameters changed in place since (the version counters:
+      optimizer steps, load_state_dict); edits through ``.data`` are not seen until the next
+      prefill. Eager steps never read it.
+    """
+
+    ATTR = "_flash_depth_decode"
+
+    def __init__(self):
+        self.slots: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.ffn_inputs: dict[int, torch.Tensor] = {}
+        self.stamps: dict[int, tuple] = {}
+
+    @classmethod
+    def of(cls, cache) -> _DecodeState:
+        state = getattr(cache, cls.ATTR, None)
+        if state is None:
+            state = cls()
+            setattr(cache, cls.ATTR, state)
+        return state
+
+    def keep_slots(self, stream: DepthStream) -> None:
+        if stream.buffers is None:
+            return
+        B, _, slots, Hk, d = stream.buffers[0].shape
+        shape, dtype, device = (B, 1, slots, Hk, d), stream.value_dtype, stream.buffers[0].device
+        kept = self.slots
+        if kept is None or kept[0].shape != shape or kept[0].dtype != dtype or kept[0].device != device:
+            self.slots = tuple(_static_empty(shape, dtype, device) for _ in range(2))
+
+    @torch.no_grad()
+    def refresh_ffn_inputs(self, layers, force: bool, create: bool) -> None:
+        """Copies the sources into the kept weights where ``force`` or they changed; ``create``
+        makes those not kept yet (else only kept ones are refreshed)."""
+        for block in layers:
+            sources = block.ffn_input_sources()
+            if sources is None or not (create or block.layer_idx in self.ffn_inputs):
+                continue
+            i, first = block.layer_idx, sources[0]
+            shape = (sum(w.shape[0] for w in sources), first.shape[1])
+            kept = self.ffn_inputs.get(i)
+            if kept is None or kept.shape != shape or kept.dtype != first.dtype or kept.device != first.device:
+                kept = self.ffn_inputs[i] = _static_empty(shape, first.dtype, first.device)
+                self.stamps.pop(i, None)
+            stamp = tuple((w.data_ptr(), w._version) for w in sources)
+            if force or self.stamps.get(i) != stamp:
+                torch.cat(sources, out=kept)
+                self.stamps[i] = stamp
 
 
-def _keep_decode_slots(cache, stream: DepthStream) -> None:
-    """After a forward into a fixed-length cache (a prefill, eager): the k and v buffers
-    ``[B, 1, slots, Hk, d]`` that the decoding steps' :class:`DepthSlots` then write in place, kept
-    on the cache (reused while they fit) and marked as static addresses, as the cache's own
-    tensors are, so that a CUDA-graphed step may mutate them."""
-    if stream.buffers is None:
-        return
-    B, _, slots, Hk, d = stream.buffers[0].shape
-    shape, dtype, device = (B, 1, slots, Hk, d), stream.value_dtype, stream.buffers[0].device
-    kept = getattr(cache, _DECODE_SLOTS, None)
-    if kept is not None and kept[0].shape == shape and kept[0].dtype == dtype and kept[0].device == device:
-        return
-    buffers = tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
-    for buf in buffers:
-        torch._dynamo.mark_static_address(buf)
-    setattr(cache, _DECODE_SLOTS, buffers)
+def _static_empty(shape, dtype, device) -> torch.Tensor:
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    torch._dynamo.mark_static_address(buf)
+    return buf
 
 
 def _max_cache_len(cache) -> int:
@@ -280,9 +324,23 @@ class FlashDepthBlock(nn.Module):
 
     def ffn_sublayer(self, h, cos, sin, stream):
         h = self.ffn_norm(h)
-        if self.ffn_kv is not None:
+        if self.ffn_kv is None:
+            return self.ffn(h)
+        stacked = stream.ffn_input(self.layer_idx) if isinstance(stream, DepthSlots) else None
+        if stacked is None:
             stream.write(*self.ffn_kv(h, cos, sin))
-        return self.ffn(h)
+            return self.ffn(h)
+        gate_up, kv = F.linear(h, stacked).split([self.ffn.gate_up.out_features, self.ffn_kv.proj.out_features], -1)
+        stream.write(*self.ffn_kv.from_projection(kv, cos, sin))
+        return self.ffn.from_gate_up(gate_up)
+
+    def ffn_input_sources(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The FFN's gate/up weight and its depth K/V projection's, which project the same normed
+        input (what :class:`_DecodeState` stacks); None without that projection, with a bias, or
+        post-norm (its forward does not go through ``ffn_sublayer``)."""
+        if self.ffn_kv is None or self.ffn_kv.proj.bias is not None or self.post_norm:
+            return None
+        return self.ffn.gate_up.weight, self.ffn_kv.proj.weight
 
     def forward(self, x, cos, sin, stream, cache, masks=None, sublayer: str | None = None):
         """The block's output; with ``sublayer`` ("attn"/"ffn", for AttnRes) only that sublayer's
@@ -461,8 +519,14 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         stream = None
         if cfg.depth_slots:
             fp8 = cfg.depth_stream_torch_dtype
-            stream = DepthSlots(cfg.depth_slots, fp8=fp8 is not None, buffers=getattr(cache, _DECODE_SLOTS, None)) \
-                if decoding else DepthStream(cfg.depth_slots, dtype=fp8)
+            if decoding:
+                if not torch.compiler.is_compiling():  # an eager step (transformers' first)
+                    self._keep_for_decoding(cache)
+                kept = getattr(cache, _DecodeState.ATTR, None)
+                stream = DepthSlots(cfg.depth_slots, fp8=fp8 is not None, buffers=None if kept is None else kept.slots,
+                                    ffn_inputs=None if kept is None else kept.ffn_inputs)
+            else:
+                stream = DepthStream(cfg.depth_slots, dtype=fp8)
         if cfg.depth_mechanism.startswith("attnres"):
             x = self._attnres(x, cos, sin, cache, masks, decoding)
         elif self.hyper is not None:
@@ -481,7 +545,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                 record(self, "hidden", i, x)
         if isinstance(stream, DepthStream):
             if static and not torch.compiler.is_compiling():  # a prefill (a compiled one keeps nothing)
-                _keep_decode_slots(cache, stream)
+                self._keep_for_decoding(cache, stream)
             stream.close()
         x = self.norm(x).reshape(B, T, D)
         out = BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
@@ -558,6 +622,25 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+    def prepare_decoding(self, cache) -> None:
+        """Keeps on the fixed-length ``cache`` a copy of each block's stacked FFN input weights
+        (``_DecodeState``), which compiled decoding steps compute in one GEMM, or refreshes it
+        where parameters changed in place since. :func:`~flash_depth.eval.generation.compiled_decoding`
+        calls it before each compiled step (a compiled step cannot); on CUDA every eager forward on
+        the cache (the prefill) does too. Nothing for mechanisms without depth slots."""
+        if self.config.depth_slots and is_fixed_length(cache):
+            _DecodeState.of(cache).refresh_ffn_inputs(self.layers, force=False, create=True)
+
+    def _keep_for_decoding(self, cache, stream: DepthStream | None = None) -> None:
+        """An eager forward on a fixed-length cache: after a prefill (``stream``, its depth stream)
+        keep the slot buffers and refresh the kept FFN inputs; on CUDA (where generate compiles
+        the steps) make those too."""
+        state = _DecodeState.of(cache)
+        if stream is not None:
+            state.keep_slots(stream)
+        state.refresh_ffn_inputs(self.layers, force=stream is not None,
+                                 create=self.embed_tokens.weight.is_cuda)
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (regional compilation, as torchtitan does): the
@@ -700,6 +783,10 @@ class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):
         self.model = FlashDepthModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def prepare_decoding(self, cache) -> None:
+        """:meth:`FlashDepthModel.prepare_decoding`."""
+        self.model.prepare_decoding(cache)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -77,7 +77,12 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.from_gate_up(self.gate_up(x))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The output from ``gate_up(x)`` ``[..., 2 * hidden]`` computed elsewhere (a decoding
+        step takes it from one GEMM with the FFN's depth K/V projection)."""
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 

@@ -105,9 +105,15 @@ class DepthKV(nn.Module):
         :class:`~flash_depth.nn.Rotary` returns them), or both None for no rotation.
         Returns k, v ``[B, T, kv_heads, head_dim]``."""
         _check_x(x, self.dim)
-        B, T, _ = x.shape
+        return self.from_projection(self.proj(x), cos, sin)
+
+    def from_projection(self, kv: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
+        """k, v ``[B, T, kv_heads, head_dim]`` from ``proj(x)`` ``[B, T, 2 * kv_heads * head_dim]``
+        computed elsewhere (a decoding step computes it in one GEMM with the FFN's gate/up)."""
+        _check_x(kv, 2 * self.kv_heads * self.head_dim)
+        B, T, _ = kv.shape
         rotate = _rotation(cos, sin, T, self.head_dim)
-        k, v = self.proj(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
+        k, v = kv.view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
         return (apply_rotary(k, cos, sin) if rotate else k), v
 
