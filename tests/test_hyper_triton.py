@@ -8,7 +8,7 @@ from oracle import rel_err
 
 from flash_depth.nn.hyper_connections import HyperConnection, sinkhorn
 from flash_depth.ops.hyper_triton import (fused_sinkhorn, projection_fusable, rms_projection, stream_gram,
-                                         stream_read, stream_write, write_backward, write_fusable)
+                                         read_fusable, stream_read, stream_write, write_backward, write_fusable)
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +221,7 @@ def test_stream_read_and_write_match_float64(n, dtype, expand, D):
     leaves = (X, y, h_pre, h_post, h_res)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     X64, y64, hpre64, hpost64, hres64 = leaves64
-    assert write_fusable(X, y, h_post, h_res)
+    assert write_fusable(X, y, h_post, h_res) and read_fusable(X, h_pre)
     x_in, X_new = stream_read(X, h_pre), stream_write(X, y, h_post, h_res)
     ref_in = torch.einsum("mi,mid->md", hpre64, X64)
     ref_new = torch.einsum("mji,mid->mjd", hres64, X64) + hpost64[..., None] * y64[:, None]
@@ -235,3 +235,20 @@ def test_stream_read_and_write_match_float64(n, dtype, expand, D):
     # the mixes' gradients are float32 sums of exact products: float32 accuracy in any stream dtype
     for name, a, b in zip(("X", "y", "h_pre", "h_post", "h_res"), got, want):
         assert torch.isfinite(a).all() and rel_err(a, b) < (tol if name in ("X", "y") else 1e-5), name
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda X, y, h, H: stream_read(X, h[:, :2]), "h_pre must be a tensor \\[5, 3\\]"),
+    (lambda X, y, h, H: stream_read(X, h[:-1]), "h_pre must be a tensor"),
+    (lambda X, y, h, H: stream_read(X, h.double()), "h_pre must be float32"),
+    (lambda X, y, h, H: stream_read(X[0], h), "X must be a floating-point tensor \\[M, n, D\\]"),
+    (lambda X, y, h, H: stream_write(X, y[:, :-1], h, H), "y must be a tensor \\[5, 7\\]"),
+    (lambda X, y, h, H: stream_write(X, y, h, H[..., :2]), "h_res must be a tensor \\[5, 3, 3\\]"),
+    (lambda X, y, h, H: stream_write(X, y.long(), h, H), "y must be floating point"),
+    (lambda X, y, h, H: write_backward(X[:, :2], X, y, h, H), "g must be a tensor \\[5, 3, 7\\]"),
+])
+def test_stream_ops_name_the_bad_argument(call, match):
+    X, y = torch.randn(5, 3, 7), torch.randn(5, 7)
+    h, H = torch.rand(5, 3), torch.rand(5, 3, 3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(X, y, h, H)

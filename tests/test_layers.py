@@ -5,9 +5,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
-from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthRead, DepthStream, MoDAAttention, Rotary,
+from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, DepthStream, MoDAAttention, Rotary,
                             apply_rotary)
 from flash_depth.nn.attnres_stream import SourceStream
+from flash_depth.nn.layers import SwiGLU
 from flash_depth.ops import depth_attention, moda_attention
 from oracle import rel_err
 
@@ -219,6 +220,9 @@ def test_denseformer_mixer_starts_as_the_identity():
     (lambda: DepthRead(D, HQ, HD)(torch.randn(B, T, D), *_rope(), None), "stream must be a DepthStream"),
     (lambda: AttnResQueries(4, D).read(SourceStream(1), 4), r"i must be a read index in \[0, 4\)"),
     (lambda: DenseFormerMixer(0), "layers must be a positive int"),
+    (lambda: DepthKV(D, HK, HD).from_projection(torch.randn(B, T, 2 * HK * HD - 1)),
+     rf"kv must be a tensor \[B, T, {2 * HK * HD}\]"),
+    (lambda: SwiGLU(D, 8).from_gate_up(torch.randn(B, T, 15)), r"gate_up must be a tensor \[\.\.\., 16\]"),
 ])
 def test_layer_input_checks_name_the_argument(call, msg):
     with pytest.raises(ValueError, match=msg):

@@ -305,9 +305,10 @@ def test_decoding_steps_write_the_slot_buffers_the_prefill_kept(fp8, monkeypatch
 
 
 def test_inductor_compiled_decoding_equals_eager_with_the_kept_slot_buffers():
-    """The kept slot buffers are inputs that a compiled step mutates in place and reads as views:
-    Inductor's code (the CPU's here; test_gpu runs the GPU's with CUDA graphs) gives the eager
-    tokens, also in a second generate, which reuses the cache and its buffers."""
+    """Inductor's code for the steps (the CPU's here; test_gpu runs the GPU's with CUDA graphs),
+    which mutates the kept slot buffers in place and reads views of them (that the steps use the
+    kept buffers is the eager test above) and computes the FFN input in one GEMM, gives the eager
+    tokens, also in a second generate."""
     model = _model("moda", depth_window=2, depth_anchors=1)
     ids, mask = _prompts(4, 6)
     want = _generate(model, ids, mask)
@@ -395,3 +396,79 @@ def test_prepare_decoding_refreshes_the_stacked_weights_where_parameters_changed
                                                                      {"batch_size": 2, "dtype": torch.float32}))
     residual.prepare_decoding(other)
     assert not hasattr(other, "_flash_depth_decode")
+
+
+def _decode_by_hand(model, forward, steps, between=None):
+    """Prefill and ``steps`` greedy steps on one fixed-length cache through ``forward`` (the
+    prefill too: a compiled one refreshes the stacked weights in its graph); ``between(cache)``
+    runs before each step. Returns the steps' last logits."""
+    ids, mask = _prompts(5, 3)
+    cache = StaticCache(config=model.config, max_cache_len=12, **({} if GENERATE_COMPILES else
+                                                                   {"batch_size": 2, "dtype": torch.float32}))
+    model.prepare_decoding(cache)  # on the CPU only this makes the stacked copy
+    out = forward(ids, attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=torch.arange(5))
+    full_mask, logits = mask, []
+    for step in range(steps):
+        if between is not None:
+            between(cache)
+        full_mask = torch.cat([full_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        out = forward(out.logits[:, -1:].argmax(-1), attention_mask=static_cache_mask(full_mask, 12),
+                      past_key_values=cache, use_cache=True, cache_position=torch.tensor([5 + step]))
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+def test_stacked_ffn_weights_follow_changes_between_steps_and_in_a_compiled_prefill():
+    """Weights changed in place between two steps of one decode are seen once prepare_decoding runs
+    (what compiled_decoding does before each step), and a compiled prefill copies them in its graph:
+    compiled steps give the eager steps' logits under the same changes."""
+    model = _model("moda")
+    writer = model.model.layers[0]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def change(cache):
+        with torch.no_grad():
+            writer.ffn_kv.proj.weight.mul_(-1.5)
+            writer.ffn.gate_up.weight.mul_(1.25)
+        model.prepare_decoding(cache)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="eager")
+    with torch.no_grad():
+        want = _decode_by_hand(model, model.forward, 3, between=change)
+        model.load_state_dict(start)
+        assert rel_err(_decode_by_hand(model, compiled, 3, between=change), want) < 1e-5
+        writer.ffn_kv.proj.weight.mul_(0.5)  # then a whole compiled decode, prefill included
+        assert rel_err(_decode_by_hand(model, compiled, 2), _decode_by_hand(model, model.forward, 2)) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_stacked_ffn_weights_are_not_used_with_autograd_or_hooks(monkeypatch):
+    """A compiled step that records gradients, or whose FFN Linear has a hook, reads the parameters:
+    with the stacked copy zeroed its logits stay the eager steps', and the hook runs every step."""
+    from flash_depth.models.modeling_flash_depth import _DecodeState
+
+    model = _model("moda")
+    refresh = _DecodeState.refresh_ffn_inputs
+
+    def refresh_then_zero(self, *args, **kwargs):
+        refresh(self, *args, **kwargs)
+        for weight in self.ffn_inputs.values():
+            weight.zero_()
+
+    monkeypatch.setattr(_DecodeState, "refresh_ffn_inputs", refresh_then_zero)
+    monkeypatch.setattr(_DecodeState, "copy_ffn_inputs", lambda self, layers: None)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = _decode_by_hand(model, model.forward, 2)
+        assert rel_err(_decode_by_hand(model, torch.compile(model.forward, backend="eager"), 2), want) > 1e-2
+    torch._dynamo.reset()
+    assert rel_err(_decode_by_hand(model, torch.compile(model.forward, backend="eager"), 2), want) < 1e-5
+    calls, writers = [], [block for block in model.model.layers if block.ffn_kv is not None]
+    for block in writers:
+        block.ffn.gate_up.register_forward_hook(lambda module, args, out: calls.append(1))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert rel_err(_decode_by_hand(model, torch.compile(model.forward, backend="eager"), 2), want) < 1e-5
+    assert len(calls) == 3 * len(writers)  # the prefill and both steps
+    torch._dynamo.reset()

@@ -77,11 +77,13 @@ class _DecodeState:
     - ``slots``: the k and v buffers ``[B, 1, slots, Hk, d]`` that each step's :class:`DepthSlots`
       writes (made by a prefill, reused while they fit);
     - ``ffn_inputs``: per block with an FFN depth K/V projection, that projection stacked under the
-      FFN's gate/up (``[2I + 2 Hk d, D]``), which compiled steps compute in one GEMM. A copy of those
-      weights (at 700m, 36 x 20 MiB in bf16), refreshed by every eager forward on the cache (the
-      prefill) and wherever their parameters changed in place since (the version counters:
-      optimizer steps, load_state_dict); edits through ``.data`` are not seen until the next
-      prefill. Eager steps never read it.
+      FFN's gate/up (``[2I + 2 Hk d, D]``), which compiled steps without autograd compute in one
+      GEMM. A copy of those weights (at 700m, 36 x 18 MiB in bf16): made by a prefill on CUDA or by
+      ``prepare_decoding``; copied again by every prefill (compiled ones too), and before a step by
+      an eager step or ``prepare_decoding`` wherever the parameters changed in place since (their
+      version counters: optimizer steps, load_state_dict). Not seen: edits through ``.data`` between
+      two generations whose second has no prefill (a one-token prompt) on the same cache, unless
+      ``prepare_decoding`` runs after them. Eager steps never read the copy.
     """
 
     ATTR = "_flash_depth_decode"
@@ -126,6 +128,16 @@ class _DecodeState:
             if force or self.stamps.get(i) != stamp:
                 torch.cat(sources, out=kept)
                 self.stamps[i] = stamp
+
+    @torch.no_grad()
+    def copy_ffn_inputs(self, layers) -> None:
+        """Copies every kept stacked weight from its sources: a compiled prefill's refresh (the
+        version counters cannot be read there; the copy goes into the graph)."""
+        for block in layers:
+            kept = self.ffn_inputs.get(block.layer_idx)
+            sources = block.ffn_input_sources()
+            if kept is not None and sources is not None:
+                kept.copy_(torch.cat(sources))
 
 
 def _static_empty(shape, dtype, device) -> torch.Tensor:
@@ -336,11 +348,16 @@ class FlashDepthBlock(nn.Module):
 
     def ffn_input_sources(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The FFN's gate/up weight and its depth K/V projection's, which project the same normed
-        input (what :class:`_DecodeState` stacks); None without that projection, with a bias, or
-        post-norm (its forward does not go through ``ffn_sublayer``)."""
-        if self.ffn_kv is None or self.ffn_kv.proj.bias is not None or self.post_norm:
+        input (what :class:`_DecodeState` stacks); None without that projection, post-norm (its
+        forward does not go through ``ffn_sublayer``), or unless both are plain ``nn.Linear`` without
+        bias, hooks or parametrizations (a LoRA or quantized replacement, or a hook, must run)."""
+        if self.ffn_kv is None or self.post_norm:
             return None
-        return self.ffn.gate_up.weight, self.ffn_kv.proj.weight
+        linears = (self.ffn.gate_up, self.ffn_kv.proj)
+        if any(type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks
+               or hasattr(m, "parametrizations") for m in linears):
+            return None
+        return tuple(m.weight for m in linears)
 
     def forward(self, x, cos, sin, stream, cache, masks=None, sublayer: str | None = None):
         """The block's output; with ``sublayer`` ("attn"/"ffn", for AttnRes) only that sublayer's
@@ -520,7 +537,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         if cfg.depth_slots:
             fp8 = cfg.depth_stream_torch_dtype
             if decoding:
-                if not torch.compiler.is_compiling():  # an eager step (transformers' first)
+                if not torch.compiler.is_compiling():  # an eager step (transformers' first, or all)
                     self._keep_for_decoding(cache)
                 kept = getattr(cache, _DecodeState.ATTR, None)
                 stream = DepthSlots(cfg.depth_slots, fp8=fp8 is not None, buffers=None if kept is None else kept.slots,
@@ -544,7 +561,7 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
                 x = self._run(layer, x, cos, sin, stream, cache, masks)
                 record(self, "hidden", i, x)
         if isinstance(stream, DepthStream):
-            if static and not torch.compiler.is_compiling():  # a prefill (a compiled one keeps nothing)
+            if static:  # a prefill
                 self._keep_for_decoding(cache, stream)
             stream.close()
         x = self.norm(x).reshape(B, T, D)
@@ -627,20 +644,30 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         """Keeps on the fixed-length ``cache`` a copy of each block's stacked FFN input weights
         (``_DecodeState``), which compiled decoding steps compute in one GEMM, or refreshes it
         where parameters changed in place since. :func:`~flash_depth.eval.generation.compiled_decoding`
-        calls it before each compiled step (a compiled step cannot); on CUDA every eager forward on
-        the cache (the prefill) does too. Nothing for mechanisms without depth slots."""
+        calls it before each compiled step (a compiled step cannot); a prefill makes the copy on
+        CUDA. Nothing for mechanisms without depth slots, or for a cache of growing length."""
+        if not isinstance(cache, Cache):
+            raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
         if self.config.depth_slots and is_fixed_length(cache):
             _DecodeState.of(cache).refresh_ffn_inputs(self.layers, force=False, create=True)
 
     def _keep_for_decoding(self, cache, stream: DepthStream | None = None) -> None:
-        """An eager forward on a fixed-length cache: after a prefill (``stream``, its depth stream)
-        keep the slot buffers and refresh the kept FFN inputs; on CUDA (where generate compiles
-        the steps) make those too."""
-        state = _DecodeState.of(cache)
-        if stream is not None:
+        """A forward on a fixed-length cache. A prefill (``stream``, its depth stream): keep the
+        slot buffers and copy the stacked FFN inputs, made if missing on CUDA, where generate
+        compiles the steps (compiled: copy those kept, in the graph). An eager step: refresh the
+        kept copies whose parameters changed."""
+        if stream is None:
+            state = getattr(cache, _DecodeState.ATTR, None)
+            if state is not None:
+                state.refresh_ffn_inputs(self.layers, force=False, create=False)
+        elif torch.compiler.is_compiling():
+            state = getattr(cache, _DecodeState.ATTR, None)
+            if state is not None:
+                state.copy_ffn_inputs(self.layers)
+        else:
+            state = _DecodeState.of(cache)
             state.keep_slots(stream)
-        state.refresh_ffn_inputs(self.layers, force=stream is not None,
-                                 create=self.embed_tokens.weight.is_cuda)
+            state.refresh_ffn_inputs(self.layers, force=True, create=self.embed_tokens.weight.is_cuda)
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block in place (regional compilation, as torchtitan does): the

@@ -183,6 +183,10 @@ class DepthSlots:
                                     or not all(isinstance(b, torch.Tensor) and b.dim() == 5 for b in buffers)):
             raise TypeError("buffers must be None or a (k, v) pair of tensors [B, T, slots, Hk, d], got "
                             f"{type(buffers).__name__}")
+        if ffn_inputs is not None and (not isinstance(ffn_inputs, dict) or not all(
+                isinstance(i, int) and isinstance(w, torch.Tensor) and w.dim() == 2 for i, w in ffn_inputs.items())):
+            raise TypeError("ffn_inputs must be None or a dict of layer index -> weight tensor [out, in], got "
+                            f"{type(ffn_inputs).__name__}")
         self.slots_max, self.count, self.fp8 = slots, 0, fp8
         self.kept, self.ffn_inputs = buffers, ffn_inputs
         self.k: torch.Tensor | None = None  # taken or allocated at the first write
@@ -210,9 +214,10 @@ class DepthSlots:
         self.count += 1
 
     def ffn_input(self, layer: int) -> torch.Tensor | None:
-        """The stacked FFN input weight of ``layer`` in a compiled step (one GEMM instead of two, a
-        graph node less per layer); None in eager steps, which read the parameters themselves."""
-        if not self.ffn_inputs or not torch.compiler.is_compiling():
+        """The stacked FFN input weight of ``layer`` in a compiled step without autograd (one GEMM
+        instead of two, a graph node less per layer); None in eager steps and where gradients are
+        recorded, which read the parameters themselves."""
+        if not self.ffn_inputs or not torch.compiler.is_compiling() or torch.is_grad_enabled():
             return None
         return self.ffn_inputs.get(layer)
 

@@ -82,6 +82,10 @@ class SwiGLU(nn.Module):
     def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The output from ``gate_up(x)`` ``[..., 2 * hidden]`` computed elsewhere (a decoding
         step takes it from one GEMM with the FFN's depth K/V projection)."""
+        width = self.gate_up.out_features
+        if not isinstance(gate_up, torch.Tensor) or gate_up.dim() == 0 or gate_up.shape[-1] != width:
+            got = tuple(gate_up.shape) if isinstance(gate_up, torch.Tensor) else type(gate_up).__name__
+            raise ValueError(f"gate_up must be a tensor [..., {width}], got {got}")
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 

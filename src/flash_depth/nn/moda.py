@@ -110,7 +110,10 @@ class DepthKV(nn.Module):
     def from_projection(self, kv: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
         """k, v ``[B, T, kv_heads, head_dim]`` from ``proj(x)`` ``[B, T, 2 * kv_heads * head_dim]``
         computed elsewhere (a decoding step computes it in one GEMM with the FFN's gate/up)."""
-        _check_x(kv, 2 * self.kv_heads * self.head_dim)
+        width = 2 * self.kv_heads * self.head_dim
+        if not isinstance(kv, torch.Tensor) or kv.dim() != 3 or kv.shape[-1] != width:
+            got = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+            raise ValueError(f"kv must be a tensor [B, T, {width}] (proj's output), got {got}")
         B, T, _ = kv.shape
         rotate = _rotation(cos, sin, T, self.head_dim)
         k, v = kv.view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)

@@ -13,7 +13,7 @@ torch.compile'd blocks call them without a graph break:
 - ``flash_depth::mhc_projection`` (+ ``_backward``): ``rms_norm(X) @ phi`` without a float32 copy of X.
 
 All compute in float32 on CUDA (or under TRITON_INTERPRET=1). ``fused_sinkhorn`` and ``stream_gram``
-fall back to PyTorch for float64 or other devices; the write and projection callers check
+fall back to PyTorch for float64 or other devices; the read, write and projection callers check
 ``*_fusable`` first and otherwise keep the PyTorch formulas.
 """
 
@@ -316,6 +316,26 @@ def _(g, X, y, h_post, h_res):
     return X.new_empty(X.shape), y.new_empty(y.shape), torch.empty_like(h_post), torch.empty_like(h_res)
 
 
+def _check_stream_op(X: torch.Tensor, **others) -> None:
+    """X ``[M, n, D]`` floating point and, by name, the other inputs of a stream op: ``y``
+    ``[M, D]``, ``g`` ``[M, n, D]`` floating point, ``h_pre``/``h_post`` ``[M, n]`` and ``h_res``
+    ``[M, n, n]`` float32, all on X's device."""
+    if not isinstance(X, torch.Tensor) or X.dim() != 3 or not X.is_floating_point():
+        raise ValueError(f"X must be a floating-point tensor [M, n, D], got {getattr(X, 'shape', type(X).__name__)}")
+    M, n, D = X.shape
+    want = {"y": (M, D), "g": (M, n, D), "h_pre": (M, n), "h_post": (M, n), "h_res": (M, n, n)}
+    for name, t in others.items():
+        shape = want[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be a tensor {list(shape)} (X is {list(X.shape)}), got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.device != X.device:
+            raise ValueError(f"{name} must be on X's device {X.device}, got {t.device}")
+        if not t.is_floating_point() or (name.startswith("h_") and t.dtype != torch.float32):
+            raise TypeError(f"{name} must be {'float32' if name.startswith('h_') else 'floating point'}, "
+                            f"got {t.dtype}")
+
+
 def write_fusable(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> bool:
     """:func:`stream_write` and :func:`write_backward` apply: CUDA (or interpreted) half/float32
     streams, float32 mixes."""
@@ -326,6 +346,7 @@ def write_backward(g, X, y, h_post, h_res):
     """Gradients of the token-dependent write ``X' = H_res @ X + H_post y`` (HyperConnection.post)
     in one pass: ``g, X [M, n, D]``, ``y [M, D]``, ``h_post [M, n]``, ``h_res [M, n, n]`` (float32)
     -> (dX in X's dtype, dy in y's, dh_post, dh_res). Only where :func:`write_fusable`."""
+    _check_stream_op(X, g=g, y=y, h_post=h_post, h_res=h_res)
     return _write_backward_op(g, X, y, h_post, h_res)
 
 
@@ -389,7 +410,8 @@ def _read_bwd_kernel(g, X, h, dX, dh, M, D, sx_m, sx_n, N: tl.constexpr, NP: tl.
     tl.store(dh + m2 * N + n2, acc, mask=mn_ok)
 
 
-_READ_BLOCK_M, _READ_BLOCK_D = 16, 128
+# tiles of the read and write forwards (M, D); not swept: each program's loads are the stream rows it needs once
+_STREAM_BLOCK_M, _STREAM_BLOCK_D = 16, 128
 
 
 @torch.library.custom_op("flash_depth::hyper_write", mutates_args=())
@@ -399,9 +421,9 @@ def _write_op(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: tor
     h_post, h_res = h_post.contiguous(), h_res.contiguous()
     out = torch.empty(M, n, D, device=X.device, dtype=X.dtype)
     if M > 0:
-        grid = (cdiv(M, _READ_BLOCK_M), cdiv(D, _READ_BLOCK_D))
+        grid = (cdiv(M, _STREAM_BLOCK_M), cdiv(D, _STREAM_BLOCK_D))
         _write_fwd_kernel[grid](X, y, h_res, h_post, out, M, D, X.stride(0), X.stride(1), y.stride(0), N=n,
-                                NP=triton.next_power_of_2(n), BLOCK_M=_READ_BLOCK_M, BLOCK_D=_READ_BLOCK_D)
+                                NP=triton.next_power_of_2(n), BLOCK_M=_STREAM_BLOCK_M, BLOCK_D=_STREAM_BLOCK_D)
     return out
 
 
@@ -410,7 +432,7 @@ def _(X, y, h_post, h_res):
     return X.new_empty(X.shape)
 
 
-def _write_setup(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
@@ -418,13 +440,14 @@ def _write_grad(ctx, g):
     return _write_backward_op(g, *ctx.saved_tensors)
 
 
-_write_op.register_autograd(_write_grad, setup_context=_write_setup)
+_write_op.register_autograd(_write_grad, setup_context=_save_inputs)
 
 
 def stream_write(X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
     """mHC's write ``X' = H_res @ X + H_post y``: ``X [M, n, D]`` (any strides but the last),
     ``y [M, D]``, ``h_post [M, n]``, ``h_res [M, n, n]`` (float32) -> ``[M, n, D]`` in X's dtype,
     differentiable (backward: :func:`write_backward`). Only where :func:`write_fusable`."""
+    _check_stream_op(X, y=y, h_post=h_post, h_res=h_res)
     return _write_op(X, y, h_post, h_res)
 
 
@@ -434,8 +457,8 @@ def _read_op(X: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     X, h_pre = last_dim_contiguous(X), h_pre.contiguous()
     out = torch.empty(M, D, device=X.device, dtype=X.dtype)
     if M > 0:
-        _read_fwd_kernel[(cdiv(M, _READ_BLOCK_M), cdiv(D, _READ_BLOCK_D))](
-            X, h_pre, out, M, D, X.stride(0), X.stride(1), N=n, BLOCK_M=_READ_BLOCK_M, BLOCK_D=_READ_BLOCK_D)
+        _read_fwd_kernel[(cdiv(M, _STREAM_BLOCK_M), cdiv(D, _STREAM_BLOCK_D))](
+            X, h_pre, out, M, D, X.stride(0), X.stride(1), N=n, BLOCK_M=_STREAM_BLOCK_M, BLOCK_D=_STREAM_BLOCK_D)
     return out
 
 
@@ -462,15 +485,11 @@ def _(g, X, h_pre):
     return X.new_empty(X.shape), torch.empty_like(h_pre)
 
 
-def _read_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
 def _read_grad(ctx, g):
     return _read_backward_op(g, *ctx.saved_tensors)
 
 
-_read_op.register_autograd(_read_grad, setup_context=_read_setup)
+_read_op.register_autograd(_read_grad, setup_context=_save_inputs)
 
 
 def read_fusable(X: torch.Tensor, h_pre: torch.Tensor) -> bool:
@@ -481,6 +500,7 @@ def read_fusable(X: torch.Tensor, h_pre: torch.Tensor) -> bool:
 def stream_read(X: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """mHC's read ``sum_i h_pre[:, i] X[:, i]``: ``X [M, n, D]`` (any strides but the last),
     ``h_pre [M, n]`` float32 -> ``[M, D]`` in X's dtype, differentiable. Only where :func:`read_fusable`."""
+    _check_stream_op(X, h_pre=h_pre)
     return _read_op(X, h_pre)
 
 
