@@ -42,6 +42,26 @@ def _prompts(*lengths, vocab=512):
     return ids, mask
 
 
+def _static_cache(model, length: int, batch: int = 2):
+    """A fixed-length cache: transformers 5.x sizes it at the first write, 4.x up front."""
+    return StaticCache(config=model.config, max_cache_len=length, **({} if GENERATE_COMPILES else
+                                                                     {"batch_size": batch, "dtype": torch.float32}))
+
+
+def _zero_kept_ffn_inputs(monkeypatch):
+    """Every refresh of the stacked FFN weights leaves them zero: a step reading them is seen."""
+    from flash_depth.models.modeling_flash_depth import _DecodeState
+
+    refresh = _DecodeState.refresh_ffn_inputs
+
+    def refresh_then_zero(self, *args, **kwargs):
+        refresh(self, *args, **kwargs)
+        for weight in self.ffn_inputs.values():
+            weight.zero_()
+
+    monkeypatch.setattr(_DecodeState, "refresh_ffn_inputs", refresh_then_zero)
+
+
 def _greedy_loop(model, ids, mask):
     """Each prompt alone (its padding dropped), NEW greedy tokens from full uncached forwards."""
     rows = []
@@ -129,8 +149,7 @@ def test_a_decoding_step_makes_no_host_sync():
     Tensor.item / tolist / __bool__ raise while it runs."""
     model = _model("moda")
     ids, mask = _prompts(5, 3)
-    cache = StaticCache(config=model.config, max_cache_len=8, **({} if GENERATE_COMPILES else
-                                                                  {"batch_size": 2, "dtype": torch.float32}))
+    cache = _static_cache(model, 8)
     step_mask = static_cache_mask(torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), 8)
     with torch.no_grad():
         first = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
@@ -279,8 +298,7 @@ def test_decoding_steps_write_the_slot_buffers_the_prefill_kept(fp8, monkeypatch
         pytest.skip("no float8 dtype")
     model = _model("moda", **({"depth_stream_dtype": "fp8"} if fp8 else {}))
     ids, mask = _prompts(5, 3)
-    cache = StaticCache(config=model.config, max_cache_len=8, **({} if GENERATE_COMPILES else
-                                                                  {"batch_size": 2, "dtype": torch.float32}))
+    cache = _static_cache(model, 8)
     used = []
     write = DepthSlots.write
 
@@ -349,15 +367,8 @@ def test_compiled_steps_compute_the_ffn_input_in_one_gemm_from_fresh_weights(mon
     for block in writers:
         assert torch.equal(state.ffn_inputs[block.layer_idx],
                            torch.cat([block.ffn.gate_up.weight, block.ffn_kv.proj.weight]))
-    refresh = type(state).refresh_ffn_inputs
-
-    def refresh_then_zero(self, *args, **kwargs):
-        refresh(self, *args, **kwargs)
-        for weight in self.ffn_inputs.values():
-            weight.zero_()
-
     with monkeypatch.context() as patch:
-        patch.setattr(type(state), "refresh_ffn_inputs", refresh_then_zero)
+        _zero_kept_ffn_inputs(patch)
         assert rel_err(logits(compiled=True)[1:], want[1:]) > 1e-2  # the steps after the prefill read it
     with torch.no_grad():
         for block in writers:
@@ -372,8 +383,7 @@ def test_prepare_decoding_refreshes_the_stacked_weights_where_parameters_changed
     """On one cache: the stacked copy follows in-place changes of either source (their version
     counters), is left alone when nothing changed, and is made for moda only."""
     model = _model("moda")
-    cache = StaticCache(config=model.config, max_cache_len=8, **({} if GENERATE_COMPILES else
-                                                                  {"batch_size": 2, "dtype": torch.float32}))
+    cache = _static_cache(model, 8)
     model.prepare_decoding(cache)
     state = cache._flash_depth_decode
     block = model.model.layers[1]
@@ -392,8 +402,7 @@ def test_prepare_decoding_refreshes_the_stacked_weights_where_parameters_changed
     model.prepare_decoding(cache)
     assert torch.equal(kept, torch.cat([block.ffn.gate_up.weight, block.ffn_kv.proj.weight]))
     residual = _model("residual")
-    other = StaticCache(config=residual.config, max_cache_len=8, **({} if GENERATE_COMPILES else
-                                                                     {"batch_size": 2, "dtype": torch.float32}))
+    other = _static_cache(residual, 8)
     residual.prepare_decoding(other)
     assert not hasattr(other, "_flash_depth_decode")
 
@@ -403,8 +412,7 @@ def _decode_by_hand(model, forward, steps, between=None):
     prefill too: a compiled one refreshes the stacked weights in its graph); ``between(cache)``
     runs before each step. Returns the steps' last logits."""
     ids, mask = _prompts(5, 3)
-    cache = StaticCache(config=model.config, max_cache_len=12, **({} if GENERATE_COMPILES else
-                                                                   {"batch_size": 2, "dtype": torch.float32}))
+    cache = _static_cache(model, 12)
     model.prepare_decoding(cache)  # on the CPU only this makes the stacked copy
     out = forward(ids, attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=torch.arange(5))
     full_mask, logits = mask, []
@@ -446,18 +454,8 @@ def test_stacked_ffn_weights_follow_changes_between_steps_and_in_a_compiled_pref
 def test_stacked_ffn_weights_are_not_used_with_autograd_or_hooks(monkeypatch):
     """A compiled step that records gradients, or whose FFN Linear has a hook, reads the parameters:
     with the stacked copy zeroed its logits stay the eager steps', and the hook runs every step."""
-    from flash_depth.models.modeling_flash_depth import _DecodeState
-
     model = _model("moda")
-    refresh = _DecodeState.refresh_ffn_inputs
-
-    def refresh_then_zero(self, *args, **kwargs):
-        refresh(self, *args, **kwargs)
-        for weight in self.ffn_inputs.values():
-            weight.zero_()
-
-    monkeypatch.setattr(_DecodeState, "refresh_ffn_inputs", refresh_then_zero)
-    monkeypatch.setattr(_DecodeState, "copy_ffn_inputs", lambda self, layers: None)
+    _zero_kept_ffn_inputs(monkeypatch)
     torch._dynamo.reset()
     with torch.no_grad():
         want = _decode_by_hand(model, model.forward, 2)

@@ -113,7 +113,9 @@ class _DecodeState:
     @torch.no_grad()
     def refresh_ffn_inputs(self, layers, force: bool, create: bool) -> None:
         """Copies the sources into the kept weights where ``force`` or they changed; ``create``
-        makes those not kept yet (else only kept ones are refreshed)."""
+        makes those not kept yet (else only kept ones are refreshed). In a compiled forward (a
+        prefill) the version counters cannot be read: every kept one is copied, in the graph."""
+        compiling = torch.compiler.is_compiling()
         for block in layers:
             sources = block.ffn_input_sources()
             if sources is None or not (create or block.layer_idx in self.ffn_inputs):
@@ -124,20 +126,13 @@ class _DecodeState:
             if kept is None or kept.shape != shape or kept.dtype != first.dtype or kept.device != first.device:
                 kept = self.ffn_inputs[i] = _static_empty(shape, first.dtype, first.device)
                 self.stamps.pop(i, None)
+            if compiling:
+                kept.copy_(torch.cat(sources))
+                continue
             stamp = tuple((w.data_ptr(), w._version) for w in sources)
             if force or self.stamps.get(i) != stamp:
                 torch.cat(sources, out=kept)
                 self.stamps[i] = stamp
-
-    @torch.no_grad()
-    def copy_ffn_inputs(self, layers) -> None:
-        """Copies every kept stacked weight from its sources: a compiled prefill's refresh (the
-        version counters cannot be read there; the copy goes into the graph)."""
-        for block in layers:
-            kept = self.ffn_inputs.get(block.layer_idx)
-            sources = block.ffn_input_sources()
-            if kept is not None and sources is not None:
-                kept.copy_(torch.cat(sources))
 
 
 def _static_empty(shape, dtype, device) -> torch.Tensor:
@@ -656,14 +651,10 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         slot buffers and copy the stacked FFN inputs, made if missing on CUDA, where generate
         compiles the steps (compiled: copy those kept, in the graph). An eager step: refresh the
         kept copies whose parameters changed."""
-        if stream is None:
+        if stream is None or torch.compiler.is_compiling():
             state = getattr(cache, _DecodeState.ATTR, None)
             if state is not None:
-                state.refresh_ffn_inputs(self.layers, force=False, create=False)
-        elif torch.compiler.is_compiling():
-            state = getattr(cache, _DecodeState.ATTR, None)
-            if state is not None:
-                state.copy_ffn_inputs(self.layers)
+                state.refresh_ffn_inputs(self.layers, force=stream is not None, create=False)
         else:
             state = _DecodeState.of(cache)
             state.keep_slots(stream)
