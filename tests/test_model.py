@@ -106,7 +106,10 @@ def test_cached_decoding_equals_full_forward(mech, extra):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             pieces.append(out.logits)
             cache = out.past_key_values
-    assert rel_err(torch.cat(pieces, 1), full) < 1e-5
+    # fp8: a step's projection differs from the full forward's in the last float32 bit, which now and then
+    # moves one slot value across an fp8 rounding boundary (one step of 2^-3: ~1e-4 on the logits, seen once
+    # in CI); a wrong scale or slot is > 1e-2
+    assert rel_err(torch.cat(pieces, 1), full) < (1e-3 if extra else 1e-5)
     generated = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
     assert generated.shape == (2, 9)
     # greedy tokens agree with the argmax of a full forward over the generated text
