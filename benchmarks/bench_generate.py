@@ -73,7 +73,7 @@ def build(name: str, preset: str, device: str, dtype: torch.dtype):
     return Olmo2ForCausalLM(olmo).to(device=device, dtype=dtype).eval()
 
 
-class _Clock:
+class Clock:
     """Seconds of a call: CUDA events on the GPU, perf_counter on the CPU (the smoke run)."""
 
     def __init__(self, cuda: bool):
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "shape": f"{preset} preset, prompt {prompt}, {new} new tokens, {'float32' if args.smoke else 'bf16'}"}
     order = {name: i for i, name in enumerate(VARIANTS)}
-    clock = _Clock(where == "cuda")
+    clock = Clock(where == "cuda")
     rows, md = [], ""
     # every variant of a batch size stays compiled at once, and all share torch's Module.__call__ code,
     # whose compiled entries count against one recompile limit (8 by default; past it: eager steps)

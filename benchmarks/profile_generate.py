@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_generate import SHAPE, VARIANTS, _Clock, build
+from bench_generate import SHAPE, VARIANTS, Clock, build
 
 
 def _profile(fn):
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
             for n in (1, new):
                 generate(n)()  # compile, record graphs
-            plain = [_Clock(True)(generate(n)) for n in (1, new, 1, new)]
+            plain = [Clock(True)(generate(n)) for n in (1, new, 1, new)]
             wall1, kernels1, _ = _profile(generate(1))
             wall, kernels, prof = _profile(generate(new))
         steps = new - 1

@@ -62,7 +62,7 @@ def test_greedy_output_is_model_generate_decoded(run, capsys):
     model = FlashDepthForCausalLM.from_pretrained(ckpt).eval()
     ids = torch.tensor([[tok.bos_token_id] + tok("depth attention")["input_ids"]])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
-    assert text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+    assert text == "depth attention" + tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
     # the static cache (what CUDA gets by default) gives the same greedy text
     assert _generate(capsys, run, "--prompt", "depth attention", "--temperature", "0", "--max-new-tokens", "12",
                      "--fast-decode", "on") == text
@@ -87,7 +87,7 @@ def test_prompt_from_stdin_and_empty_prompt(run, capsys, monkeypatch):
 
 
 def test_generation_stops_at_eos(run, capsys, monkeypatch):
-    """A model that always predicts <|endoftext|> stops after one token, with nothing to show."""
+    """A model that always predicts <|endoftext|> stops after one token, with nothing to add to the prompt."""
     from flash_depth.eval import generation
 
     load = generation.load_for_generation
@@ -103,7 +103,7 @@ def test_generation_stops_at_eos(run, capsys, monkeypatch):
         return model, tok
 
     monkeypatch.setattr(generation, "load_for_generation", eos_always)
-    assert _generate(capsys, run, "--prompt", "layer", "--seed", "0") == "\n"
+    assert _generate(capsys, run, "--prompt", "layer", "--seed", "0") == "layer\n"
     assert cli(["generate", str(run), "--prompt", "layer", "--device", "cpu", "--temperature", "0"]) == 0
     assert "[1 token, stopped at <|endoftext|>, greedy]" in capsys.readouterr().err
 

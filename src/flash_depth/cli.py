@@ -147,6 +147,8 @@ def _generate(args) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     torch.manual_seed(seed)
     try:
+        sys.stdout.write(prompt)  # the continuation reads on from it
+        sys.stdout.flush()
         new = generate_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, streamer=TextStream(tokenizer, sys.stdout),
                            fast={"auto": None, "on": True, "off": False}[args.fast_decode])
@@ -306,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 - cos under which a sublayer counts as identity")
     a.set_defaults(func=_analyze)
 
-    g = command("generate", "continue a prompt with a trained model, streaming the text to stdout")
+    g = command("generate", "continue a prompt with a trained model: the prompt, then the new text as it comes, "
+                            "on stdout")
     g.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help=where)
     g.add_argument("--prompt", default="", metavar="TEXT",
                    help="text to continue, or - to read it from stdin; the model sees it after <|endoftext|>, as "
