@@ -280,6 +280,20 @@ def test_bad_inputs_name_the_argument():
         attention_residual(sources.double().to(DEVICE), torch.zeros(8, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match=r"lse must have shape \(2, 5\)"):
         attention_residual_merge(sources[0], torch.zeros(2), sources[1], torch.zeros(8))
+    with pytest.raises(TypeError, match="norm_weight must be floating point, got torch.int64"):
+        attention_residual(sources, torch.zeros(8), torch.ones(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"sources must have D >= 1 features, got one source's shape \(2, 5, 0\)"):
+        attention_residual(sources[..., :0], torch.zeros(0))
+    out, lse = attention_residual(sources, torch.zeros(8), return_lse=True)
+    with pytest.raises(TypeError, match="extra must be floating point, got torch.int64"):
+        attention_residual_merge(out, lse, sources[0].long(), torch.zeros(8))
+    with pytest.raises(TypeError, match="lse must be floating point"):
+        attention_residual_merge(out, lse.long(), sources[0], torch.zeros(8))
+    with pytest.raises(TypeError, match="return_weights must be a bool"):
+        attention_residual(sources, torch.zeros(8), return_weights="no")
+    for eps in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a positive finite float"):
+            attention_residual_merge(out, lse, sources[0], torch.zeros(8), eps=eps)
 
 
 def test_cached_decoding_step_equals_full_forward_on_the_fused_path():

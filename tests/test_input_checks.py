@@ -34,6 +34,7 @@ CASES = [
     ("inf scale", lambda *a: a, {"scale": math.inf}, ValueError, "scale must be finite"),
     ("str scale", lambda *a: a, {"scale": "0.1"}, TypeError, "scale must be a float"),
     ("causal type", lambda *a: a, {"causal": 1}, TypeError, "causal must be a bool"),
+    ("return_lse type", lambda *a: a, {"return_lse": "yes"}, TypeError, "return_lse must be a bool, got str 'yes'"),
     ("backend", lambda *a: a, {"backend": "flash"}, ValueError, "backend must be one of"),
     ("causal Tk<Tq", lambda q, k, v, kd, vd: (q, k[:, :4], v[:, :4], kd, vd), {}, ValueError, "Tq=8 and Tk=4"),
     ("empty", lambda q, k, v, kd, vd: (q[:, :0], k, v, kd[:, :0], vd[:, :0]), {}, ValueError, "must not be empty"),
@@ -62,6 +63,8 @@ def test_depth_attention_rejects():
         depth_attention(q, _t(1, 8, 3, 2, 32), vd)
     with pytest.raises(ValueError, match="no depth-only kernel"):
         depth_attention(q, kd, vd, backend="cudnn")
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        depth_attention(q, kd, vd, return_lse=1)
 
 
 def test_fused_backends_need_a_gpu_or_interpreter(monkeypatch):

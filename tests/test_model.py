@@ -446,6 +446,14 @@ BAD_CONFIGS = [
     ({"depth_window": 0}, "depth_window must be None"),
     ({"depth_mechanism": "mudd", "norm_position": "post"}, "mudd feeds each block .* norm_position must be 'pre'"),
     ({"depth_window": 4, "depth_anchors": -1}, "depth_anchors must be an int >= 0"),
+    ({"rope_theta": 0.0}, r"rope_theta must be a finite number > 0, got 0.0"),
+    ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a finite number >= 0, got nan"),
+    ({"initializer_range": -1.0}, r"initializer_range must be a finite number >= 0"),
+    ({"qk_norm": "no"}, "qk_norm must be a bool, got 'no'"),
+    ({"ffn_kv": "no"}, "ffn_kv must be a bool"),
+    ({"tie_word_embeddings": 1}, "tie_word_embeddings must be a bool"),
+    ({"depth_mechanism": "attnres_block", "attnres_blocks": True}, "attnres_blocks=True must divide"),
+    ({"num_hiden_layers": 3}, r"unknown FlashDepthConfig fields \['num_hiden_layers'\]"),
 ]
 
 
@@ -469,6 +477,30 @@ def test_bad_calls():
         model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="labels must have shape"):
         model(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels must be an int64 tensor"):
+        model(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 4))
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    # an additive mask (0: token, -inf: padding) would read inverted as 1/0
+    with pytest.raises(ValueError, match=r"attention_mask must hold 1 \(token\) and 0 \(padding\) only, got values "
+                                         r"such as \[-1000000000.0\]"):
+        model(ids, attention_mask=torch.tensor([[-1e9, 0, 0, 0, 0], [0, 0, 0, 0, 0.0]]))
+    with pytest.raises(ValueError, match=r"attention_mask must hold 1 .* such as \[0.5"):
+        model(ids, attention_mask=torch.full((2, 5), 0.5))
+    with pytest.raises(TypeError, match="position_ids must be an integer tensor .* got torch.bool"):
+        model(ids, position_ids=torch.ones(5, dtype=torch.bool))
+    for bad in (model.config.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"input_ids must be in \[0, vocab_size={model.config.vocab_size}\), "
+                                             rf"got {bad}"):
+            model(torch.full((2, 5), bad))
+    D = model.config.hidden_size
+    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape \[B, T, D={D}\] with T >= 1, got \(5, {D}\)"):
+        model(inputs_embeds=torch.randn(5, D))
+    with pytest.raises(ValueError, match="inputs_embeds must have shape"):
+        model(inputs_embeds=torch.randn(2, 5, D // 2))
+    with pytest.raises(TypeError, match="inputs_embeds must be a torch.float32 tensor .* got torch.float16"):
+        model(inputs_embeds=torch.randn(2, 5, D).half())
+    embeds = model.get_input_embeddings()(ids)  # the documented way in: the same logits as the ids
+    assert torch.equal(model(inputs_embeds=embeds).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("mech", ["residual", "attnres_block", "denseformer"])

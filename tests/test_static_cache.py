@@ -201,8 +201,17 @@ def test_decode_attention_is_moda_over_the_kept_keys(tq, depth, monkeypatch):
     with pytest.raises(ValueError, match="needs sequence keys .* or depth slots"):
         decode_attention(q, None, None)
     bad = torch.zeros(2, tq, 3, 1, 8)
-    with pytest.raises(ValueError, match=rf"k_depth and v_depth must be \[B=2, Tq={tq}, L, Hk=2, d=8\]"):
+    with pytest.raises(ValueError, match=rf"k_depth and v_depth must be \[B=2, Tq={tq}, L, Hk=2 \(k's heads\), d=8\]"):
         decode_attention(q, k, v, bad, bad, key_mask=key_mask)
+    if depth:
+        with pytest.raises(TypeError, match="k_depth has dtype torch.float16 but q has torch.float32"):
+            decode_attention(q, k, v, kd.half(), vd.half(), key_mask=key_mask)
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got torch.int64"):
+        decode_attention(q.long(), k.long(), v.long(), key_mask=key_mask)
+    with pytest.raises(TypeError, match=r"k must be a torch.Tensor of shape \[B, Tk, Hk, d\], got list"):
+        decode_attention(q, [1], [1], key_mask=key_mask)
+    with pytest.raises(ValueError, match="q must not be empty"):
+        decode_attention(q[..., :0], k[..., :0], v[..., :0], key_mask=key_mask)
 
 
 # (B, Hq, Hk, d, Tk, L): GQA, G=3 (padded to 4 query rows), G=1, d not a power of two, no depth

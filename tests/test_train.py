@@ -633,9 +633,10 @@ def test_truncated_checkpoint_file_is_named(tmp_path, finished, capsys, name):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert cli(["train", "--out", str(out), "--resume", "--max-steps", "5", "--device", "cpu"]) == 2
     assert f"{path} is corrupt or truncated" in _error_line(capsys)
-    if name != "trainer_state.pt":  # eval reads the model only
-        assert cli(["eval", str(out / "checkpoint"), "--device", "cpu"]) == 2
-        assert f"{path} is corrupt or truncated" in _error_line(capsys)
+    if name != "trainer_state.pt":  # eval, generate and analyze read the model only
+        for command, *options in (["eval", "--device", "cpu"], ["generate", "--device", "cpu"], ["analyze"]):
+            assert cli([command, str(out / "checkpoint"), *options]) == 2, command
+            assert f"{path} is corrupt or truncated" in _error_line(capsys)
 
 
 def test_user_faults_are_one_line_errors(tmp_path, finished, monkeypatch, capsys):

@@ -111,15 +111,14 @@ def _analyze(args) -> int:
 
     from flash_depth.analysis import analyze_model, write_outputs
     from flash_depth.data.pipeline import build_token_splits, sample_batch
-    from flash_depth.train.checkpoint import resolve_checkpoint, run_config, run_folder
-    from flash_depth.models import FlashDepthForCausalLM
+    from flash_depth.train.checkpoint import load_model, resolve_checkpoint, run_config, run_folder
     from flash_depth.train.config import DataConfig
 
     checkpoints = [resolve_checkpoint(c) for c in args.checkpoints]  # all checked before the slow part
     _no_loading_bars()
     results = {}
     for ckpt in checkpoints:
-        model = FlashDepthForCausalLM.from_pretrained(ckpt, attention_backend="reference").float()
+        model = load_model(ckpt, attention_backend="reference").float()
         data = DataConfig(source=args.data) if args.data else DataConfig(**run_config(ckpt).get("data", {}))
         splits = build_token_splits(data, tokenizer_path=ckpt / "tokenizer.json")
         batches = [torch.from_numpy(sample_batch(splits.val, args.batch_size, args.seq_len, (0, 7, i)))

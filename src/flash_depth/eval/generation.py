@@ -52,12 +52,10 @@ def load_for_generation(checkpoint: str | Path, device: str = "auto"):
     """(model in eval mode on ``device``, the run's tokenizer) of a checkpoint or run folder."""
     from flash_depth._device import resolve_device
     from flash_depth.data.tokenizer import load_tokenizer
-    from flash_depth.models import FlashDepthForCausalLM
-
-    from flash_depth.train.checkpoint import resolve_checkpoint
+    from flash_depth.train.checkpoint import load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint, arg="checkpoint")
-    model = FlashDepthForCausalLM.from_pretrained(checkpoint).to(resolve_device(device)).eval()
+    model = load_model(checkpoint).to(resolve_device(device)).eval()  # a damaged file: one CheckpointError
     return model, load_tokenizer(checkpoint / "tokenizer.json")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 
 from flash_depth.ops.fp8 import fp8_dtype
@@ -119,6 +122,14 @@ class FlashDepthConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, low, strict in (("rope_theta", 0, True), ("rms_norm_eps", 0, False), ("initializer_range", 0, False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (strict and value == low):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+        for name in ("qk_norm", "ffn_kv", "attn_kv_proj", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.depth_mechanism not in DEPTH_MECHANISMS:
             raise ValueError(f"depth_mechanism must be one of {DEPTH_MECHANISMS}, got {self.depth_mechanism!r}")
         if self.norm_position not in NORM_POSITIONS:
@@ -145,7 +156,8 @@ class FlashDepthConfig(PreTrainedConfig):
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         sublayers = 2 * self.num_hidden_layers
         if self.depth_mechanism == "attnres_block":
-            if not isinstance(self.attnres_blocks, int) or self.attnres_blocks < 1 or sublayers % self.attnres_blocks:
+            blocks = self.attnres_blocks
+            if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1 or sublayers % blocks:
                 raise ValueError(
                     f"attnres_blocks={self.attnres_blocks!r} must divide the {sublayers} sublayers "
                     f"(2 x num_hidden_layers={self.num_hidden_layers})"
@@ -186,4 +198,13 @@ class FlashDepthConfig(PreTrainedConfig):
         """A named preset (``tiny``, ``small-24``, ``small-48``, ``700m``) with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        # the constructor keeps unknown keywords as attributes (transformers' configs do, for the
+        # fields of other versions); here a misspelt field would be dropped silently
+        fields = inspect.signature(cls.__init__).parameters
+        general = {*inspect.signature(PreTrainedConfig.__init__).parameters, *vars(PreTrainedConfig()),
+                   "bos_token_id", "eos_token_id", "pad_token_id"}  # 5.x keeps the token ids off the base class
+        unknown = sorted(k for k in overrides if k not in fields and k not in general)
+        if unknown:
+            raise ValueError(f"unknown FlashDepthConfig fields {unknown}; the depth and shape fields are "
+                             f"{[k for k in fields if k not in ('self', 'kwargs')]}")
         return cls(**{**PRESETS[name], **overrides})

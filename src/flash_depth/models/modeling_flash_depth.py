@@ -199,7 +199,8 @@ def _check_cache_position(cache_position, start: int, length: int) -> None:
 def _check_position_ids(position_ids, batch: int, length: int) -> torch.Tensor:
     """position_ids ``[T]``, ``[1, T]`` or ``[B, T]`` (integers) -> ``[B or 1, T]``; their range is
     checked where the rotary tables are made."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex() \
+            or position_ids.dtype == torch.bool:
         got = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
         raise TypeError(f"position_ids must be an integer tensor [B, T] or [T], got {got}")
     if position_ids.dim() == 1:
@@ -248,7 +249,13 @@ def _padding(attention_mask, batch: int, length: int):
         raise ValueError(f"attention_mask must be a 2-D tensor [B={batch}, cached + new tokens={length}] of 1 "
                          f"(token) and 0 (padding), got {got}")
     mask = attention_mask != 0
-    if bool(mask.all()):
+    # one host sync for both: an additive mask (0 and -inf for padding) would otherwise read inverted
+    all_tokens, binary = torch.stack([mask.all(), ((attention_mask == 0) | (attention_mask == 1)).all()]).tolist()
+    if not binary:
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[:3].tolist()
+        raise ValueError(f"attention_mask must hold 1 (token) and 0 (padding) only, got values such as {odd} "
+                         "(an additive mask of 0 and -inf is not taken: pass its == 0 as the mask)")
+    if all_tokens:
         return None, None, False
     tokens = mask.sum(1)
     first = torch.where(tokens > 0, mask.int().argmax(1), length)
@@ -472,6 +479,27 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
 
+    def _check_id_range(self, input_ids):
+        """An id outside the vocabulary is a device-side assert on CUDA: checked where the host sync
+        it takes is cheap (CPU tensors; CUDA without autograd: evaluation, a prefill), never in
+        compiled or captured code (nor in a decoding step on a fixed-length cache, which makes no
+        host sync: its token comes from the model's own logits)."""
+        if torch.compiler.is_compiling() or (input_ids.is_cuda and (torch.is_grad_enabled()
+                                                                    or torch.cuda.is_current_stream_capturing())):
+            return
+        low, high = input_ids.aminmax()
+        if bool((low < 0) | (high >= self.config.vocab_size)):
+            bad = low.item() if low < 0 else high.item()
+            raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got {bad}")
+
+    def _check_embeds(self, inputs_embeds):
+        D, dtype = self.config.hidden_size, self.embed_tokens.weight.dtype
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dtype != dtype:
+            got = inputs_embeds.dtype if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+            raise TypeError(f"inputs_embeds must be a {dtype} tensor [B, T, D] (the embedding's dtype), got {got}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != D:
+            raise ValueError(f"inputs_embeds must have shape [B, T, D={D}] with T >= 1, got {tuple(inputs_embeds.shape)}")
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, past_key_values=None, return_dict=None, token_type_ids=None, cache_position=None,
                 cu_seqlens=None, max_seqlen=None, **kwargs):
@@ -501,8 +529,11 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
         if input_ids is not None:
             self._check_ids(input_ids)
+            if not (input_ids.shape[1] == 1 and is_fixed_length(cache)):
+                self._check_id_range(input_ids)
             x = self.embed_tokens(input_ids)
         else:
+            self._check_embeds(inputs_embeds)
             x = inputs_embeds
         B, T, D = x.shape
         if use_cache and cache is None:
@@ -839,6 +870,9 @@ class FlashDepthForCausalLM(FlashDepthPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+                got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise TypeError(f"labels must be an int64 tensor [B, T] (-100: no loss), got {got}")
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

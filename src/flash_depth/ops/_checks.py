@@ -37,7 +37,7 @@ def triton_usable(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_tensor(name: str, x, rank: int, layout: str) -> None:
+def check_tensor(name: str, x, rank: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != rank:
@@ -50,11 +50,17 @@ def _check_tensor(name: str, x, rank: int, layout: str) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)} {layout}")
 
 
-def _check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if x.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; all inputs need one dtype")
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; all inputs need one device")
+
+
+def check_bools(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def resolve_scale(scale, head_dim: int) -> float:
@@ -75,10 +81,10 @@ def check_depth_pair(q: torch.Tensor, k_depth, v_depth, kv_heads: int | None) ->
     if k_depth is None:
         return 0
     layout = "[B, T, L, Hk, d]"
-    _check_tensor("k_depth", k_depth, 5, layout)
-    _check_tensor("v_depth", v_depth, 5, layout)
-    _check_same("k_depth", k_depth, "q", q)
-    _check_same("v_depth", v_depth, "q", q)
+    check_tensor("k_depth", k_depth, 5, layout)
+    check_tensor("v_depth", v_depth, 5, layout)
+    check_same("k_depth", k_depth, "q", q)
+    check_same("v_depth", v_depth, "q", q)
     B, T, _, d = q.shape
     want_hk = kv_heads if kv_heads is not None else k_depth.shape[3]
     for name, x in (("k_depth", k_depth), ("v_depth", v_depth)):
@@ -98,13 +104,12 @@ def check_depth_pair(q: torch.Tensor, k_depth, v_depth, kv_heads: int | None) ->
 
 def check_moda_inputs(q, k, v, k_depth, v_depth, causal: bool) -> AttentionDims:
     """Validate MoDA inputs; returns the problem dimensions."""
-    _check_tensor("q", q, 4, "[B, Tq, Hq, d]")
-    _check_tensor("k", k, 4, "[B, Tk, Hk, d]")
-    _check_tensor("v", v, 4, "[B, Tk, Hk, d]")
-    _check_same("k", k, "q", q)
-    _check_same("v", v, "q", q)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_tensor("q", q, 4, "[B, Tq, Hq, d]")
+    check_tensor("k", k, 4, "[B, Tk, Hk, d]")
+    check_tensor("v", v, 4, "[B, Tk, Hk, d]")
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    check_bools(causal=causal)
     B, Tq, Hq, d = q.shape
     if k.shape[0] != B or k.shape[3] != d:
         raise ValueError(f"k must have shape [B={B}, Tk, Hk, d={d}], got {tuple(k.shape)}")
@@ -124,7 +129,7 @@ def check_moda_inputs(q, k, v, k_depth, v_depth, causal: bool) -> AttentionDims:
 
 def check_depth_inputs(q, k_depth, v_depth) -> AttentionDims:
     """Validate Flash Depth Attention inputs; returns the problem dimensions."""
-    _check_tensor("q", q, 4, "[B, T, Hq, d]")
+    check_tensor("q", q, 4, "[B, T, Hq, d]")
     if k_depth is None or v_depth is None:
         raise ValueError("depth_attention needs both k_depth and v_depth [B, T, L, Hk, d], got None")
     L = check_depth_pair(q, k_depth, v_depth, None)

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ._checks import shape_of, triton_usable
+from ._checks import check_bools, shape_of, triton_usable
 
 ATTNRES_BACKENDS = ("auto", "reference", "triton")
 
@@ -45,7 +45,20 @@ def _check_sources(sources) -> tuple[torch.Tensor, torch.Size]:
         shape = like.shape
     if not like.is_floating_point():
         raise TypeError(f"sources must be floating point, got {like.dtype}")
+    if shape[-1] == 0:
+        raise ValueError(f"sources must have D >= 1 features, got one source's shape {tuple(shape)}")
     return like, shape
+
+
+def _check_floating(**tensors) -> None:
+    for name, x in tensors.items():
+        if x is not None and not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
 
 
 def _check(sources, query, norm_weight, eps, partial, backend):
@@ -53,14 +66,13 @@ def _check(sources, query, norm_weight, eps, partial, backend):
     D = source_shape[-1]
     if not isinstance(query, torch.Tensor) or query.dim() not in (1, 2) or query.shape[-1] != D:
         raise ValueError(f"query must be a tensor of shape [D={D}] or [S, D={D}], got {shape_of(query)}")
-    if not query.is_floating_point():
-        raise TypeError(f"query must be floating point, got {query.dtype}")
     S = query.shape[0] if query.dim() == 2 else None
     if norm_weight is not None:
         ok_shapes = [(D,)] + ([(S, D)] if S is not None else [])
         if not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) not in ok_shapes:
             want = " or ".join(f"[{', '.join(map(str, s))}]" for s in ok_shapes)
             raise ValueError(f"norm_weight must be None or a tensor of shape {want}, got {shape_of(norm_weight)}")
+    _check_floating(query=query, norm_weight=norm_weight)
     for name, x in (("query", query), ("norm_weight", norm_weight)):
         if x is not None and x.device != like.device:
             raise ValueError(f"{name} is on {x.device} but the sources are on {like.device}")
@@ -70,8 +82,7 @@ def _check(sources, query, norm_weight, eps, partial, backend):
                              f"got {shape_of(partial)}")
         if partial.device != like.device or not partial.is_floating_point():
             raise TypeError(f"partial must be a floating tensor on {like.device}, got {partial.dtype} on {partial.device}")
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    _check_eps(eps)
     if backend not in ATTNRES_BACKENDS:
         raise ValueError(f"backend must be one of {ATTNRES_BACKENDS}, got {backend!r}")
     return like
@@ -125,6 +136,7 @@ def attention_residual(
         weights if asked.
     """
     like = _check(sources, query, norm_weight, eps, partial, backend)
+    check_bools(return_lse=return_lse, return_weights=return_weights)
     chosen = select_attnres_backend(backend, like, return_weights)
     single = query.dim() == 1
     with _autocast_off(like.device.type):
@@ -249,6 +261,11 @@ def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.
         raise ValueError(f"query must be a tensor of shape [D={D}], got {shape_of(query)}")
     if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (D,)):
         raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {shape_of(norm_weight)}")
+    _check_floating(out=out, lse=lse, extra=extra, query=query, norm_weight=norm_weight)
+    _check_eps(eps)
+    for name, x in (("lse", lse), ("extra", extra), ("query", query), ("norm_weight", norm_weight)):
+        if x is not None and x.device != out.device:
+            raise ValueError(f"{name} is on {x.device} but out is on {out.device}; all inputs need one device")
     with _autocast_off(out.device.type):
         cdt = torch.promote_types(out.dtype, torch.float32)
         e = extra.to(cdt)

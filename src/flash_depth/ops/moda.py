@@ -22,10 +22,13 @@ import torch.nn.functional as F
 from . import cudnn_sdpa
 from ._aliasing import contiguous
 from ._checks import (
+    check_bools,
     check_cu_seqlens,
     check_depth_inputs,
     check_kv_start,
     check_moda_inputs,
+    check_same,
+    check_tensor,
     resolve_scale,
     triton_usable,
 )
@@ -186,6 +189,7 @@ def moda_attention(
         o ``[B, Tq, Hq, d]`` in q's dtype, and lse if ``return_lse``.
     """
     dims = check_moda_inputs(q, k, v, k_depth, v_depth, causal)
+    check_bools(return_lse=return_lse)
     scale = resolve_scale(scale, dims.head_dim)
     masks = check_masks(q, k, cu_seqlens, max_seqlen, kv_start)
     chosen = select_backend(backend, q, k, causal, masked=bool(masks))
@@ -222,6 +226,7 @@ def depth_attention(
         o ``[B, T, Hq, d]`` in q's dtype, and lse if ``return_lse``.
     """
     dims = check_depth_inputs(q, k_depth, v_depth)
+    check_bools(return_lse=return_lse)
     scale = resolve_scale(scale, dims.head_dim)
     check_masks(q, None, cu_seqlens, max_seqlen, None)
     if backend == "cudnn":
@@ -259,33 +264,41 @@ def decode_attention(
             both None for depth-only attention.
         k_depth, v_depth: ``[B, Tq, L, Hk, d]`` or both None.
         key_mask: bool ``[B, Tk]``, True where a sequence key is attended (needed with k). Every
-            row must keep a key or have depth slots: the softmax of an empty row is NaN.
+            row must keep a key or have depth slots (not checked: it would need a host sync; an
+            empty row's softmax is undefined, and its output zeros or NaN).
         scale: logit scale, default ``d ** -0.5``.
 
     Returns:
         o ``[B, Tq, Hq, d]`` in q's dtype.
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise ValueError(f"q must be a tensor [B, Tq, Hq, d], got {got}")
+    check_tensor("q", q, 4, "[B, Tq, Hq, d]")
     B, Tq, Hq, d = q.shape
     if (k is None) != (v is None) or (k_depth is None) != (v_depth is None):
         raise ValueError("pass k and v together and k_depth and v_depth together (or leave a pair None)")
     if k is None and k_depth is None:
         raise ValueError("decode_attention needs sequence keys (k, v) or depth slots (k_depth, v_depth), got neither")
+    for name, x, rank, layout in (("k", k, 4, "[B, Tk, Hk, d]"), ("v", v, 4, "[B, Tk, Hk, d]"),
+                                  ("k_depth", k_depth, 5, "[B, Tq, L, Hk, d]"),
+                                  ("v_depth", v_depth, 5, "[B, Tq, L, Hk, d]")):
+        if x is not None:
+            check_tensor(name, x, rank, layout)
+            check_same(name, x, "q", q)
     Hk = (k if k is not None else k_depth).shape[-2]
     if Hq % Hk:
         raise ValueError(f"the query heads Hq={Hq} must be a multiple of the key/value heads Hk={Hk}")
     if k is not None:
-        if k.dim() != 4 or k.shape[0] != B or k.shape[-1] != d or v.shape != k.shape:
+        if k.shape[0] != B or k.shape[-1] != d or v.shape != k.shape:
             raise ValueError(f"k and v must be [B={B}, Tk, Hk, d={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
         if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, k.shape[1]):
             got = (f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, torch.Tensor)
                    else type(key_mask).__name__)
             raise ValueError(f"key_mask must be a bool tensor [B={B}, Tk={k.shape[1]}] with k, got {got}")
-    if k_depth is not None and (k_depth.dim() != 5 or k_depth.shape[:2] != (B, Tq) or k_depth.shape[-2:] != (Hk, d)
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}; all inputs need one device")
+    if k_depth is not None and (k_depth.shape[:2] != (B, Tq) or k_depth.shape[-2:] != (Hk, d)
                                 or v_depth.shape != k_depth.shape):
-        raise ValueError(f"k_depth and v_depth must be [B={B}, Tq={Tq}, L, Hk={Hk}, d={d}], got "
+        keys = "k's" if k is not None else "k_depth's"
+        raise ValueError(f"k_depth and v_depth must be [B={B}, Tq={Tq}, L, Hk={Hk} ({keys} heads), d={d}], got "
                          f"{tuple(k_depth.shape)} and {tuple(v_depth.shape)}")
     scale = resolve_scale(scale, d)
     if _decode_kernel_applies(q, k, v, k_depth, v_depth, key_mask):
@@ -307,8 +320,8 @@ def decode_attention(
         qh = q.reshape(B, Tq, Hk, G, d).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Tq, d)
         kh, vh, mask = k.transpose(1, 2), v.transpose(1, 2), key_mask
         if k_depth is not None:
-            kh = torch.cat([kh, k_depth[:, 0].transpose(1, 2).to(kh.dtype)], 2)
-            vh = torch.cat([vh, v_depth[:, 0].transpose(1, 2).to(vh.dtype)], 2)
+            kh = torch.cat([kh, k_depth[:, 0].transpose(1, 2)], 2)
+            vh = torch.cat([vh, v_depth[:, 0].transpose(1, 2)], 2)
             mask = torch.cat([key_mask, key_mask.new_ones(B, k_depth.shape[2])], 1)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale)
         return o.reshape(B, Hk, G, Tq, d).permute(0, 3, 1, 2, 4).reshape(B, Tq, Hq, d).to(q.dtype)
