@@ -5,8 +5,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from flash_depth.models import FlashDepthConfig, FlashDepthForCausalLM
-from flash_depth.nn import (AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, DepthStream, MoDAAttention, Rotary,
-                            apply_rotary)
+from flash_depth.nn import (MLP, AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, DepthSlots, DepthStream,
+                            MoDAAttention, RMSNorm, Rotary, SourceList, apply_rotary, read_depth, read_moda)
 from flash_depth.nn.attnres_stream import SourceStream
 from flash_depth.nn.layers import SwiGLU
 from flash_depth.ops import depth_attention, moda_attention
@@ -284,3 +284,122 @@ def test_non_causal_layers_on_the_fused_path_equal_the_reference():
 def test_causal_bias_and_rotation_checks(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+def _writes(stream, *writes):
+    """Each of ``writes`` (a tuple of values) written into ``stream`` in turn."""
+    for values in writes:
+        stream.write(*values)
+
+
+_kv = torch.randn(1, T, HK, HD)
+_x = torch.randn(B, T, D)
+_src = torch.randn(B, T, D)
+
+
+@pytest.mark.parametrize("call, exc, msg", [
+    # 1: cos/sin of another batch than x's (a batch of 1 or none broadcasts)
+    (lambda: DepthKV(D, HK, HD)(torch.randn(1, T, D), *(t[None].expand(3, -1, -1, -1) for t in _rope())),
+     ValueError, r"cos must be .* with B=1"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, reads_depth=False)(_x, *(t[None].expand(3, -1, -1, -1) for t in _rope())),
+     ValueError, r"cos must be .* with B=2"),
+    # 3: stream writes
+    (lambda: DepthStream(2).write(_kv, _kv.half()), TypeError, r"v must have the stream's dtype torch.float32"),
+    (lambda: _writes(DepthStream(2), (_kv, _kv), (_kv.double(), _kv.double())), TypeError,
+     r"k must have the stream's dtype torch.float32 .*got torch.float64"),
+    (lambda: DepthStream(2).write([1], [1]), TypeError, "k must be a floating-point tensor, got list"),
+    (lambda: DepthStream(2).write(_kv.long(), _kv.long()), TypeError, "k must be a floating-point tensor"),
+    (lambda: _writes(DepthSlots(2), (_kv, _kv), (_kv.half(), _kv.half())), TypeError,
+     r"k must have the stream's dtype torch.float32"),
+    (lambda: DepthSlots(2).write(_kv, _kv.half()), TypeError, "v must have the stream's dtype"),
+    (lambda: DepthSlots(2).write(None, _kv), TypeError, "k must be a floating-point tensor, got NoneType"),
+    (lambda: _writes(SourceStream(2), (_src,), (_src.double(),)), TypeError, "sources must have the stream's dtype"),
+    (lambda: SourceStream(2).write([1.0]), TypeError, "sources must be a floating-point tensor, got list"),
+    (lambda: SourceStream(2).write(_src, _src), TypeError, r"write takes 1 tensor\(s\) \(sources\), got 2"),
+    (lambda: SourceStream(0), ValueError, "slots must be a positive int, got 0"),
+    (lambda: SourceStream(2, backend="cuda"), ValueError, "backend must be one of .*got 'cuda'"),
+    (lambda: SourceStream(2, dtype=torch.int32), TypeError, "dtype must be None or a floating-point torch.dtype"),
+    (lambda: _writes(SourceList(3), (_src,), (_src.half(),)), TypeError, "x must have the stream's dtype"),
+    (lambda: SourceList(3).write(3), TypeError, "x must be a floating-point tensor, got int"),
+    (lambda: SourceList(3, dtype=torch.long), TypeError, "dtype must be None or a floating-point"),
+    (lambda: AttnResQueries(4, D).new_stream(4, dtype=torch.int32), TypeError, "dtype must be None or a floating"),
+    (lambda: AttnResQueries(4, D).new_stream(0), ValueError, "slots must be a positive int"),
+    # 4: eps and rotary hyperparameters
+    (lambda: MoDAAttention(D, HQ, HK, HD, eps=-1.0), ValueError, r"eps must be a finite float >= 0, got -1.0"),
+    (lambda: DepthRead(D, HQ, HD, eps=float("nan")), ValueError, "eps must be a finite float >= 0, got nan"),
+    (lambda: DepthKV(D, HK, HD, eps=-1e-6), ValueError, "eps must be a finite float >= 0"),
+    (lambda: RMSNorm(D, eps=-1), ValueError, "eps must be a finite float >= 0, got -1"),
+    (lambda: RMSNorm(D, eps="1e-6"), ValueError, "eps must be a finite float >= 0"),
+    (lambda: AttnResQueries(4, D, eps=-1.0), ValueError, "eps must be a finite float >= 0"),
+    (lambda: Rotary(8, 16, 0.0), ValueError, "theta must be a finite float > 0, got 0.0"),
+    (lambda: Rotary(8, 16, -1e4), ValueError, "theta must be a finite float > 0"),
+    (lambda: Rotary(-2, 16, 1e4), ValueError, "head_dim must be a positive int, got -2"),
+    (lambda: Rotary(0, 16, 1e4), ValueError, "head_dim must be a positive int, got 0"),
+    (lambda: Rotary(8, 0, 1e4), ValueError, "max_positions must be a positive int, got 0"),
+    (lambda: Rotary(8, 16, 1e4)(-3, 2, "cpu"), ValueError, "start must be an int >= 0, got -3"),
+    (lambda: Rotary(8, 16, 1e4)(0, -1, "cpu"), ValueError, "length must be a positive int, got -1"),
+    (lambda: Rotary(8, 16, 1e4).at(torch.zeros(0, dtype=torch.long)), ValueError, "positions must be a non-empty"),
+    # 5: flags, layer_idx and backend at construction
+    (lambda: MoDAAttention(D, HQ, HK, HD, reads_depth="no"), TypeError, "reads_depth must be a bool, got 'no'"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, writes_depth=1), TypeError, "writes_depth must be a bool, got 1"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, qk_norm="no"), TypeError, "qk_norm must be a bool"),
+    (lambda: DepthKV(D, HK, HD, k_norm=0), TypeError, "k_norm must be a bool"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, layer_idx=-1), ValueError, "layer_idx must be an int >= 0, got -1"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, layer_idx="0"), ValueError, "layer_idx must be an int >= 0, got '0'"),
+    (lambda: DepthRead(D, HQ, HD, layer_idx=-1), ValueError, "layer_idx must be an int >= 0"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, backend="cuda"), ValueError, "backend must be one of .*got 'cuda'"),
+    (lambda: DepthRead(D, HQ, HD, backend="cuda"), ValueError, "backend must be one of .*got 'cuda'"),
+    (lambda: MoDAAttention(D, HQ, HK, HD)(_x.long(), *_rope(), DepthStream(1)), TypeError,
+     r"x must be a floating-point tensor \[B, T, 32\], got dtype torch.int64"),
+    # 6: RMSNorm, SwiGLU, MLP sizes and inputs
+    (lambda: RMSNorm(-3), ValueError, "dim must be a positive int, got -3"),
+    (lambda: RMSNorm(8.0), ValueError, "dim must be a positive int, got 8.0"),
+    (lambda: RMSNorm(0), ValueError, "dim must be a positive int, got 0"),
+    (lambda: SwiGLU(8, -1), ValueError, "hidden must be a positive int, got -1"),
+    (lambda: SwiGLU(0, 16), ValueError, "dim must be a positive int, got 0"),
+    (lambda: RMSNorm(8)(torch.randn(2, 7)), ValueError, r"x must be a tensor \[\.\.\., 8\], got \(2, 7\)"),
+    (lambda: RMSNorm(8)(torch.ones(2, 8, dtype=torch.long)), TypeError, "x must be a floating-point tensor .*int64"),
+    (lambda: SwiGLU(8, 16)(torch.randn(2, 7)), ValueError, r"x must be a tensor \[\.\.\., 8\], got \(2, 7\)"),
+    (lambda: MLP(8, 16)(torch.randn(2, 7)), ValueError, r"x must be a tensor \[\.\.\., 8\], got \(2, 7\)"),
+    (lambda: MLP(8, 16)(torch.ones(2, 8, dtype=torch.long)), TypeError, "x must be a floating-point tensor"),
+    # 7: apply_rotary
+    (lambda: apply_rotary(torch.randn(B, T, HQ, HD + 2), *_rope()), ValueError, r"cos must broadcast to x's shape"),
+    (lambda: apply_rotary(torch.randn(B, T + 1, HQ, HD), *_rope()), ValueError, r"cos must broadcast to x's shape"),
+    (lambda: apply_rotary(torch.randn(B, T, HQ, HD), _rope()[0], _rope(T + 1)[1]), ValueError,
+     r"sin must broadcast to x's shape"),
+    (lambda: apply_rotary(torch.ones(B, T, HQ, HD, dtype=torch.long), *_rope()), TypeError,
+     "x must be a floating-point tensor"),
+    # 8: reads of a stream that is not one
+    (lambda: read_moda(None, *(torch.randn(B, T, HQ, HD),) * 3), TypeError, "stream must be a DepthStream, got NoneType"),
+    (lambda: read_depth(None, torch.randn(B, T, HQ, HD)), TypeError, "stream must be a DepthStream, got NoneType"),
+    (lambda: AttnResQueries(4, D).read(None, 0), TypeError, "stream must be a SourceStream .*got NoneType"),
+    (lambda: AttnResQueries(4, D).read_two_phase([_src], 0, 2), TypeError, "stream must be a SourceStream .*got list"),
+    # 2: DenseFormerMixer states
+    (lambda: DenseFormerMixer(3)(1, [_src[:1], _src, _src]), ValueError, r"states\[1\] must be a tensor like states\[0\]"),
+    (lambda: DenseFormerMixer(3)(1, [_src, _src, _src.long()]), ValueError, r"states\[2\] must be a tensor like"),
+    (lambda: DenseFormerMixer(3)(1, [_src.long()] * 3), TypeError, r"states\[0\] must be a floating-point tensor"),
+    (lambda: DenseFormerMixer(3)(1, [_src, _src, torch.randn(B, T, D + 1)]), ValueError, r"states\[2\] must be"),
+    (lambda: DenseFormerMixer(3)(True, [_src] * 3), ValueError, "i must be a block index in .*got True"),
+    (lambda: DenseFormerMixer(3)(1, _src), TypeError, "states must be a list of tensors .*got Tensor"),
+])
+def test_nn_argument_checks_name_the_argument(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_legitimate_stream_writes_and_rotary_broadcasts_still_work():
+    """What the checks must let through: an explicit stream dtype stores writes of other floating
+    dtypes cast to it (the models' float32 partial sums in an autocast-dtype stream); cos/sin of
+    batch 1 or none broadcast over x's batch; eps=0."""
+    stream = SourceStream(2, dtype=torch.bfloat16)
+    _writes(stream, (_src,), (_src.double(),))
+    assert stream.sources().dtype == torch.bfloat16
+    lst = SourceList(2, dtype=torch.bfloat16)
+    _writes(lst, (_src,), (_src.half(),))
+    assert lst.buffer.dtype == torch.bfloat16
+    writer = DepthKV(D, HK, HD, eps=0.0)
+    cos, sin = _rope()
+    k, v = writer(_x, cos, sin)
+    k1, v1 = writer(_x, cos[None], sin[None])
+    assert k.shape == v.shape == (B, T, HK, HD) and torch.equal(k, k1)
+    assert apply_rotary(torch.randn(B, T, HQ, HD), cos, sin).shape == (B, T, HQ, HD)

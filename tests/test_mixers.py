@@ -377,3 +377,43 @@ def test_mudd_triton_mixing_matches_reference():
     (out, grads), (out_t, grads_t) = results
     assert (out - out_t).abs().max() < 1e-5 * out.abs().max()
     assert all((g - h).abs().max() <= 1e-5 * g.abs().max() for g, h in zip(grads, grads_t))
+
+
+_X = torch.randn(2, 3, 4, 8)
+
+
+@pytest.mark.parametrize("call, exc, msg", [
+    (lambda: sinkhorn(torch.randn(3)), ValueError, r"logits must be a tensor \[\.\.\., n, n\] \(square\), got \(3,\)"),
+    (lambda: sinkhorn(torch.randn(3, 4)), ValueError, r"logits must be a tensor \[\.\.\., n, n\] \(square\)"),
+    (lambda: sinkhorn(torch.zeros(3, 3, dtype=torch.long)), TypeError, "logits must be a floating-point tensor"),
+    (lambda: sinkhorn(torch.randn(3, 3), iters=0), ValueError, "iters must be a positive int, got 0"),
+    (lambda: sinkhorn(torch.randn(3, 3), iters=-1), ValueError, "iters must be a positive int, got -1"),
+    (lambda: sinkhorn(torch.randn(3, 3), eps=-1.0), ValueError, "eps must be a finite float >= 0"),
+    (lambda: collapse_streams(torch.randn(2, 4, 8)), ValueError, r"X must be a tensor \[B, T, n, D\], got \(2, 4, 8\)"),
+    (lambda: collapse_streams(torch.zeros(2, 3, 4, 8, dtype=torch.long)), TypeError, "X must be a floating-point"),
+    (lambda: expand_streams(torch.randn(8), 4), ValueError, r"x must be a tensor \[B, T, D\], got \(8,\)"),
+    (lambda: expand_streams(torch.zeros(2, 3, 8, dtype=torch.long), 4), TypeError, "x must be a floating-point"),
+    (lambda: HyperConnection(8, 4, kind="hc").post(_X, _X[:, :, 0], torch.ones(2), torch.ones(3, 3)), ValueError,
+     r"h_post must be a tensor \[2, 3, 4\] \(static HC: \[4\]\)"),
+    (lambda: HyperConnection(8, 4, kind="hc").post(_X, _X[:, :, 0], torch.ones(4), torch.ones(3, 3)), ValueError,
+     r"h_res must be a tensor \[2, 3, 4, 4\] \(static HC: \[4, 4\]\)"),
+    (lambda: HyperConnection(8, 4).post(_X, _X[:, :, 0], torch.ones(4), torch.ones(2, 3, 4, 4)), ValueError,
+     "h_post and h_res must both be static"),
+    (lambda: HyperConnection(8, 4).post(_X[..., :4], _X[:, :, 0, :4], torch.ones(4), torch.ones(4, 4)), ValueError,
+     r"X must have shape \[B, T, 4, 8\]"),
+    (lambda: HyperConnection(8, 4, eps=-1.0), ValueError, "eps must be a finite float >= 0, got -1.0"),
+    (lambda: MuddConnections(8, 2, eps=-1.0), ValueError, "eps must be a finite float >= 0, got -1.0"),
+    (lambda: MuddConnections(8, 2).new_stream(_X[:, :, 0], dtype=torch.int32), TypeError,
+     "dtype must be None or a floating-point torch.dtype, got torch.int32"),
+    (lambda: MuddConnections(8, 2).new_stream(_X[:, :, 0].long()), TypeError, "x0 must be a floating-point tensor"),
+    (lambda: MuddConnections(8, 2)(MuddConnections(8, 2).new_stream(_X[:, :, 0]), _X[:, :, 1].double()), TypeError,
+     "states must have the stream's dtype torch.float32"),
+])
+def test_mixer_argument_checks_name_the_argument(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_hc_layer_index_past_the_stream_count_is_taken_mod_streams():
+    """Static HC's layer is the model's layer index; its one-hot init reads stream layer mod n."""
+    assert torch.equal(HyperConnection(8, 4, kind="hc", layer=7).h_pre, HyperConnection(8, 4, kind="hc", layer=3).h_pre)

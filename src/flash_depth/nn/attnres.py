@@ -7,6 +7,7 @@ from torch import nn
 
 from flash_depth.ops.attnres import attention_residual_merge
 
+from ._checks import check_dims, check_eps
 from .attnres_stream import SourceList, SourceStream
 
 
@@ -20,9 +21,8 @@ class AttnResQueries(nn.Module):
 
     def __init__(self, reads: int, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
-        for name, value in (("reads", reads), ("dim", dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_dims(reads=reads, dim=dim)
+        check_eps(eps)
         self.eps = eps
         self.queries = nn.Parameter(torch.zeros(reads, dim, device=device, dtype=dtype))
         self.key_norms = nn.Parameter(torch.ones(reads, dim, device=device, dtype=dtype))
@@ -37,6 +37,7 @@ class AttnResQueries(nn.Module):
         """Read i over the stream's written sources, plus ``partial [B, T, dim]`` (block AttnRes'
         running sum) if given. Returns ``[B, T, dim]``, and with ``return_weights`` the softmax
         weights ``[sources (+1), B, T]`` too (computed by the reference path)."""
+        self._check_stream(stream)
         self._check_index(i)
         query, norm_weight = self.queries[i], self.key_norms[i]
         if isinstance(stream, SourceStream) and stream.queries is not None and stream.queries[0] is self.queries:
@@ -47,6 +48,7 @@ class AttnResQueries(nn.Module):
         """Phase one of an inference read (no gradients): reads i .. i+count-1 (fewer past the
         last) over the written sources at once. Returns out ``[count, B, T, dim]`` and lse
         ``[count, B, T]``; :meth:`merge` adds a partial sum to one of them."""
+        self._check_stream(stream)
         self._check_index(i)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError(f"count must be a positive int, got {count!r}")
@@ -57,6 +59,12 @@ class AttnResQueries(nn.Module):
         ``partial [B, T, dim]`` as one more source. Returns ``[B, T, dim]``."""
         self._check_index(i)
         return attention_residual_merge(out, lse, partial, self.queries[i], self.key_norms[i], eps=self.eps)
+
+    @staticmethod
+    def _check_stream(stream) -> None:
+        if not isinstance(stream, (SourceStream, SourceList)):
+            raise TypeError(f"stream must be a SourceStream (from new_stream) or a SourceList, got "
+                            f"{type(stream).__name__}")
 
     def _check_index(self, i) -> None:
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.queries.shape[0]:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 
 from flash_depth.ops._checks import shape_of
-from flash_depth.ops.attnres import attention_residual, fused_backward, fused_forward, select_attnres_backend
+from flash_depth.ops.attnres import (ATTNRES_BACKENDS, attention_residual, fused_backward, fused_forward,
+                                     select_attnres_backend)
 
-from .slot_stream import SlotStream, check_slots
+from ._checks import check_choice, check_float_dtype
+from .slot_stream import SlotStream, check_slots, check_values, first_dtype
 
 
 class SourceStream(SlotStream):
@@ -34,8 +36,11 @@ class SourceStream(SlotStream):
     def __init__(self, slots: int, backend: str = "auto", dtype: torch.dtype | None = None,
                  queries: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         """``queries``: optional (pseudo-queries ``[Q, D]``, key-norm weights ``[Q, D]`` or None)
-        whose row i a read with ``index=i`` takes; their gradients are then deferred on the fused path."""
+        whose row i a read with ``index=i`` takes; their gradients are then deferred on the fused path.
+        ``dtype``: what the sources are stored in, writes of any floating dtype cast to it (None: the
+        first write's, which every later write must have)."""
         super().__init__(slots, slot_dim=0, names=("sources",), dtype=dtype)
+        check_choice("backend", backend, ATTNRES_BACKENDS)
         if queries is not None:
             w, g = queries
             if not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -53,6 +58,7 @@ class SourceStream(SlotStream):
     @torch.compiler.disable
     def write(self, *values: torch.Tensor) -> None:
         """Append one source ``[B, T, D]``; the first write decides whether the queries' gradients are deferred."""
+        self.check_write(values)
         if self.count == 0 and self._query_grads_deferrable(values[0]):
             self.defers_queries = True
             self.handle = _QueryGrads.apply(self, *self.queries)  # the first write chains to it
@@ -245,21 +251,27 @@ class SourceList:
     a slice by :func:`~flash_depth.ops.attention_residual`'s plain-PyTorch path (a few kernels a
     read, whatever the source count), with :class:`SourceStream`'s ``write`` / ``read`` /
     ``read_two_phase`` and no hand-routed gradients, so a traced step has no graph breaks.
-    ``dtype``: the sources' (None: the first write's)."""
+    ``dtype``: the sources' (writes of any floating dtype are cast to it; None: the first write's,
+    which every later write must have)."""
 
     def __init__(self, slots: int, dtype: torch.dtype | None = None):
         check_slots(slots)
+        check_float_dtype(dtype)
         self.slots_max, self.dtype, self.count = slots, dtype, 0
         self.buffer: torch.Tensor | None = None  # allocated at the first write
 
     def write(self, x: torch.Tensor) -> None:
-        """Append one source ``[B, T, D]`` (cast to the buffer's dtype by the copy)."""
+        """Append one source ``[B, T, D]`` (cast to an explicit ``dtype`` by the copy)."""
+        want = None if self.dtype is not None else first_dtype((x,)) if self.buffer is None else self.buffer.dtype
+        check_values(("x",), (x,), want)
         if self.buffer is None:
             self.buffer = x.new_empty((self.slots_max, *x.shape), dtype=self.dtype or x.dtype)
         if self.count >= self.slots_max:
             raise RuntimeError(f"source list is full ({self.slots_max} sources)")
         if x.shape != self.buffer.shape[1:]:
             raise ValueError(f"sources must be {tuple(self.buffer.shape[1:])}, got {tuple(x.shape)}")
+        if x.device != self.buffer.device:
+            raise ValueError(f"x must be on the source list's device {self.buffer.device}, got {x.device}")
         self.buffer[self.count] = x
         self.count += 1
 

@@ -27,7 +27,7 @@ from flash_depth.ops._checks import check_depth_inputs, check_moda_inputs
 from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
-from .slot_stream import SlotStream, check_slots
+from .slot_stream import SlotStream, check_slots, check_values, first_dtype
 
 
 class DepthStream(SlotStream):
@@ -47,12 +47,17 @@ class DepthStream(SlotStream):
         self.formed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (dk, dv) formed early
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
+        """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype: every
+        later k and v must have it, also in an fp8 stream, whose slots dequantise to it)."""
+        self.check_write((k, v))
         if self.buffers is None:
             if self.quantized:
                 check_fp8_device(k.device)
             self.value_dtype = k.dtype
         super().write(k, v)
+
+    def check_write(self, values) -> None:
+        check_values(self.names, values, self.value_dtype or first_dtype(values))
 
     def store(self, slot: int, values) -> None:
         """Puts k, v into slot ``slot`` (one launch on CUDA); an fp8 stream quantises them, with their scales."""
@@ -194,6 +199,7 @@ class DepthSlots:
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
+        check_values(("k", "v"), (k, v), first_dtype((k,)) if self.k is None else self.k.dtype)
         if self.k is None:
             shape = (*k.shape[:2], self.slots_max, *k.shape[2:])
             fits = self.kept is not None and all(buf.shape == shape and buf.dtype == x.dtype and buf.device == x.device
@@ -308,6 +314,7 @@ def read_moda(stream: DepthStream, q, k, v, *, causal: bool = True, backend: str
     them, or with ``window`` S only the last S plus the first ``anchors`` (a bounded depth window:
     O(S) per token instead of O(L); S >= the slots written is full MoDA). cu_seqlens/max_seqlen
     (packed documents) and kv_start (left padding): as ``moda_attention``."""
+    _check_depth_stream(stream)
     masks = check_masks(q, k, cu_seqlens, max_seqlen, kv_start)
     check_window(window, anchors)
     if stream.count == 0:
@@ -323,6 +330,7 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto", cu_seqlens=None
     """Flash Depth Attention of q ``[B, T, Hq, d]`` over the stream's written slots (window and
     anchors: as ``read_moda``; cu_seqlens, max_seqlen: as ``depth_attention``; depth is per token,
     so documents need no mask)."""
+    _check_depth_stream(stream)
     if stream.count == 0:
         raise ValueError("read_depth needs at least one written depth slot")
     check_window(window, anchors)
@@ -330,6 +338,11 @@ def read_depth(stream: DepthStream, q, *, backend: str = "auto", cu_seqlens=None
     spans = stream.spans(window, anchors)
     check_depth_inputs(q, *_slots_like(stream, q, spans))
     return _read(stream, q, None, None, False, backend, masks, spans)
+
+
+def _check_depth_stream(stream) -> None:
+    if not isinstance(stream, DepthStream):
+        raise TypeError(f"stream must be a DepthStream, got {type(stream).__name__}")
 
 
 def _slots_like(stream: DepthStream, q, spans) -> tuple[torch.Tensor, torch.Tensor]:

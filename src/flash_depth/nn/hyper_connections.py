@@ -51,12 +51,18 @@ try:  # Triton is installed on Linux only; without it every path below is plain 
 except ImportError:
     hyper_triton = None
 from ..ops._aliasing import to_dtype
+from ._checks import check_eps, check_float_tensor, check_int
 from ._recorder import record
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-12) -> torch.Tensor:
     """exp(logits) ``[..., n, n]`` -> doubly stochastic ``[..., n, n]`` by ``iters`` (row, column)
     normalisation pairs; columns sum to 1 exactly, rows to the convergence residual."""
+    check_float_tensor("logits", logits, "[..., n, n]")
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"logits must be a tensor [..., n, n] (square), got {tuple(logits.shape)}")
+    check_int("iters", iters, 1)
+    check_eps(eps)
     m = logits.softmax(-1)
     m = m / m.sum(-2, keepdim=True).clamp_min(eps)
     for _ in range(iters - 1):
@@ -80,22 +86,19 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
     """Entry: ``x [B, T, D]`` -> ``[B, T, n, D]``, n copies (a broadcast view, no copy)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor [B, T, D], got {type(x).__name__}")
-    _check_int("streams", streams, 1)
+    check_float_tensor("x", x, "[B, T, D]")
+    check_int("streams", streams, 1)
+    if x.dim() != 3:
+        raise ValueError(f"x must be a tensor [B, T, D], got {tuple(x.shape)}")
     return x.unsqueeze(-2).expand(*x.shape[:-1], streams, x.shape[-1])
 
 
 def collapse_streams(X: torch.Tensor) -> torch.Tensor:
     """Exit: ``X [B, T, n, D]`` -> ``[B, T, D]``, the mean of the streams (the plain residual at init)."""
-    if not isinstance(X, torch.Tensor) or X.ndim < 2:
-        raise TypeError(f"X must be a tensor [B, T, n, D], got {getattr(X, 'shape', type(X).__name__)}")
+    check_float_tensor("X", X, "[B, T, n, D]")
+    if X.dim() != 4:
+        raise ValueError(f"X must be a tensor [B, T, n, D], got {tuple(X.shape)}")
     return X.mean(-2)
-
-
-def _check_int(name: str, value, low: int):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _read(X, h_pre):
@@ -174,10 +177,11 @@ class HyperConnection(nn.Module):
     def __init__(self, dim: int, streams: int = 4, kind: str = "mhc", layer: int = 0, sinkhorn_iters: int = 20,
                  eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
-        _check_int("dim", dim, 1)
-        _check_int("streams", streams, 2)
-        _check_int("layer", layer, 0)
-        _check_int("sinkhorn_iters", sinkhorn_iters, 1)
+        check_int("dim", dim, 1)
+        check_int("streams", streams, 2)
+        check_int("layer", layer, 0)  # any layer index: hc's one-hot init takes it mod streams
+        check_int("sinkhorn_iters", sinkhorn_iters, 1)
+        check_eps(eps)
         if kind not in ("mhc", "hc"):
             raise ValueError(f"kind must be 'mhc' or 'hc', got {kind!r}")
         self.dim, self.streams, self.kind, self.sinkhorn_iters, self.eps = dim, streams, kind, sinkhorn_iters, eps
@@ -231,7 +235,18 @@ class HyperConnection(nn.Module):
         return _read(X, h_pre), (h_post, h_res)
 
     def post(self, X: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
-        """Write: ``X [B, T, n, D]``, sublayer output ``y [B, T, D]`` -> ``X' [B, T, n, D]``."""
+        """Write: ``X [B, T, n, D]``, sublayer output ``y [B, T, D]``, and ``pre``'s H_post ``[B, T, n]``
+        and H_res ``[B, T, n, n]`` (static HC: ``[n]``, ``[n, n]``) -> ``X' [B, T, n, D]``."""
+        self._check_stream(X)
+        n = self.streams
+        for name, h, static, dynamic in (("h_post", h_post, (n,), X.shape[:-1]),
+                                         ("h_res", h_res, (n, n), X.shape[:-1] + (n,))):
+            if not isinstance(h, torch.Tensor) or h.shape not in (static, dynamic):
+                raise ValueError(f"{name} must be a tensor {list(dynamic)} (static HC: {list(static)}), as pre "
+                                 f"returns it, got {getattr(h, 'shape', type(h).__name__)}")
+        if (h_res.dim() == 2) != (h_post.dim() == 1):
+            raise ValueError(f"h_post and h_res must both be static ([n], [n, n]) or both per token, got "
+                             f"{list(h_post.shape)} and {list(h_res.shape)}")
         if not isinstance(y, torch.Tensor) or y.shape != X.shape[:-2] + X.shape[-1:]:
             raise ValueError(f"y must be a tensor {list(X.shape[:-2] + X.shape[-1:])}, got "
                              f"{getattr(y, 'shape', type(y).__name__)}")

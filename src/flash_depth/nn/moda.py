@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flash_depth.ops import decode_attention, moda_attention
+from flash_depth.ops import BACKENDS, decode_attention, moda_attention
 
+from ._checks import check_choice, check_dims, check_eps, check_flag, check_int
 from ._recorder import record_layer
 from .depth_stream import DepthSlots, DepthStream, check_window, read_depth, read_moda
 from .layers import RMSNorm, apply_rotary
@@ -31,39 +32,33 @@ _MASKS = ("cu_seqlens", "max_seqlen", "kv_start")
 _STATIC = ("cache_position", "kv_len", "key_mask")
 
 
-def _check_dims(**dims) -> None:
-    for name, value in dims.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_x(x, dim: int) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor [B, T, {dim}], got {got}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor [B, T, {dim}], got dtype {x.dtype}")
 
 
-def _check_rotary(cos, sin, length: int, head_dim: int) -> None:
+def _check_rotary(cos, sin, batch: int, length: int, head_dim: int) -> None:
+    """cos, sin ``[T, 1, head_dim/2]`` (every row's positions alike) or ``[B, T, 1, head_dim/2]``
+    (per row; a batch of 1 is the same for every row)."""
     half = head_dim // 2
     for name, t in (("cos", cos), ("sin", sin)):
         shape = t.shape if isinstance(t, torch.Tensor) else ()
-        if len(shape) not in (3, 4) or shape[-2:] != (1, half) or shape[-3] != length:
+        if (len(shape) not in (3, 4) or shape[-2:] != (1, half) or shape[-3] != length
+                or (len(shape) == 4 and shape[0] not in (1, batch))):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be [T, 1, {half}] or [B, T, 1, {half}] with T={length}, got {got}")
+            raise ValueError(f"{name} must be [T, 1, {half}] or [B, T, 1, {half}] with B={batch} (or 1), T={length}, "
+                             f"got {got}")
 
 
-def _check_flag(**flags) -> None:
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def _rotation(cos, sin, length: int, head_dim: int) -> bool:
+def _rotation(cos, sin, batch: int, length: int, head_dim: int) -> bool:
     """Whether cos/sin rotate (both given, checked) or not (both None)."""
     if (cos is None) != (sin is None):
         raise ValueError("pass both cos and sin, or neither (no rotation)")
     if cos is not None:
-        _check_rotary(cos, sin, length, head_dim)
+        _check_rotary(cos, sin, batch, length, head_dim)
     return cos is not None
 
 
@@ -93,7 +88,9 @@ class DepthKV(nn.Module):
     def __init__(self, dim: int, kv_heads: int, head_dim: int, *, k_norm: bool = True, eps: float = 1e-6,
                  bias: bool = False, device=None, dtype=None):
         super().__init__()
-        _check_dims(dim=dim, kv_heads=kv_heads, head_dim=head_dim)
+        check_dims(dim=dim, kv_heads=kv_heads, head_dim=head_dim)
+        check_flag(k_norm=k_norm, bias=bias)
+        check_eps(eps)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
         self.dim, self.kv_heads, self.head_dim = dim, kv_heads, head_dim
@@ -115,7 +112,7 @@ class DepthKV(nn.Module):
             got = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
             raise ValueError(f"kv must be a tensor [B, T, {width}] (proj's output), got {got}")
         B, T, _ = kv.shape
-        rotate = _rotation(cos, sin, T, self.head_dim)
+        rotate = _rotation(cos, sin, B, T, self.head_dim)
         k, v = kv.view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
         return (apply_rotary(k, cos, sin) if rotate else k), v
@@ -158,8 +155,12 @@ class MoDAAttention(nn.Module):
                  layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0,
                  causal: bool = True, bias: bool = False):
         super().__init__()
-        _check_dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
-        _check_flag(causal=causal, bias=bias)
+        check_dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+        check_flag(qk_norm=qk_norm, reads_depth=reads_depth, writes_depth=writes_depth, attn_kv_proj=attn_kv_proj,
+                   causal=causal, bias=bias)
+        check_eps(eps)
+        check_int("layer_idx", layer_idx, 0)
+        check_choice("backend", backend, BACKENDS)
         check_window(depth_window, depth_anchors)
         if heads % kv_heads:
             raise ValueError(f"heads must be a multiple of kv_heads, got heads={heads}, kv_heads={kv_heads}")
@@ -205,7 +206,7 @@ class MoDAAttention(nn.Module):
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{name} must be a tensor of x's shape {tuple(x.shape)}, got {got}")
         B, T, _ = x.shape
-        rotate = _rotation(cos, sin, T, self.head_dim)
+        rotate = _rotation(cos, sin, B, T, self.head_dim)
         if self.reads_depth or self.writes_depth:
             _check_stream(stream, "reads_depth or writes_depth is set")
         if masks is not None and (not isinstance(masks, dict) or not set(masks) <= set(_MASKS + _STATIC)):
@@ -267,7 +268,11 @@ class DepthRead(nn.Module):
     def __init__(self, hidden: int, heads: int, head_dim: int, *, qk_norm: bool = True, eps: float = 1e-6,
                  layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0):
         super().__init__()
-        _check_dims(hidden=hidden, heads=heads, head_dim=head_dim)
+        check_dims(hidden=hidden, heads=heads, head_dim=head_dim)
+        check_flag(qk_norm=qk_norm)
+        check_eps(eps)
+        check_int("layer_idx", layer_idx, 0)
+        check_choice("backend", backend, BACKENDS)
         check_window(depth_window, depth_anchors)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
@@ -285,7 +290,7 @@ class DepthRead(nn.Module):
         step's, read in plain PyTorch). Returns ``[B, T, hidden]``."""
         _check_x(x, self.hidden)
         B, T, _ = x.shape
-        rotate = _rotation(cos, sin, T, self.head_dim)
+        rotate = _rotation(cos, sin, B, T, self.head_dim)
         _check_stream(stream, "the slots to read")
         q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
         q = apply_rotary(q, cos, sin) if rotate else q

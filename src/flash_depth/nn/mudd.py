@@ -45,6 +45,7 @@ from flash_depth.ops.dense_mix import (
     select_mix_backend,
 )
 
+from ._checks import check_dims, check_eps
 from ._recorder import record
 from .slot_stream import SlotStream
 
@@ -168,9 +169,8 @@ class MuddConnections(nn.Module):
     def __init__(self, dim: int, num_layers: int, last_expand: int = 4, eps: float = 1e-6, device=None, dtype=None,
                  backend: str = "auto"):
         super().__init__()
-        for name, value in (("dim", dim), ("num_layers", num_layers), ("last_expand", last_expand)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_dims(dim=dim, num_layers=num_layers, last_expand=last_expand)
+        check_eps(eps)
         if backend not in MIX_BACKENDS:
             raise ValueError(f"backend must be one of {MIX_BACKENDS}, got {backend!r}")
         self.dim, self.num_layers, self.backend = dim, num_layers, backend
@@ -227,6 +227,8 @@ class MuddConnections(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a tensor [B, T, {self.dim}], got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor [B, T, {self.dim}], got dtype {x.dtype}")
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_layers={self.num_layers}"

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_float_dtype
+
 
 def check_slots(slots) -> None:
     """ValueError unless ``slots`` (a stream's capacity) is a positive int."""
@@ -26,11 +28,33 @@ def check_slots(slots) -> None:
         raise ValueError(f"slots must be a positive int, got {slots!r}")
 
 
+def check_values(names: tuple[str, ...], values, dtype: torch.dtype | None = None) -> None:
+    """TypeError unless ``values`` are one floating-point tensor per name in ``names`` (a write's
+    arguments), all of ``dtype`` when given."""
+    if len(values) != len(names):
+        raise TypeError(f"write takes {len(names)} tensor(s) ({', '.join(names)}), got {len(values)}")
+    for name, x in zip(names, values):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+        if dtype is not None and x.dtype != dtype:
+            raise TypeError(f"{name} must have the stream's dtype {dtype} (set by its first write), got {x.dtype}")
+
+
+def first_dtype(values) -> torch.dtype | None:
+    """The dtype of a write's first value (None if it is not a tensor: check_values names it)."""
+    return values[0].dtype if values and isinstance(values[0], torch.Tensor) else None
+
+
 class SlotStream:
     """One or more buffers that share a slot dimension ``slot_dim`` of size ``slots``."""
 
     def __init__(self, slots: int, slot_dim: int, names: tuple[str, ...], dtype: torch.dtype | None = None):
-        # dtype None: the first write's. Writes of another dtype are cast by the copy into the slot.
+        # dtype None: the first write's, which every later write must have (a TypeError otherwise).
+        # An explicit dtype: writes of any floating dtype are cast to it by the copy into the slot
+        # (the models store float32 partial sums and outputs in an autocast-dtype stream so).
+        check_slots(slots)
+        check_float_dtype(dtype)
         self.slots_max, self.slot_dim, self.names, self.dtype = slots, slot_dim, names, dtype
         self.buffers: list[torch.Tensor] | None = None  # allocated at the first write
         self.grads: list[torch.Tensor] | None = None
@@ -43,7 +67,8 @@ class SlotStream:
 
     @torch.compiler.disable  # in-place writes and hand-routed gradients: run eagerly under torch.compile
     def write(self, *values: torch.Tensor) -> None:
-        """Append one slot (the first write fixes shape and dtype)."""
+        """Append one slot (the first write fixes shape, device and, without an explicit dtype, the dtype)."""
+        self.check_write(values)
         if self.buffers is None:
             shape = list(values[0].shape)
             shape.insert(self.slot_dim, self.slots_max)
@@ -54,11 +79,21 @@ class SlotStream:
         for name, x in zip(self.names, values):
             if x.shape != want:
                 raise ValueError(f"{name} slot must be {tuple(want)}, got {tuple(x.shape)}")
+            if x.device != self.buffers[0].device:
+                raise ValueError(f"{name} must be on the stream's device {self.buffers[0].device}, got {x.device}")
         if self.tracks(values):
             self.handle = _Write.apply(self, self.count, self.handle, *values)
         else:
             self.store(self.count, values)
         self.count += 1
+
+    def check_write(self, values) -> None:
+        """TypeError unless ``values`` are one floating-point tensor per buffer, of the stream's
+        dtype when it takes its dtype from the first write (``dtype=None``)."""
+        want = None
+        if self.dtype is None:
+            want = self.buffers[0].dtype if self.buffers is not None else first_dtype(values)
+        check_values(self.names, values, want)
 
     def tracks(self, values) -> bool:
         """Whether a write of ``values`` gets an autograd node (whose backward hands over the slot's gradient)."""

@@ -1,0 +1,62 @@
+"""Argument checks shared by the nn layers and streams.
+
+Each raises a ``ValueError`` / ``TypeError`` naming the argument, the value it got and what it
+needs. Checks on tensors compare shapes and dtypes only (no device syncs), so they are cheap in a
+layer's forward and, under torch.compile, add guards rather than graph breaks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_int(name: str, value, low: int = 1) -> None:
+    """ValueError unless ``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < low:
+        want = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_dims(**dims) -> None:
+    """:func:`check_int` (>= 1) of every keyword."""
+    for name, value in dims.items():
+        check_int(name, value, 1)
+
+
+def check_flag(**flags) -> None:
+    """TypeError unless every keyword is a bool."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_eps(eps, name: str = "eps") -> None:
+    """ValueError unless ``eps`` is a finite number >= 0 (a negative one makes NaN of a zero input)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {eps!r}")
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    """ValueError unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_float_tensor(name: str, x, layout: str, last: int | None = None) -> None:
+    """TypeError unless ``x`` is a floating-point tensor; ValueError unless its last dimension is
+    ``last`` (when given). ``layout`` is what the message says it should be, e.g. ``"[..., {last}]"``
+    (formatted only for a message: the check itself is a few comparisons, cheap in a forward)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a floating-point tensor {layout.format(last=last)}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor {layout.format(last=last)}, got dtype {x.dtype}")
+    if last is not None and (x.dim() == 0 or x.shape[-1] != last):
+        raise ValueError(f"{name} must be a tensor {layout.format(last=last)}, got {tuple(x.shape)}")
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> None:
+    """TypeError unless ``dtype`` is None or a floating-point torch.dtype."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{name} must be None or a floating-point torch.dtype, got {dtype!r}")
