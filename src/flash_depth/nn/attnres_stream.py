@@ -262,7 +262,9 @@ class SourceList:
 
     def write(self, x: torch.Tensor) -> None:
         """Append one source ``[B, T, D]`` (cast to an explicit ``dtype`` by the copy)."""
-        want = None if self.dtype is not None else first_dtype((x,)) if self.buffer is None else self.buffer.dtype
+        want = None  # an explicit dtype: any floating dtype, cast by the copy
+        if self.dtype is None:
+            want = first_dtype((x,)) if self.buffer is None else self.buffer.dtype
         check_values(("x",), (x,), want)
         if self.buffer is None:
             self.buffer = x.new_empty((self.slots_max, *x.shape), dtype=self.dtype or x.dtype)

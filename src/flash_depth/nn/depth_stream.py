@@ -210,6 +210,8 @@ class DepthSlots:
         want = self.k[:, :, 0].shape
         if k.shape != want or v.shape != want:
             raise ValueError(f"k and v slots must be {tuple(want)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.device != self.k.device or v.device != self.k.device:
+            raise ValueError(f"k and v must be on the slots' device {self.k.device}, got {k.device} and {v.device}")
         if self.fp8:
             k, v = (dequantize_fp8(*quantize_fp8(x), x.dtype) for x in (k, v))
         # index_copy_ as a fixed-length KV cache writes: on kept buffers (graph inputs) the compiler
