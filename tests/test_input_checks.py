@@ -104,3 +104,11 @@ def test_cudnn_inputs_are_conformed_not_refused():
     assert fixed.stride(-1) == 1 and torch.equal(fixed, strided)
     odd = torch.randn(2, 5, 3, 16 + 3)[..., :16]  # row stride 19 elements: misaligned
     assert cudnn_sdpa.conform(odd).stride()[:-1] == (5 * 3 * 16, 3 * 16, 16)
+
+
+def test_numpy_scale_is_a_number():
+    import numpy
+
+    q, k, v, kd, vd = _ok()
+    want = moda_attention(q, k, v, kd, vd, scale=0.25, backend="reference")
+    assert torch.equal(moda_attention(q, k, v, kd, vd, scale=numpy.float32(0.25), backend="reference"), want)

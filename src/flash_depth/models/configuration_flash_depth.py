@@ -34,6 +34,23 @@ PRESETS = {
 }
 
 
+def check_fields(config, *, positive_ints=(), bools=(), non_negative=(), positive=()) -> None:
+    """ValueError naming the first field of ``config`` that is not what its group needs: a positive
+    int, a bool, or a finite number >= 0 / > 0."""
+    for name in positive_ints:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in bools:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be a bool, got {getattr(config, name)!r}")
+    for name in (*non_negative, *positive):
+        value, strict = getattr(config, name), name in positive
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0 or (strict and value == 0):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+
+
 class FlashDepthConfig(PreTrainedConfig):
     """Configuration of :class:`FlashDepthForCausalLM`.
 
@@ -117,19 +134,11 @@ class FlashDepthConfig(PreTrainedConfig):
 
     def validate_depth(self) -> None:
         """Raise ValueError on a configuration that cannot be built."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, low, strict in (("rope_theta", 0, True), ("rms_norm_eps", 0, False), ("initializer_range", 0, False)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < low or (strict and value == low):
-                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-        for name in ("qk_norm", "ffn_kv", "attn_kv_proj", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_fields(self, positive_ints=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                          "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                                          "head_dim"),
+                     bools=("qk_norm", "ffn_kv", "attn_kv_proj", "tie_word_embeddings"),
+                     non_negative=("rms_norm_eps", "initializer_range"), positive=("rope_theta",))
         if self.depth_mechanism not in DEPTH_MECHANISMS:
             raise ValueError(f"depth_mechanism must be one of {DEPTH_MECHANISMS}, got {self.depth_mechanism!r}")
         if self.norm_position not in NORM_POSITIONS:

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from flash_depth.nn import MLP, AttnResQueries, DenseFormerMixer, DepthKV, DepthRead, MoDAAttention, RMSNorm
 from flash_depth.nn.depth_stream import DepthStream
 
+from .configuration_flash_depth import check_fields
 from .modeling_flash_depth import _init_copy, init
 
 try:  # transformers >= 5
@@ -107,11 +108,11 @@ class FlashDepthViTConfig(PreTrainedConfig):
 
     def validate_depth(self) -> None:
         """Raise ValueError on a configuration that cannot be built."""
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "num_labels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_fields(self, positive_ints=("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                                          "num_labels"),
+                     bools=("qkv_bias", "qk_norm", "ffn_kv", "attn_kv_proj"),
+                     non_negative=("layer_norm_eps", "initializer_range"))
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
         if self.depth_mechanism not in VIT_MECHANISMS:
@@ -121,9 +122,6 @@ class FlashDepthViTConfig(PreTrainedConfig):
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even, got {self.head_dim}")
-        for name in ("qkv_bias", "qk_norm", "ffn_kv", "attn_kv_proj"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         sublayers = 2 * self.num_hidden_layers
         blocks = self.attnres_blocks
         if self.depth_mechanism == "attnres_block" and (

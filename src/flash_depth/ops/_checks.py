@@ -7,6 +7,7 @@ value it got and what it needs, so a wrong call never turns into a wrong answer.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import weakref
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def check_bools(**flags) -> None:
 def resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy's float32 is a Real too
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
