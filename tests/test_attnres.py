@@ -270,7 +270,7 @@ def test_bad_inputs_name_the_argument():
         attention_residual([], torch.zeros(8))
     with pytest.raises(ValueError, match="N >= 1"):
         attention_residual(sources[:0], torch.zeros(8))
-    with pytest.raises(ValueError, match="eps must be a positive"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         attention_residual(sources, torch.zeros(8), eps=0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         attention_residual(sources, torch.zeros(8), backend="cuda")
@@ -292,7 +292,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="return_weights must be a bool"):
         attention_residual(sources, torch.zeros(8), return_weights="no")
     for eps in (-1.0, 0.0, float("nan")):
-        with pytest.raises(ValueError, match="eps must be a positive finite float"):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
             attention_residual_merge(out, lse, sources[0], torch.zeros(8), eps=eps)
 
 

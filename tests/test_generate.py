@@ -121,13 +121,13 @@ class _Writes(list):
 def test_stream_writes_text_as_tokens_arrive():
     """Text is written per token; a character split over byte tokens waits until it is whole."""
     writes = _Writes()
-    stream = TextStream(ByteTokenizer(), writes)
-    stream.put(torch.tensor([[256, 104]]))  # the prompt: skipped
+    stream = TextStream(ByteTokenizer(), writes, prompt="Hi ")
+    stream.put(torch.tensor([[256, 72, 105, 32]]))  # the prompt's ids: its text as given instead
     for b in "hé!".encode():
         stream.put(torch.tensor([b]))
     stream.put(torch.tensor([256]))  # EOS: nothing to show
     stream.end()
-    assert [w for w in writes if w] == ["h", "é", "!"]
+    assert [w for w in writes if w] == ["Hi ", "h", "é", "!"]
 
 
 def test_generated_text_is_streamed_token_by_token(run):
@@ -153,8 +153,10 @@ def test_bad_generate_arguments_fail_in_one_line(run, capsys, args, says):
         code = cli(["generate", str(run), "--device", "cpu", *args])
     except SystemExit as stop:  # argparse
         code = stop.code
-    err = capsys.readouterr().err.strip()
+    out = capsys.readouterr()
+    err = out.err.strip()
     assert code == 2 and says in err and "\n" not in err, err
+    assert out.out == ""  # nothing on stdout, not even the prompt
 
 
 def test_missing_or_wrong_folders_fail_in_one_line(run, tmp_path, capsys):

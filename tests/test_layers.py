@@ -275,7 +275,7 @@ def test_non_causal_layers_on_the_fused_path_equal_the_reference():
 
 
 @pytest.mark.parametrize("call, exc, msg", [
-    (lambda: MoDAAttention(D, HQ, HK, HD, causal=1), TypeError, "causal must be a bool, got 1"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, causal=1), TypeError, "causal must be a bool, got int 1"),
     (lambda: MoDAAttention(D, HQ, HK, HD, bias="yes"), TypeError, "bias must be a bool"),
     (lambda: MoDAAttention(D, HQ, HK, HD, reads_depth=False)(torch.randn(B, T, D), _rope()[0]), ValueError,
      "pass both cos and sin, or neither"),
@@ -325,14 +325,14 @@ _src = torch.randn(B, T, D)
     (lambda: AttnResQueries(4, D).new_stream(4, dtype=torch.int32), TypeError, "dtype must be None or a floating"),
     (lambda: AttnResQueries(4, D).new_stream(0), ValueError, "slots must be a positive int"),
     # 4: eps and rotary hyperparameters
-    (lambda: MoDAAttention(D, HQ, HK, HD, eps=-1.0), ValueError, r"eps must be a finite float >= 0, got -1.0"),
-    (lambda: DepthRead(D, HQ, HD, eps=float("nan")), ValueError, "eps must be a finite float >= 0, got nan"),
-    (lambda: DepthKV(D, HK, HD, eps=-1e-6), ValueError, "eps must be a finite float >= 0"),
-    (lambda: RMSNorm(D, eps=-1), ValueError, "eps must be a finite float >= 0, got -1"),
-    (lambda: RMSNorm(D, eps="1e-6"), ValueError, "eps must be a finite float >= 0"),
-    (lambda: AttnResQueries(4, D, eps=-1.0), ValueError, "eps must be a finite float >= 0"),
-    (lambda: Rotary(8, 16, 0.0), ValueError, "theta must be a finite float > 0, got 0.0"),
-    (lambda: Rotary(8, 16, -1e4), ValueError, "theta must be a finite float > 0"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, eps=-1.0), ValueError, r"eps must be a finite number >= 0, got -1.0"),
+    (lambda: DepthRead(D, HQ, HD, eps=float("nan")), ValueError, "eps must be a finite number >= 0, got nan"),
+    (lambda: DepthKV(D, HK, HD, eps=-1e-6), ValueError, "eps must be a finite number >= 0"),
+    (lambda: RMSNorm(D, eps=-1), ValueError, "eps must be a finite number >= 0, got -1"),
+    (lambda: RMSNorm(D, eps="1e-6"), ValueError, "eps must be a finite number >= 0"),
+    (lambda: AttnResQueries(4, D, eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    (lambda: Rotary(8, 16, 0.0), ValueError, "theta must be a finite number > 0, got 0.0"),
+    (lambda: Rotary(8, 16, -1e4), ValueError, "theta must be a finite number > 0"),
     (lambda: Rotary(-2, 16, 1e4), ValueError, "head_dim must be a positive int, got -2"),
     (lambda: Rotary(0, 16, 1e4), ValueError, "head_dim must be a positive int, got 0"),
     (lambda: Rotary(8, 0, 1e4), ValueError, "max_positions must be a positive int, got 0"),
@@ -340,8 +340,8 @@ _src = torch.randn(B, T, D)
     (lambda: Rotary(8, 16, 1e4)(0, -1, "cpu"), ValueError, "length must be a positive int, got -1"),
     (lambda: Rotary(8, 16, 1e4).at(torch.zeros(0, dtype=torch.long)), ValueError, "positions must be a non-empty"),
     # 5: flags, layer_idx and backend at construction
-    (lambda: MoDAAttention(D, HQ, HK, HD, reads_depth="no"), TypeError, "reads_depth must be a bool, got 'no'"),
-    (lambda: MoDAAttention(D, HQ, HK, HD, writes_depth=1), TypeError, "writes_depth must be a bool, got 1"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, reads_depth="no"), TypeError, "reads_depth must be a bool, got str 'no'"),
+    (lambda: MoDAAttention(D, HQ, HK, HD, writes_depth=1), TypeError, "writes_depth must be a bool, got int 1"),
     (lambda: MoDAAttention(D, HQ, HK, HD, qk_norm="no"), TypeError, "qk_norm must be a bool"),
     (lambda: DepthKV(D, HK, HD, k_norm=0), TypeError, "k_norm must be a bool"),
     (lambda: MoDAAttention(D, HQ, HK, HD, layer_idx=-1), ValueError, "layer_idx must be an int >= 0, got -1"),

@@ -447,7 +447,7 @@ BAD_CONFIGS = [
     ({"depth_mechanism": "mudd", "norm_position": "post"}, "mudd feeds each block .* norm_position must be 'pre'"),
     ({"depth_window": 4, "depth_anchors": -1}, "depth_anchors must be an int >= 0"),
     ({"rope_theta": 0.0}, r"rope_theta must be a finite number > 0, got 0.0"),
-    ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a finite number >= 0, got nan"),
+    ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a finite number > 0, got nan"),
     ({"initializer_range": -1.0}, r"initializer_range must be a finite number >= 0"),
     ({"qk_norm": "no"}, "qk_norm must be a bool, got 'no'"),
     ({"ffn_kv": "no"}, "ffn_kv must be a bool"),
@@ -493,12 +493,16 @@ def test_bad_calls():
                                              rf"got {bad}"):
             model(torch.full((2, 5), bad))
     D = model.config.hidden_size
-    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape \[B, T, D={D}\] with T >= 1, got \(5, {D}\)"):
+    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape \[B, T, D={D}\] with B, T >= 1, got \(5, {D}\)"):
         model(inputs_embeds=torch.randn(5, D))
     with pytest.raises(ValueError, match="inputs_embeds must have shape"):
         model(inputs_embeds=torch.randn(2, 5, D // 2))
     with pytest.raises(TypeError, match="inputs_embeds must be a torch.float32 tensor .* got torch.float16"):
         model(inputs_embeds=torch.randn(2, 5, D).half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an autocast projector's embeddings
+        assert model(inputs_embeds=torch.randn(2, 5, D, dtype=torch.bfloat16)).logits.shape == (2, 5, 512)
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[B, T\] with B, T >= 1, got \(0, 5\)"):
+        model(ids[:0])
     embeds = model.get_input_embeddings()(ids)  # the documented way in: the same logits as the ids
     assert torch.equal(model(inputs_embeds=embeds).logits, model(ids).logits)
 

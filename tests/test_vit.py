@@ -125,7 +125,7 @@ def test_bf16_autocast_forward_backward():
     ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads=3"),
     ({"depth_mechanism": "attnres_block", "attnres_blocks": 4}, "attnres_blocks=4 must divide the 6 sublayers"),
     ({"qk_norm": 1}, "qk_norm must be a bool"),
-    ({"layer_norm_eps": -1.0}, "layer_norm_eps must be a finite number >= 0, got -1.0"),
+    ({"layer_norm_eps": -1.0}, "layer_norm_eps must be a finite number > 0, got -1.0"),
     ({"depth_window": 0}, "depth_window must be None"),
     ({"attention_backend": "flash"}, "attention_backend must be"),
 ])

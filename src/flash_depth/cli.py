@@ -146,10 +146,8 @@ def _generate(args) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     torch.manual_seed(seed)
     try:
-        sys.stdout.write(prompt)  # the continuation reads on from it
-        sys.stdout.flush()
         new = generate_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, streamer=TextStream(tokenizer, sys.stdout),
+                           top_k=args.top_k, top_p=args.top_p, streamer=TextStream(tokenizer, sys.stdout, prompt),
                            fast={"auto": None, "on": True, "off": False}[args.fast_decode])
         print()
     except BrokenPipeError:  # the reader (head, a pager) stopped reading: so do we, quietly

@@ -16,23 +16,26 @@ GENERATE_COMPILES = hasattr(GenerationConfig(), "compile_config")
 
 
 class TextStream(BaseStreamer):
-    """Writes the text of the generated tokens to ``out`` as ``generate`` produces them (the
-    prompt, which ``generate`` puts first, is skipped).
+    """Writes ``prompt`` (the text as given, once ``generate`` has started: it checked its inputs)
+    and then the text of the generated tokens to ``out`` as ``generate`` produces them.
 
     Each call decodes all generated ids and writes what is new: a byte-level token may carry
     half of a character's UTF-8 bytes, so a tail that decodes to U+FFFD is held back until the
     next token completes it (or the stream ends)."""
 
-    def __init__(self, tokenizer, out: TextIO):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out: TextIO, prompt: str = ""):
+        self.tokenizer, self.out, self.prompt = tokenizer, out, prompt
         self.ids: list[int] = []
         self.written = 0
-        self.prompt_skipped = False
+        self.prompt_written = False
 
     def put(self, value) -> None:
-        """``value``: the prompt ids ``[1, T]`` first, then each new token ``[1]``."""
-        if not self.prompt_skipped:
-            self.prompt_skipped = True
+        """``value``: the prompt ids ``[1, T]`` first (the prompt's text is written instead), then
+        each new token ``[1]``."""
+        if not self.prompt_written:
+            self.prompt_written = True
+            self.out.write(self.prompt)
+            self.out.flush()
             return
         self.ids.extend(value.flatten().tolist())
         self._write(final=False)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-import math
 
 import torch
 
+from flash_depth.ops._checks import check_int, check_number
 from flash_depth.ops.fp8 import fp8_dtype
 
 try:  # transformers >= 5
@@ -34,21 +35,23 @@ PRESETS = {
 }
 
 
+@functools.cache
+def _general_fields() -> frozenset:
+    """The fields every transformers config takes (5.x keeps the token ids off the base class)."""
+    return frozenset({*inspect.signature(PreTrainedConfig.__init__).parameters, *vars(PreTrainedConfig()),
+                      "bos_token_id", "eos_token_id", "pad_token_id"})
+
+
 def check_fields(config, *, positive_ints=(), bools=(), non_negative=(), positive=()) -> None:
     """ValueError naming the first field of ``config`` that is not what its group needs: a positive
-    int, a bool, or a finite number >= 0 / > 0."""
+    int, a bool, or a finite number >= 0 / > 0 (ValueError for all: a config's faults are values)."""
     for name in positive_ints:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, getattr(config, name))
     for name in bools:
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be a bool, got {getattr(config, name)!r}")
     for name in (*non_negative, *positive):
-        value, strict = getattr(config, name), name in positive
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < 0 or (strict and value == 0):
-            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+        check_number(name, getattr(config, name), positive=name in positive)
 
 
 class FlashDepthConfig(PreTrainedConfig):
@@ -138,7 +141,7 @@ class FlashDepthConfig(PreTrainedConfig):
                                           "num_key_value_heads", "intermediate_size", "max_position_embeddings",
                                           "head_dim"),
                      bools=("qk_norm", "ffn_kv", "attn_kv_proj", "tie_word_embeddings"),
-                     non_negative=("rms_norm_eps", "initializer_range"), positive=("rope_theta",))
+                     non_negative=("initializer_range",), positive=("rms_norm_eps", "rope_theta"))
         if self.depth_mechanism not in DEPTH_MECHANISMS:
             raise ValueError(f"depth_mechanism must be one of {DEPTH_MECHANISMS}, got {self.depth_mechanism!r}")
         if self.norm_position not in NORM_POSITIONS:
@@ -210,9 +213,7 @@ class FlashDepthConfig(PreTrainedConfig):
         # the constructor keeps unknown keywords as attributes (transformers' configs do, for the
         # fields of other versions); here a misspelt field would be dropped silently
         fields = inspect.signature(cls.__init__).parameters
-        general = {*inspect.signature(PreTrainedConfig.__init__).parameters, *vars(PreTrainedConfig()),
-                   "bos_token_id", "eos_token_id", "pad_token_id"}  # 5.x keeps the token ids off the base class
-        unknown = sorted(k for k in overrides if k not in fields and k not in general)
+        unknown = sorted(k for k in overrides if k not in fields and k not in _general_fields())
         if unknown:
             raise ValueError(f"unknown FlashDepthConfig fields {unknown}; the depth and shape fields are "
                              f"{[k for k in fields if k not in ('self', 'kwargs')]}")

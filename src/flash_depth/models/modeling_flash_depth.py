@@ -476,14 +476,13 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise TypeError(f"input_ids must be an int64/int32 tensor [B, T], got {got}")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must have shape [B, T] with B, T >= 1, got {tuple(input_ids.shape)}")
 
     def _check_id_range(self, input_ids):
         """An id outside the vocabulary is a device-side assert on CUDA: checked where the host sync
         it takes is cheap (CPU tensors; CUDA without autograd: evaluation, a prefill), never in
-        compiled or captured code (nor in a decoding step on a fixed-length cache, which makes no
-        host sync: its token comes from the model's own logits)."""
+        compiled or captured code (the caller skips decoding steps: their token is the model's own)."""
         if torch.compiler.is_compiling() or (input_ids.is_cuda and (torch.is_grad_enabled()
                                                                     or torch.cuda.is_current_stream_capturing())):
             return
@@ -493,12 +492,17 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got {bad}")
 
     def _check_embeds(self, inputs_embeds):
+        """inputs_embeds ``[B, T, D]`` in the embedding's dtype (under autocast: any float, as an
+        autocast projector gives)."""
         D, dtype = self.config.hidden_size, self.embed_tokens.weight.dtype
-        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dtype != dtype:
-            got = inputs_embeds.dtype if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
-            raise TypeError(f"inputs_embeds must be a {dtype} tensor [B, T, D] (the embedding's dtype), got {got}")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != D:
-            raise ValueError(f"inputs_embeds must have shape [B, T, D={D}] with T >= 1, got {tuple(inputs_embeds.shape)}")
+        x = inputs_embeds
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
+                x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)):
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"inputs_embeds must be a {dtype} tensor [B, T, D] (the embedding's dtype; any float "
+                            f"under autocast), got {got}")
+        if x.dim() != 3 or x.numel() == 0 or x.shape[2] != D:
+            raise ValueError(f"inputs_embeds must have shape [B, T, D={D}] with B, T >= 1, got {tuple(x.shape)}")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, past_key_values=None, return_dict=None, token_type_ids=None, cache_position=None,
@@ -527,9 +531,10 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
             raise ValueError(f"token_type_ids must be all zeros (one segment type), got values {got}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
+        static = is_fixed_length(cache)
         if input_ids is not None:
             self._check_ids(input_ids)
-            if not (input_ids.shape[1] == 1 and is_fixed_length(cache)):
+            if not (input_ids.shape[1] == 1 and cache is not None):  # a decoding step's token is the model's own
                 self._check_id_range(input_ids)
             x = self.embed_tokens(input_ids)
         else:
@@ -538,7 +543,6 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
         B, T, D = x.shape
         if use_cache and cache is None:
             cache = DynamicCache()
-        static = is_fixed_length(cache)
         if static and T == 1:  # a decoding step on a fixed-length cache: no host syncs from here on
             masks, positions = self._static_decode_inputs(cache, cache_position, attention_mask, position_ids, B)
             cos, sin = self.rotary.tables(positions)

@@ -112,7 +112,7 @@ class FlashDepthViTConfig(PreTrainedConfig):
                                           "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                                           "num_labels"),
                      bools=("qkv_bias", "qk_norm", "ffn_kv", "attn_kv_proj"),
-                     non_negative=("layer_norm_eps", "initializer_range"))
+                     non_negative=("initializer_range",), positive=("layer_norm_eps",))
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
         if self.depth_mechanism not in VIT_MECHANISMS:

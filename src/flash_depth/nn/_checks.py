@@ -7,35 +7,18 @@ layer's forward and, under torch.compile, add guards rather than graph breaks.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from flash_depth.ops._checks import check_bools, check_int, check_number
 
-def check_int(name: str, value, low: int = 1) -> None:
-    """ValueError unless ``value`` is an int (not a bool) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < low:
-        want = "a positive int" if low == 1 else f"an int >= {low}"
-        raise ValueError(f"{name} must be {want}, got {value!r}")
+__all__ = ["check_bools", "check_choice", "check_dims", "check_float_dtype", "check_float_tensor", "check_int",
+           "check_number"]
 
 
 def check_dims(**dims) -> None:
     """:func:`check_int` (>= 1) of every keyword."""
     for name, value in dims.items():
         check_int(name, value, 1)
-
-
-def check_flag(**flags) -> None:
-    """TypeError unless every keyword is a bool."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def check_eps(eps, name: str = "eps") -> None:
-    """ValueError unless ``eps`` is a finite number >= 0 (a negative one makes NaN of a zero input)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{name} must be a finite float >= 0, got {eps!r}")
 
 
 def check_choice(name: str, value, allowed: tuple) -> None:

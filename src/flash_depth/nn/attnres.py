@@ -7,7 +7,7 @@ from torch import nn
 
 from flash_depth.ops.attnres import attention_residual_merge
 
-from ._checks import check_dims, check_eps
+from ._checks import check_dims, check_number
 from .attnres_stream import SourceList, SourceStream
 
 
@@ -22,7 +22,7 @@ class AttnResQueries(nn.Module):
     def __init__(self, reads: int, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
         check_dims(reads=reads, dim=dim)
-        check_eps(eps)
+        check_number("eps", eps, positive=True)  # what attention_residual takes
         self.eps = eps
         self.queries = nn.Parameter(torch.zeros(reads, dim, device=device, dtype=dtype))
         self.key_norms = nn.Parameter(torch.ones(reads, dim, device=device, dtype=dtype))

@@ -27,7 +27,7 @@ from flash_depth.ops.attnres import (ATTNRES_BACKENDS, attention_residual, fused
                                      select_attnres_backend)
 
 from ._checks import check_choice, check_float_dtype
-from .slot_stream import SlotStream, check_slots, check_values, first_dtype
+from .slot_stream import SlotStream, check_slots, check_write_args, first_dtype
 
 
 class SourceStream(SlotStream):
@@ -66,7 +66,7 @@ class SourceStream(SlotStream):
             # This source gets no backward pass: later reads form their own query gradients (earlier
             # reads read only sources with one).
             self.defers_queries = False
-        super().write(*values)
+        self.append(values)
 
     def _query_grads_deferrable(self, x: torch.Tensor) -> bool:
         if self.queries is None or not torch.is_grad_enabled():
@@ -265,7 +265,7 @@ class SourceList:
         want = None  # an explicit dtype: any floating dtype, cast by the copy
         if self.dtype is None:
             want = first_dtype((x,)) if self.buffer is None else self.buffer.dtype
-        check_values(("x",), (x,), want)
+        check_write_args(("x",), (x,), want)
         if self.buffer is None:
             self.buffer = x.new_empty((self.slots_max, *x.shape), dtype=self.dtype or x.dtype)
         if self.count >= self.slots_max:

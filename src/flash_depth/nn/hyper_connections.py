@@ -51,7 +51,7 @@ try:  # Triton is installed on Linux only; without it every path below is plain 
 except ImportError:
     hyper_triton = None
 from ..ops._aliasing import to_dtype
-from ._checks import check_eps, check_float_tensor, check_int
+from ._checks import check_float_tensor, check_int, check_number
 from ._recorder import record
 
 
@@ -62,7 +62,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-12) -> torch
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"logits must be a tensor [..., n, n] (square), got {tuple(logits.shape)}")
     check_int("iters", iters, 1)
-    check_eps(eps)
+    check_number("eps", eps)
     m = logits.softmax(-1)
     m = m / m.sum(-2, keepdim=True).clamp_min(eps)
     for _ in range(iters - 1):
@@ -181,7 +181,7 @@ class HyperConnection(nn.Module):
         check_int("streams", streams, 2)
         check_int("layer", layer, 0)  # any layer index: hc's one-hot init takes it mod streams
         check_int("sinkhorn_iters", sinkhorn_iters, 1)
-        check_eps(eps)
+        check_number("eps", eps)
         if kind not in ("mhc", "hc"):
             raise ValueError(f"kind must be 'mhc' or 'hc', got {kind!r}")
         self.dim, self.streams, self.kind, self.sinkhorn_iters, self.eps = dim, streams, kind, sinkhorn_iters, eps

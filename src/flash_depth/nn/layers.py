@@ -3,20 +3,19 @@ encoder (DeiT style: a GELU MLP)."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_dims, check_eps, check_float_tensor, check_int
+from ._checks import check_dims, check_float_tensor, check_int, check_number
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         check_dims(dim=dim)
-        check_eps(eps)
+        check_number("eps", eps)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
@@ -39,8 +38,7 @@ class Rotary(nn.Module):
         check_dims(head_dim=head_dim, max_positions=max_positions)
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-            raise ValueError(f"theta must be a finite float > 0, got {theta!r}")
+        check_number("theta", theta, positive=True)
         self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
 
     def forward(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from flash_depth.ops import BACKENDS, decode_attention, moda_attention
 
-from ._checks import check_choice, check_dims, check_eps, check_flag, check_int
+from ._checks import check_bools, check_choice, check_dims, check_int, check_number
 from ._recorder import record_layer
 from .depth_stream import DepthSlots, DepthStream, check_window, read_depth, read_moda
 from .layers import RMSNorm, apply_rotary
@@ -89,8 +89,8 @@ class DepthKV(nn.Module):
                  bias: bool = False, device=None, dtype=None):
         super().__init__()
         check_dims(dim=dim, kv_heads=kv_heads, head_dim=head_dim)
-        check_flag(k_norm=k_norm, bias=bias)
-        check_eps(eps)
+        check_bools(k_norm=k_norm, bias=bias)
+        check_number("eps", eps)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
         self.dim, self.kv_heads, self.head_dim = dim, kv_heads, head_dim
@@ -156,9 +156,9 @@ class MoDAAttention(nn.Module):
                  causal: bool = True, bias: bool = False):
         super().__init__()
         check_dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
-        check_flag(qk_norm=qk_norm, reads_depth=reads_depth, writes_depth=writes_depth, attn_kv_proj=attn_kv_proj,
+        check_bools(qk_norm=qk_norm, reads_depth=reads_depth, writes_depth=writes_depth, attn_kv_proj=attn_kv_proj,
                    causal=causal, bias=bias)
-        check_eps(eps)
+        check_number("eps", eps)
         check_int("layer_idx", layer_idx, 0)
         check_choice("backend", backend, BACKENDS)
         check_window(depth_window, depth_anchors)
@@ -269,8 +269,8 @@ class DepthRead(nn.Module):
                  layer_idx: int = 0, backend: str = "auto", depth_window: int | None = None, depth_anchors: int = 0):
         super().__init__()
         check_dims(hidden=hidden, heads=heads, head_dim=head_dim)
-        check_flag(qk_norm=qk_norm)
-        check_eps(eps)
+        check_bools(qk_norm=qk_norm)
+        check_number("eps", eps)
         check_int("layer_idx", layer_idx, 0)
         check_choice("backend", backend, BACKENDS)
         check_window(depth_window, depth_anchors)

@@ -45,7 +45,7 @@ from flash_depth.ops.dense_mix import (
     select_mix_backend,
 )
 
-from ._checks import check_dims, check_eps
+from ._checks import check_dims, check_number
 from ._recorder import record
 from .slot_stream import SlotStream
 
@@ -170,7 +170,7 @@ class MuddConnections(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         check_dims(dim=dim, num_layers=num_layers, last_expand=last_expand)
-        check_eps(eps)
+        check_number("eps", eps)
         if backend not in MIX_BACKENDS:
             raise ValueError(f"backend must be one of {MIX_BACKENDS}, got {backend!r}")
         self.dim, self.num_layers, self.backend = dim, num_layers, backend

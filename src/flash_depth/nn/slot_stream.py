@@ -28,7 +28,7 @@ def check_slots(slots) -> None:
         raise ValueError(f"slots must be a positive int, got {slots!r}")
 
 
-def check_values(names: tuple[str, ...], values, dtype: torch.dtype | None = None) -> None:
+def check_write_args(names: tuple[str, ...], values, dtype: torch.dtype | None = None) -> None:
     """TypeError unless ``values`` are one floating-point tensor per name in ``names`` (a write's
     arguments), all of ``dtype`` when given."""
     if len(values) != len(names):
@@ -42,7 +42,7 @@ def check_values(names: tuple[str, ...], values, dtype: torch.dtype | None = Non
 
 
 def first_dtype(values) -> torch.dtype | None:
-    """The dtype of a write's first value (None if it is not a tensor: check_values names it)."""
+    """The dtype of a write's first value (None if it is not a tensor: check_write_args names it)."""
     return values[0].dtype if values and isinstance(values[0], torch.Tensor) else None
 
 
@@ -65,10 +65,15 @@ class SlotStream:
         self.count = 0
         self.handle: torch.Tensor | None = None
 
-    @torch.compiler.disable  # in-place writes and hand-routed gradients: run eagerly under torch.compile
     def write(self, *values: torch.Tensor) -> None:
         """Append one slot (the first write fixes shape, device and, without an explicit dtype, the dtype)."""
         self.check_write(values)
+        self.append(values)
+
+    @torch.compiler.disable  # in-place writes and hand-routed gradients: run eagerly under torch.compile
+    def append(self, values) -> None:
+        """Append one slot of ``values`` that passed :meth:`check_write` (a subclass's write calls it
+        after its own bookkeeping)."""
         if self.buffers is None:
             shape = list(values[0].shape)
             shape.insert(self.slot_dim, self.slots_max)
@@ -93,7 +98,7 @@ class SlotStream:
         want = None
         if self.dtype is None:
             want = self.buffers[0].dtype if self.buffers is not None else first_dtype(values)
-        check_values(self.names, values, want)
+        check_write_args(self.names, values, want)
 
     def tracks(self, values) -> bool:
         """Whether a write of ``values`` gets an autograd node (whose backward hands over the slot's gradient)."""

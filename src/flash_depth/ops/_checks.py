@@ -59,9 +59,25 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def check_bools(**flags) -> None:
+    """TypeError unless every keyword is a bool."""
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_int(name: str, value, low: int = 1) -> None:
+    """ValueError unless ``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < low:
+        want = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_number(name: str, value, *, positive: bool = False) -> None:
+    """ValueError unless ``value`` is a finite real number (numpy's too, not a bool) >= 0, or > 0
+    with ``positive`` (an eps, a rotary base: a bad one gives NaN, not an error, further on)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0 \
+            or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
 def resolve_scale(scale, head_dim: int) -> float:

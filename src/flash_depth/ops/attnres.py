@@ -14,13 +14,12 @@ Public functions:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 
-from ._checks import check_bools, shape_of, triton_usable
+from ._checks import check_bools, check_number, shape_of, triton_usable
 
 ATTNRES_BACKENDS = ("auto", "reference", "triton")
 
@@ -56,11 +55,6 @@ def _check_floating(**tensors) -> None:
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
 
 
-def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
-
-
 def _check(sources, query, norm_weight, eps, partial, backend):
     like, source_shape = _check_sources(sources)
     D = source_shape[-1]
@@ -82,7 +76,7 @@ def _check(sources, query, norm_weight, eps, partial, backend):
                              f"got {shape_of(partial)}")
         if partial.device != like.device or not partial.is_floating_point():
             raise TypeError(f"partial must be a floating tensor on {like.device}, got {partial.dtype} on {partial.device}")
-    _check_eps(eps)
+    check_number("eps", eps, positive=True)
     if backend not in ATTNRES_BACKENDS:
         raise ValueError(f"backend must be one of {ATTNRES_BACKENDS}, got {backend!r}")
     return like
@@ -262,7 +256,7 @@ def attention_residual_merge(out: torch.Tensor, lse: torch.Tensor, extra: torch.
     if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (D,)):
         raise ValueError(f"norm_weight must be None or a tensor of shape [D={D}], got {shape_of(norm_weight)}")
     _check_floating(out=out, lse=lse, extra=extra, query=query, norm_weight=norm_weight)
-    _check_eps(eps)
+    check_number("eps", eps, positive=True)
     for name, x in (("lse", lse), ("extra", extra), ("query", query), ("norm_weight", norm_weight)):
         if x is not None and x.device != out.device:
             raise ValueError(f"{name} is on {x.device} but out is on {out.device}; all inputs need one device")

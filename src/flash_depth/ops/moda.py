@@ -259,7 +259,7 @@ def decode_attention(
     of ``key_mask`` keeps, which is causal for the one new token of a decoding step.
 
     Args:
-        q: ``[B, Tq, Hq, d]``.
+        q: ``[B, Tq, Hq, d]``; every other tensor has q's dtype and device.
         k, v: ``[B, Tk, Hk, d]`` (any strides: a transposed view of a cache is read in place), or
             both None for depth-only attention.
         k_depth, v_depth: ``[B, Tq, L, Hk, d]`` or both None.
@@ -324,7 +324,7 @@ def decode_attention(
             vh = torch.cat([vh, v_depth[:, 0].transpose(1, 2)], 2)
             mask = torch.cat([key_mask, key_mask.new_ones(B, k_depth.shape[2])], 1)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale)
-        return o.reshape(B, Hk, G, Tq, d).permute(0, 3, 1, 2, 4).reshape(B, Tq, Hq, d).to(q.dtype)
+        return o.reshape(B, Hk, G, Tq, d).permute(0, 3, 1, 2, 4).reshape(B, Tq, Hq, d)
     qg = q.reshape(B, Tq, Hk, G, d)
     # depth slots per query token (several tokens, or no sequence keys): scores in the inputs'
     # dtype (the matmuls), softmax in float32
@@ -338,7 +338,7 @@ def decode_attention(
     o = torch.einsum("bhgql,bqlhd->bqhgd", p[..., n_seq:].to(v_depth.dtype), v_depth)
     if k is not None:
         o = o + torch.einsum("bhgqk,bkhd->bqhgd", p[..., :n_seq].to(v.dtype), v)
-    return o.reshape(B, Tq, Hq, d).to(q.dtype)
+    return o.reshape(B, Tq, Hq, d)
 
 
 def _decode_kernel_applies(q, k, v, k_depth, v_depth, key_mask) -> bool:
