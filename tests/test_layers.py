@@ -197,6 +197,8 @@ def test_attnres_two_phase_read_equals_the_one_phase_read():
         assert out.shape == (2, B, T, D) and lse.shape == (2, B, T)
         assert rel_err(out[0], reads.read(stream, 1)) < 1e-5
         assert rel_err(reads.merge(2, out[1], lse[1], partial), reads.read(stream, 2, partial)) < 1e-5
+        with pytest.raises(ValueError, match=rf"partial must be a tensor of out's shape \({B}, {T}, {D}\), got"):
+            reads.merge(2, out[1], lse[1], partial[:, :1])
 
 
 def test_denseformer_mixer_starts_as_the_identity():

@@ -139,8 +139,12 @@ def test_bad_inputs():
     images, labels = _images()
     with pytest.raises(ValueError, match=r"pixel_values must have shape \[B >= 1, 2, 8, 8\].*got \(2, 3, 8, 8\)"):
         model(torch.randn(2, 3, 8, 8))
-    with pytest.raises(TypeError, match="pixel_values must be a floating-point tensor"):
+    with pytest.raises(TypeError, match=r"pixel_values must be a torch.float32 tensor \[B, 2, 8, 8\] .* got torch.int64"):
         model(images.long())
+    with pytest.raises(TypeError, match="pixel_values must be a torch.float32 tensor .* got torch.float16"):
+        model(images.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # any float under autocast
+        assert model(images.bfloat16()).logits.shape[0] == 2
     with pytest.raises(ValueError, match=r"labels must be an integer tensor \[B=2\]"):
         model(images, labels=labels[:1])
     with pytest.raises(ValueError, match="unknown preset"):

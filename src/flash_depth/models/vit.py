@@ -256,9 +256,12 @@ class FlashDepthViTModel(FlashDepthViTPreTrainedModel):
     def _check_pixels(self, pixel_values) -> None:
         cfg = self.config
         want = (cfg.num_channels, cfg.image_size, cfg.image_size)
-        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise TypeError(f"pixel_values must be a floating-point tensor [B, {', '.join(map(str, want))}], got {got}")
+        x, dtype = pixel_values, self.patch_embed.weight.dtype
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
+                x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)):
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"pixel_values must be a {dtype} tensor [B, {', '.join(map(str, want))}] (the model's "
+                            f"dtype; any float under autocast), got {got}")
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want or pixel_values.shape[0] == 0:
             raise ValueError(f"pixel_values must have shape [B >= 1, {', '.join(map(str, want))}] (the config's "
                              f"num_channels, image_size), got {tuple(pixel_values.shape)}")

@@ -58,6 +58,9 @@ class AttnResQueries(nn.Module):
         """Phase two: read i's phase-one ``out [B, T, dim]`` and ``lse [B, T]`` merged with
         ``partial [B, T, dim]`` as one more source. Returns ``[B, T, dim]``."""
         self._check_index(i)
+        if isinstance(out, torch.Tensor) and (not isinstance(partial, torch.Tensor) or partial.shape != out.shape):
+            got = tuple(partial.shape) if isinstance(partial, torch.Tensor) else type(partial).__name__
+            raise ValueError(f"partial must be a tensor of out's shape {tuple(out.shape)}, got {got}")
         return attention_residual_merge(out, lse, partial, self.queries[i], self.key_norms[i], eps=self.eps)
 
     @staticmethod
