@@ -5,6 +5,7 @@ transformers 4.46 (their StaticCache takes cache_position) and 5.x (it keeps its
 
 import pytest
 import torch
+import transformers
 from transformers.cache_utils import StaticCache
 
 from flash_depth.eval.generation import GENERATE_COMPILES, compiled_decoding
@@ -118,6 +119,30 @@ def test_static_cache_decoding_of_an_fp8_depth_stream_equals_a_plain_loop(count_
         full = model(out.sequences, attention_mask=torch.cat([mask, torch.ones_like(mask[:, :NEW])], 1)).logits
     for step, logits in enumerate(out.logits):
         assert rel_err(logits, full[:, ids.shape[1] - 1 + step]) < 1e-5, step
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="transformers 4.x's StaticCache holds the model's float32 and refuses bf16 keys "
+                           "(index_copy_), its own models' too")
+@pytest.mark.parametrize("mech", DEPTH_MECHANISMS)
+def test_static_cache_decoding_under_bf16_autocast(mech, count_decode_steps):
+    """float32 weights under bf16 autocast (mixed precision as training leaves a model): the
+    cache, the depth slots and the queries meet in one dtype in every decoding step, whose logits
+    miss the float32 forward of the same tokens by no more than twice what the autocast full
+    forward misses it by, plus 1e-2 (bf16 rounding, 0.6e-2 to 3e-2 here; a wrong slot or mask is O(1))."""
+    model = _model(mech)
+    ids, mask = _prompts(6, 3, 5)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :NEW])], 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+        full_bf16 = model(out.sequences, attention_mask=full_mask).logits.float()
+    assert sum(count_decode_steps) == (NEW - 1) * model.config.num_hidden_layers
+    with torch.no_grad():
+        full = model(out.sequences, attention_mask=full_mask).logits
+    for step, logits in enumerate(out.logits):
+        at = ids.shape[1] - 1 + step
+        assert rel_err(logits.float(), full[:, at]) <= 2 * rel_err(full_bf16[:, at], full[:, at]) + 1e-2, step
 
 
 @pytest.mark.parametrize("mech", ["moda", "attnres_block", "mhc"])
