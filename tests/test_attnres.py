@@ -214,8 +214,10 @@ def _attnres_model(mech, backend, seed):
     torch.manual_seed(seed)
     cfg = FlashDepthConfig.from_preset("tiny", depth_mechanism=mech, attnres_blocks=4, attention_backend=backend)
     model = FlashDepthForCausalLM(cfg).float().to(DEVICE)
-    with torch.no_grad():  # off the zero init, so the reads weigh their sources unevenly
-        model.model.attnres.queries.normal_(0, 0.5)
+    with torch.no_grad():  # off the zero init, so the reads weigh their sources unevenly (logits' std ~1.6
+        # at D = 64); sharper (std 0.5) made the model so sensitive that either float32 path missed
+        # float64's gradients by up to 6e-5, and by 4x more or less than the other, by draw and CPU
+        model.model.attnres.queries.normal_(0, 0.2)
         model.model.attnres.key_norms.uniform_(0.5, 1.5)
     return model
 
@@ -225,8 +227,7 @@ def _attnres_model(mech, backend, seed):
 def test_model_fused_stream_matches_reference_path(mech, seed):
     """The fused stream in float32 (deferred source gradients) against the plain PyTorch path in
     float64: logits, and the parameter gradients, together and one by one, within 1e-5 or within
-    a few times the plain PyTorch path's own float32 error (which reaches ~5e-5 on some
-    parameters of this model: float32 rounding, not the kernels)."""
+    a few times the plain PyTorch path's own float32 error (1e-6 to 6e-6 here, 8 draws)."""
     torch.manual_seed(seed)
     ids = torch.randint(0, 256, (2, 7), device=DEVICE)
     grads, logits = {}, {}
