@@ -202,8 +202,11 @@ def test_cli_takes_overrides_before_and_after_options(tmp_path, capsys):
     assert "unknown config key 'model.nope'" in capsys.readouterr().err
     assert cli(["train", "train.nope=1", "--out", str(tmp_path / "b")]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         cli(["train", "--out", str(tmp_path / "c"), "--bogus"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("flash-depth train: error: unrecognized arguments: --bogus "
+                                       "(see flash-depth train --help)\n")
     assert not any(tmp_path.iterdir())  # nothing written for a rejected command
 
 

@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help, **kw):
-        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, **kw)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, **kw)
+        p.set_defaults(parser=p)  # a leftover argument is the command's error, naming its --help
+        return p
 
     where = "a run folder (holding checkpoint/) or a checkpoint folder"
     device = "auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ..."
@@ -362,7 +364,7 @@ def main(argv=None) -> int:
     if rest and getattr(args, "overrides", None) is not None and all("=" in a and not a.startswith("-") for a in rest):
         args.overrides += rest
     elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(rest)}")
     import torch
 
     from flash_depth.data.sources import DataError
