@@ -7,7 +7,7 @@ from torch import nn
 
 from flash_depth.ops.attnres import attention_residual_merge
 
-from ._checks import check_dims, check_number
+from ._checks import check_dims, check_int, check_number
 from .attnres_stream import SourceList, SourceStream
 
 
@@ -50,8 +50,7 @@ class AttnResQueries(nn.Module):
         ``[count, B, T]``; :meth:`merge` adds a partial sum to one of them."""
         self._check_stream(stream)
         self._check_index(i)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"count must be a positive int, got {count!r}")
+        check_int("count", count)
         return stream.read_two_phase(self.queries[i:i + count], self.key_norms[i:i + count], self.eps)
 
     def merge(self, i: int, out: torch.Tensor, lse: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:

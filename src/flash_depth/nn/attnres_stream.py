@@ -27,7 +27,7 @@ from flash_depth.ops.attnres import (ATTNRES_BACKENDS, attention_residual, fused
                                      select_attnres_backend)
 
 from ._checks import check_choice, check_float_dtype
-from .slot_stream import SlotStream, check_slots, check_write_args, first_dtype
+from .slot_stream import SlotStream, check_slots, check_write_args
 
 
 class SourceStream(SlotStream):
@@ -262,10 +262,7 @@ class SourceList:
 
     def write(self, x: torch.Tensor) -> None:
         """Append one source ``[B, T, D]`` (cast to an explicit ``dtype`` by the copy)."""
-        want = None  # an explicit dtype: any floating dtype, cast by the copy
-        if self.dtype is None:
-            want = first_dtype((x,)) if self.buffer is None else self.buffer.dtype
-        check_write_args(("x",), (x,), want)
+        check_write_args(("x",), (x,), None if self.buffer is None else self.buffer.dtype, cast=self.dtype is not None)
         if self.buffer is None:
             self.buffer = x.new_empty((self.slots_max, *x.shape), dtype=self.dtype or x.dtype)
         if self.count >= self.slots_max:

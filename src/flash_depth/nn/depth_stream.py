@@ -27,7 +27,7 @@ from flash_depth.ops._checks import check_depth_inputs, check_moda_inputs
 from flash_depth.ops.moda import check_masks, fused_backward, fused_forward, select_backend
 from flash_depth.ops.reference import attention_reference
 
-from .slot_stream import SlotStream, check_slots, check_write_args, first_dtype
+from .slot_stream import SlotStream, check_slots, check_write_args
 
 
 class DepthStream(SlotStream):
@@ -59,7 +59,7 @@ class DepthStream(SlotStream):
     def check_write(self, values) -> None:
         """TypeError unless k and v are floating-point tensors of the first write's dtype (an fp8
         stream too: its explicit dtype is the storage's, not a cast of any dtype as in other streams)."""
-        check_write_args(self.names, values, self.value_dtype or first_dtype(values))
+        check_write_args(self.names, values, self.value_dtype)
 
     def store(self, slot: int, values) -> None:
         """Puts k, v into slot ``slot`` (one launch on CUDA); an fp8 stream quantises them, with their scales."""
@@ -201,7 +201,7 @@ class DepthSlots:
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one slot: k, v ``[B, T, Hk, d]`` (the first write fixes shape and dtype)."""
-        check_write_args(("k", "v"), (k, v), first_dtype((k,)) if self.k is None else self.k.dtype)
+        check_write_args(("k", "v"), (k, v), None if self.k is None else self.k.dtype)
         if self.k is None:
             shape = (*k.shape[:2], self.slots_max, *k.shape[2:])
             fits = self.kept is not None and all(buf.shape == shape and buf.dtype == x.dtype and buf.device == x.device

@@ -45,7 +45,7 @@ from flash_depth.ops.dense_mix import (
     select_mix_backend,
 )
 
-from ._checks import check_dims, check_number
+from ._checks import check_choice, check_dims, check_number
 from ._recorder import record
 from .slot_stream import SlotStream
 
@@ -171,8 +171,7 @@ class MuddConnections(nn.Module):
         super().__init__()
         check_dims(dim=dim, num_layers=num_layers, last_expand=last_expand)
         check_number("eps", eps)
-        if backend not in MIX_BACKENDS:
-            raise ValueError(f"backend must be one of {MIX_BACKENDS}, got {backend!r}")
+        check_choice("backend", backend, MIX_BACKENDS)
         self.dim, self.num_layers, self.backend = dim, num_layers, backend
         self.weights = nn.ModuleList(
             DenseWeights(dim, i + 1, 1 if i == num_layers else len(self.ways), last_expand if i == num_layers else 1,

@@ -28,22 +28,23 @@ def check_slots(slots) -> None:
         raise ValueError(f"slots must be a positive int, got {slots!r}")
 
 
-def check_write_args(names: tuple[str, ...], values, dtype: torch.dtype | None = None) -> None:
+def check_write_args(names: tuple[str, ...], values, stored: torch.dtype | None = None, cast: bool = False) -> None:
     """TypeError unless ``values`` are one floating-point tensor per name in ``names`` (a write's
-    arguments), all of ``dtype`` when given."""
+    arguments), all of the stream's dtype: ``stored``, or the first value's when nothing is stored
+    yet (a first write fixes it). ``cast``: the stream has an explicit dtype that any floating
+    write is cast to."""
     if len(values) != len(names):
         raise TypeError(f"write takes {len(names)} tensor(s) ({', '.join(names)}), got {len(values)}")
+    want = None if cast else stored
     for name, x in zip(names, values):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"{name} must be a floating-point tensor, got {got}")
-        if dtype is not None and x.dtype != dtype:
-            raise TypeError(f"{name} must have the stream's dtype {dtype} (set by its first write), got {x.dtype}")
-
-
-def first_dtype(values) -> torch.dtype | None:
-    """The dtype of a write's first value (None if it is not a tensor: check_write_args names it)."""
-    return values[0].dtype if values and isinstance(values[0], torch.Tensor) else None
+        if cast:
+            continue
+        want = want or x.dtype
+        if x.dtype != want:
+            raise TypeError(f"{name} must have the stream's dtype {want} (set by its first write), got {x.dtype}")
 
 
 class SlotStream:
@@ -95,10 +96,8 @@ class SlotStream:
     def check_write(self, values) -> None:
         """TypeError unless ``values`` are one floating-point tensor per buffer, of the stream's
         dtype when it takes its dtype from the first write (``dtype=None``)."""
-        want = None
-        if self.dtype is None:
-            want = self.buffers[0].dtype if self.buffers is not None else first_dtype(values)
-        check_write_args(self.names, values, want)
+        check_write_args(self.names, values, self.buffers[0].dtype if self.buffers is not None else None,
+                         cast=self.dtype is not None)
 
     def tracks(self, values) -> bool:
         """Whether a write of ``values`` gets an autograd node (whose backward hands over the slot's gradient)."""
