@@ -135,6 +135,16 @@ class _DecodeState:
                 self.stamps[i] = stamp
 
 
+def check_float_input(name: str, x, dtype: torch.dtype, layout: str) -> None:
+    """TypeError unless ``x`` (a model's float input) has the model's ``dtype``; under autocast any
+    float (what an autocast projector gives)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
+            x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a {dtype} tensor {layout} (the model's dtype; any float under autocast), "
+                        f"got {got}")
+
+
 def _static_empty(shape, dtype, device) -> torch.Tensor:
     buf = torch.empty(shape, dtype=dtype, device=device)
     torch._dynamo.mark_static_address(buf)
@@ -494,13 +504,8 @@ class FlashDepthModel(FlashDepthPreTrainedModel):
     def _check_embeds(self, inputs_embeds):
         """inputs_embeds ``[B, T, D]`` in the embedding's dtype (under autocast: any float, as an
         autocast projector gives)."""
-        D, dtype = self.config.hidden_size, self.embed_tokens.weight.dtype
-        x = inputs_embeds
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
-                x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)):
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"inputs_embeds must be a {dtype} tensor [B, T, D] (the embedding's dtype; any float "
-                            f"under autocast), got {got}")
+        D, x = self.config.hidden_size, inputs_embeds
+        check_float_input("inputs_embeds", x, self.embed_tokens.weight.dtype, "[B, T, D]")
         if x.dim() != 3 or x.numel() == 0 or x.shape[2] != D:
             raise ValueError(f"inputs_embeds must have shape [B, T, D={D}] with B, T >= 1, got {tuple(x.shape)}")
 

@@ -23,7 +23,7 @@ from flash_depth.nn import MLP, AttnResQueries, DenseFormerMixer, DepthKV, Depth
 from flash_depth.nn.depth_stream import DepthStream
 
 from .configuration_flash_depth import check_fields
-from .modeling_flash_depth import _init_copy, init
+from .modeling_flash_depth import _init_copy, check_float_input, init
 
 try:  # transformers >= 5
     from transformers import PreTrainedConfig
@@ -256,12 +256,8 @@ class FlashDepthViTModel(FlashDepthViTPreTrainedModel):
     def _check_pixels(self, pixel_values) -> None:
         cfg = self.config
         want = (cfg.num_channels, cfg.image_size, cfg.image_size)
-        x, dtype = pixel_values, self.patch_embed.weight.dtype
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
-                x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)):
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"pixel_values must be a {dtype} tensor [B, {', '.join(map(str, want))}] (the model's "
-                            f"dtype; any float under autocast), got {got}")
+        check_float_input("pixel_values", pixel_values, self.patch_embed.weight.dtype,
+                          f"[B, {', '.join(map(str, want))}]")
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want or pixel_values.shape[0] == 0:
             raise ValueError(f"pixel_values must have shape [B >= 1, {', '.join(map(str, want))}] (the config's "
                              f"num_channels, image_size), got {tuple(pixel_values.shape)}")

@@ -3,7 +3,6 @@ encoder (DeiT style: a GELU MLP)."""
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,6 +81,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and not x.shape[-1] % 2
             and _broadcasts(cos, x) and _broadcasts(sin, x)):
         _rotary_error(x, cos, sin)
+    return rotate(x, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` without its checks (~3 us a call on the host), for layers that checked
+    cos/sin against their own q/k shapes once per forward."""
     x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)

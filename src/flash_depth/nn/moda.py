@@ -17,10 +17,10 @@ from torch import nn
 
 from flash_depth.ops import BACKENDS, decode_attention, moda_attention
 
-from ._checks import check_bools, check_choice, check_dims, check_int, check_number
+from ._checks import check_bools, check_choice, check_dims, check_float_tensor, check_int, check_number
 from ._recorder import record_layer
 from .depth_stream import DepthSlots, DepthStream, check_window, read_depth, read_moda
-from .layers import RMSNorm, apply_rotary
+from .layers import RMSNorm, rotate
 
 if TYPE_CHECKING:
     from transformers.cache_utils import Cache
@@ -51,6 +51,7 @@ def _check_rotary(cos, sin, batch: int, length: int, head_dim: int) -> None:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be [T, 1, {half}] or [B, T, 1, {half}] with B={batch} (or 1), T={length}, "
                              f"got {got}")
+        check_float_tensor(name, t, f"[T, 1, {half}] or [B, T, 1, {half}]")  # rotate() takes it unchecked
 
 
 def _rotation(cos, sin, batch: int, length: int, head_dim: int) -> bool:
@@ -112,10 +113,10 @@ class DepthKV(nn.Module):
             got = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
             raise ValueError(f"kv must be a tensor [B, T, {width}] (proj's output), got {got}")
         B, T, _ = kv.shape
-        rotate = _rotation(cos, sin, B, T, self.head_dim)
+        rotated = _rotation(cos, sin, B, T, self.head_dim)
         k, v = kv.view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
-        return (apply_rotary(k, cos, sin) if rotate else k), v
+        return (rotate(k, cos, sin) if rotated else k), v
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
@@ -206,7 +207,7 @@ class MoDAAttention(nn.Module):
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{name} must be a tensor of x's shape {tuple(x.shape)}, got {got}")
         B, T, _ = x.shape
-        rotate = _rotation(cos, sin, B, T, self.head_dim)
+        rotated = _rotation(cos, sin, B, T, self.head_dim)
         if self.reads_depth or self.writes_depth:
             _check_stream(stream, "reads_depth or writes_depth is set")
         if masks is not None and (not isinstance(masks, dict) or not set(masks) <= set(_MASKS + _STATIC)):
@@ -229,8 +230,8 @@ class MoDAAttention(nn.Module):
             k = F.linear(x_k, w_k, b_k).view(B, T, self.kv_heads, self.head_dim)
             v = F.linear(x_v, w_v, b_v).view(B, T, self.kv_heads, self.head_dim)
         k = self.k_norm(k)
-        if rotate:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rotated:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_all, v_all = k, v
         if cache is not None:  # transformers' caches hold [B, H, T, d]
             # transformers 4.x's StaticCache takes the slots to write; other caches ignore them
@@ -290,10 +291,10 @@ class DepthRead(nn.Module):
         step's, read in plain PyTorch). Returns ``[B, T, hidden]``."""
         _check_x(x, self.hidden)
         B, T, _ = x.shape
-        rotate = _rotation(cos, sin, B, T, self.head_dim)
+        rotated = _rotation(cos, sin, B, T, self.head_dim)
         _check_stream(stream, "the slots to read")
         q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
-        q = apply_rotary(q, cos, sin) if rotate else q
+        q = rotate(q, cos, sin) if rotated else q
         record_layer(self, "depth_read", q, stream, self.window)
         if isinstance(stream, DepthSlots):
             o = decode_attention(q, None, None, *stream.read(**self.window))
